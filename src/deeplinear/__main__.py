@@ -1,0 +1,5 @@
+import sys
+
+from deeplinear.cli import main
+
+sys.exit(main())

@@ -1,0 +1,47 @@
+"""The ``deeplinear`` command. Each subcommand lives in its own module beside this one.
+
+Every module exposes ``add_parser(subparsers)`` (which sets ``func`` on its parser) so that adding a
+command touches one file. Bad input anywhere surfaces as a ValueError or OSError with a one-line
+message; ``main`` prints it and exits 2. Set DEEPLINEAR_DEBUG=1 to see the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+COMMANDS = ("probe", "train", "eval", "reproduce", "bench")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="deeplinear",
+        description="Nonlinear computation in deep linear networks, through float underflow.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"deeplinear.cli.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"deeplinear.cli.{name}":
+                raise
+            continue
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, OSError, RuntimeError) as e:
+        if os.environ.get("DEEPLINEAR_DEBUG"):
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"deeplinear {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"deeplinear {args.command}: interrupted", file=sys.stderr)
+        return 130

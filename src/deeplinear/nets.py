@@ -1,0 +1,182 @@
+"""Deep linear networks, run in two modes that compute the same function, and reference models.
+
+The 2017 layout, generalised to any depth L >= 2 with scale s = 2**scale_exp::
+
+    h1 = (x @ W1 + b1) / s;   h_i = h_{i-1} @ W_i + b_i / s;   out = (h_{L-1} @ W_L + b_L / s) * s
+
+Mathematically this is one affine map (see :mod:`deeplinear.collapse`). In float32 the hidden
+values live near 1e-38, where the semantics' underflow rule acts as a hidden activation.
+
+``exact`` mode executes exactly that, every op through :mod:`deeplinear.arithmetic`: the ground
+truth, but on x86 subnormal products make its matmuls ~200x slower. ``scaled`` mode runs the same
+network in units of 2**-scale_exp, where every value is normal and each underflow becomes an
+explicit elementwise function of the float32 value (``dead_zone`` for FTZ, ``staircase`` for IEEE
+gradual underflow). Layer 1 and every bias are identical by construction: multiplying a float32 by
+a power of two commutes with rounding to 24 bits with unbounded exponent, which is exactly when x86
+decides "tiny". The modes can differ only inside hidden matmuls, whose exact-mode partial sums are
+rounded on the subnormal grid (absolute spacing 2**-149) instead of to 24 relative bits.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from deeplinear import arithmetic as ar
+from deeplinear.arithmetic import TF_GPU, Semantics
+
+Mode = Literal["exact", "scaled"]
+Under = Callable[[Tensor], Tensor]
+
+
+def dead_zone(u: Tensor, threshold: float) -> Tensor:
+    """FTZ in scaled units: ``|u| < threshold -> signed 0``; autograd gives its exact derivative."""
+    return torch.where(u.abs() < threshold, u * 0, u)
+
+
+def staircase(u: Tensor, threshold: float, step: float) -> Tensor:
+    """IEEE gradual underflow in scaled units: below the threshold, round to multiples of step."""
+    return torch.where(u.abs() < threshold, torch.round(u / step) * step, u)
+
+
+def parse_sizes(text: str | Sequence[int]) -> list[int]:
+    """``"784,512,512,10"`` -> ``[784, 512, 512, 10]`` with a one-line error for bad input."""
+    try:
+        sizes = [int(s) for s in text.split(",")] if isinstance(text, str) else list(text)
+    except ValueError:
+        raise ValueError(f"bad sizes {text!r}: use comma-separated integers like 784,512,10") from None
+    if len(sizes) < 2 or any(s < 1 for s in sizes):
+        raise ValueError(f"bad sizes {text!r}: need at least two positive layer widths")
+    return sizes
+
+
+class DeepLinear(nn.Module):
+    """Affine layers with no activation; weights stored ``(in, out)`` so a layer is ``h @ W + b``."""
+
+    def __init__(self, sizes: Sequence[int], scale_exp: int = 125, semantics: Semantics = TF_GPU,
+                 generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        self.sizes = parse_sizes(sizes)
+        if len(self.sizes) < 3:
+            raise ValueError("DeepLinear needs at least one hidden layer (sizes like 784,512,10)")
+        self.scale_exp = int(scale_exp)
+        self.semantics = semantics
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        for n_in, n_out in zip(self.sizes[:-1], self.sizes[1:], strict=True):
+            w = torch.randn(n_in, n_out, generator=generator) * math.sqrt(2.0 / n_in)  # He-normal
+            self.weights.append(nn.Parameter(w))
+            self.biases.append(nn.Parameter(torch.zeros(n_out)))
+
+    # -- the underflow rule in scaled units -------------------------------------------------------
+    @property
+    def threshold(self) -> float:
+        """Smallest normal in units of 2**-scale_exp: the dead-zone half-width (0.5 at k=125)."""
+        return math.ldexp(self.semantics.fmt.min_normal, self.scale_exp)
+
+    def under(self) -> Under:
+        """The elementwise function the semantics applies to a result, in scaled units."""
+        t, sem = self.threshold, self.semantics
+        if sem.flushes:
+            return lambda u: dead_zone(u, t)
+        step = math.ldexp(sem.fmt.min_subnormal, self.scale_exp)
+        return lambda u: staircase(u, t, step)
+
+    # -- forward ---------------------------------------------------------------------------------
+    def forward(self, x: Tensor, mode: Mode = "scaled", under: Under | None = None) -> Tensor:
+        return self.trace(x, mode, under)[-1][1]
+
+    def trace(self, x: Tensor, mode: Mode = "scaled",
+              under: Under | None = None) -> list[tuple[Tensor, Tensor]]:
+        """Per layer, ``(u, h)``: the value before and after the underflow, in scaled units.
+
+        ``under`` replaces the semantics' rule in scaled mode (identity = float-blind; a custom
+        autograd function = float-aware training). Exact-mode values are converted to scaled units
+        in float64 so that no conversion underflows.
+        """
+        if mode == "exact":
+            return self._trace_exact(x)
+        if mode != "scaled":
+            raise ValueError(f"unknown mode {mode!r}; use exact or scaled")
+        f = under or self.under()
+        sem = self.semantics
+        flush_matmul = sem.flushes and (sem.daz or sem.scope == "all")
+        out = []
+        h = x
+        for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
+            m = h @ w
+            if i == 0:
+                u = m + b
+            else:
+                if flush_matmul:
+                    m = f(m)
+                u = m + f(b)
+            h = f(u)
+            out.append((u, h))
+        return out
+
+    def _trace_exact(self, x: Tensor) -> list[tuple[Tensor, Tensor]]:
+        sem, k = self.semantics, self.scale_exp
+        last = len(self.weights) - 1
+
+        def units(t: Tensor) -> Tensor:  # exact: a power-of-two scale of a float32 value
+            return (t.double() * 2.0**k).to(t.dtype)
+
+        out = []
+        h = x.to(sem.fmt.dtype)
+        for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
+            w, b = w.detach(), b.detach()
+            m = ar.matmul(h, w, sem)
+            if i == 0:
+                u = ar.bias_add(m, b, sem)  # layer 1 runs at normal magnitudes
+                h = ar.scale(u, -k, sem)
+                out.append((u, units(h)))
+            elif i < last:
+                u = ar.bias_add(m, ar.scale(b, -k, sem), sem)
+                h = u
+                out.append((units(u), units(h)))
+            else:
+                u = ar.bias_add(m, ar.scale(b, -k, sem), sem)
+                h = ar.scale(u, k, sem)
+                out.append((units(u), h))
+        return out
+
+
+class SoftmaxRegression(nn.Module):
+    """The best a linear model can do: one affine map trained with cross-entropy."""
+
+    def __init__(self, n_in: int, n_out: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(n_in, n_out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear(x)
+
+
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "identity": nn.Identity,
+}
+
+
+class MLP(nn.Module):
+    """A conventional network of the same shape: what a real activation buys."""
+
+    def __init__(self, sizes: Sequence[int], activation: str = "relu") -> None:
+        super().__init__()
+        sizes = parse_sizes(sizes)
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; use {', '.join(ACTIVATIONS)}")
+        layers: list[nn.Module] = []
+        for i, (n_in, n_out) in enumerate(itertools.pairwise(sizes)):
+            layers.append(nn.Linear(n_in, n_out))
+            if i < len(sizes) - 2:
+                layers.append(ACTIVATIONS[activation]())
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)

@@ -1,0 +1,137 @@
+"""Run directories: config, JSONL metrics, atomic checkpoints, final weights, progress with ETA.
+
+Why: long runs must never lose work and must resume to the *same* result. A checkpoint is written
+to a temporary file and renamed over the old one (atomic on POSIX), so a kill at any moment leaves
+either the previous or the new checkpoint, never a torn one. On resume, metric rows logged after
+the checkpoint are dropped, so the resumed run's metrics.jsonl matches an uninterrupted run's
+(timing columns aside).
+
+Layout of a run directory::
+
+    config.json        what was asked for (resume refuses a different one)
+    metrics.jsonl      one JSON object per evaluation (always has "step")
+    checkpoint.pt      latest resumable state (model, optimizer/strategy, RNG, step)
+    final.pt           trained weights: {"state_dict", "model", "semantics", ...}
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to ``path`` via a temporary file and ``os.replace``."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(text: str, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@dataclass
+class Run:
+    """A run directory opened for writing (fresh) or for resuming."""
+
+    dir: Path
+    config: dict[str, Any]
+    resumed_state: dict[str, Any] | None = None
+
+    @classmethod
+    def open(cls, directory: str | Path, config: dict[str, Any], resume: bool = False) -> Run:
+        d = Path(directory)
+        cfg_path, ckpt = d / "config.json", d / "checkpoint.pt"
+        if resume:
+            if not ckpt.exists():
+                raise FileNotFoundError(f"cannot resume: no checkpoint in {d}; drop --resume")
+            saved = json.loads(cfg_path.read_text())
+            if saved != json.loads(json.dumps(config)):
+                diff = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
+                raise ValueError(f"cannot resume {d}: config differs in {', '.join(diff)}")
+            state = torch.load(ckpt, weights_only=False)
+            run = cls(d, config, state)
+            run._truncate_metrics(state["step"])
+            return run
+        if (d / "checkpoint.pt").exists() or (d / "final.pt").exists():
+            raise FileExistsError(f"{d} already holds a run; use --resume or another --out")
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OSError(f"cannot create run directory {d}: {e.strerror}") from None
+        atomic_write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", cfg_path)
+        (d / "metrics.jsonl").write_text("")
+        return cls(d, config)
+
+    def _truncate_metrics(self, step: int) -> None:
+        path = self.dir / "metrics.jsonl"
+        rows = [r for r in path.read_text().splitlines() if r and json.loads(r)["step"] <= step]
+        atomic_write_text("".join(r + "\n" for r in rows), path)
+
+    def log(self, row: dict[str, Any]) -> None:
+        with open(self.dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row, sort_keys=True) + "\n")
+
+    def metrics(self) -> list[dict[str, Any]]:
+        text = (self.dir / "metrics.jsonl").read_text()
+        return [json.loads(r) for r in text.splitlines() if r]
+
+    def checkpoint(self, state: dict[str, Any]) -> None:
+        """Save resumable state; must contain ``step``."""
+        atomic_save(state, self.dir / "checkpoint.pt")
+
+    def save_final(self, payload: dict[str, Any]) -> Path:
+        path = self.dir / "final.pt"
+        atomic_save(payload, path)
+        return path
+
+
+def rng_state(*generators: torch.Generator) -> dict[str, Any]:
+    """Everything random a run depends on, so a resumed run draws the same numbers."""
+    return {"torch": torch.get_rng_state(), "generators": [g.get_state() for g in generators]}
+
+
+def set_rng_state(state: dict[str, Any], *generators: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    for g, s in zip(generators, state["generators"], strict=True):
+        g.set_state(s)
+
+
+@dataclass
+class Progress:
+    """A periodic status line with rate and ETA; cheap enough to call every step."""
+
+    total: int
+    desc: str = ""
+    every_s: float = 2.0
+    stream: TextIO = field(default_factory=lambda: sys.stderr)
+    start_step: int = 0
+    _t0: float = field(default_factory=time.perf_counter)
+    _last: float = -math.inf
+
+    def update(self, step: int, force: bool = False, **metrics: float) -> None:
+        now = time.perf_counter()
+        if not force and now - self._last < self.every_s:
+            return
+        self._last = now
+        done = step - self.start_step
+        rate = done / max(now - self._t0, 1e-9)
+        eta = (self.total - step) / rate if rate > 0 else math.inf
+        shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+        eta_s = f"{eta:5.0f}s" if math.isfinite(eta) else "    ?"
+        print(f"{self.desc} {step}/{self.total} {rate:6.2f}/s eta {eta_s} {shown}",
+              file=self.stream, flush=True)
