@@ -49,14 +49,14 @@ def parse_sizes(text: str | Sequence[int]) -> list[int]:
     try:
         sizes = [int(s) for s in text.split(",")] if isinstance(text, str) else list(text)
     except ValueError:
-        raise ValueError(f"bad sizes {text!r}: use comma-separated integers like 784,512,10") from None
+        raise ValueError(f"bad sizes {text!r}: use integers like 784,512,10") from None
     if len(sizes) < 2 or any(s < 1 for s in sizes):
         raise ValueError(f"bad sizes {text!r}: need at least two positive layer widths")
     return sizes
 
 
 class DeepLinear(nn.Module):
-    """Affine layers with no activation; weights stored ``(in, out)`` so a layer is ``h @ W + b``."""
+    """Affine layers with no activation; weights are ``(in, out)``, so a layer is ``h @ W + b``."""
 
     def __init__(self, sizes: Sequence[int], scale_exp: int = 125, semantics: Semantics = TF_GPU,
                  generator: torch.Generator | None = None) -> None:
