@@ -1,0 +1,58 @@
+import json
+
+import pytest
+import torch
+
+from deeplinear.runs import Progress, Run, atomic_save, rng_state, set_rng_state
+
+
+def test_fresh_run_layout_and_refuses_overwrite(tmp_path):
+    run = Run.open(tmp_path / "r", {"lr": 0.1})
+    run.log({"step": 1, "loss": 2.0})
+    run.checkpoint({"step": 1})
+    assert json.loads((tmp_path / "r" / "config.json").read_text()) == {"lr": 0.1}
+    assert run.metrics() == [{"loss": 2.0, "step": 1}]
+    with pytest.raises(FileExistsError, match="--resume"):
+        Run.open(tmp_path / "r", {"lr": 0.1})
+
+
+def test_resume_truncates_metrics_after_checkpoint_and_checks_config(tmp_path):
+    run = Run.open(tmp_path, {"lr": 0.1})
+    for s in (1, 2, 3):
+        run.log({"step": s})
+        if s == 2:
+            run.checkpoint({"step": s, "w": torch.ones(2)})
+    resumed = Run.open(tmp_path, {"lr": 0.1}, resume=True)
+    assert resumed.resumed_state["step"] == 2
+    assert torch.equal(resumed.resumed_state["w"], torch.ones(2))
+    assert [r["step"] for r in resumed.metrics()] == [1, 2]
+    with pytest.raises(ValueError, match="lr"):
+        Run.open(tmp_path, {"lr": 0.2}, resume=True)
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        Run.open(tmp_path, {}, resume=True)
+
+
+def test_atomic_save_leaves_no_temp_file(tmp_path):
+    atomic_save({"a": 1}, tmp_path / "x.pt")
+    assert [p.name for p in tmp_path.iterdir()] == ["x.pt"]
+
+
+def test_rng_state_roundtrip():
+    g = torch.Generator().manual_seed(3)
+    state = rng_state(g)
+    a = torch.rand(3, generator=g), torch.rand(3)
+    set_rng_state(state, g)
+    b = torch.rand(3, generator=g), torch.rand(3)
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def test_progress_prints_rate_and_eta(capsys):
+    import sys
+
+    p = Progress(total=10, desc="es", every_s=0.0, stream=sys.stdout)
+    p.update(5, loss=1.5)
+    out = capsys.readouterr().out
+    assert out.startswith("es 5/10") and "eta" in out and "loss=1.5" in out
