@@ -97,7 +97,9 @@ class DeepLinear(nn.Module):
 
         ``under`` replaces the semantics' rule in scaled mode (identity = float-blind; a custom
         autograd function = float-aware training). Exact-mode values are converted to scaled units
-        in float64 so that no conversion underflows.
+        exactly (a power-of-two scale). In exact mode a hidden layer's flush happens inside its bias
+        add, so there ``u`` is the add's flushed result; :func:`deeplinear.probes.layer_values`
+        recomputes the pre-flush values when they are needed.
         """
         if mode == "exact":
             return self._trace_exact(x)

@@ -1,0 +1,144 @@
+"""``deeplinear probe``: how nonlinear is a deep linear net at init, under each float semantics.
+
+Prints the blog's algebra counterexamples, the collapse gap, the linearity defects and the
+dead-zone occupancy per semantics (see :mod:`deeplinear.probes` for the definitions), as a table
+or as JSON, and optionally draws the implicit activation to a PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from deeplinear.arithmetic import PRESETS, get_semantics
+from deeplinear.nets import parse_sizes
+from deeplinear.probes import make_nets, plot_implicit_activation, probe_report
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "probe", help="nonlinearity diagnostics of a deep linear net at init",
+        description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--sizes", default="784,512,512,10",
+                   help="layer widths, input first (default: the 2017 net 784,512,512,10)")
+    p.add_argument("--semantics", default="all",
+                   help=f"{' | '.join(PRESETS)} | all, or a comma-separated list (default: all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of weights and inputs (default: 0)")
+    p.add_argument("--n", type=int, default=256,
+                   help="random inputs for the defects and occupancy (default: 256)")
+    p.add_argument("--n-fit", type=int, default=None,
+                   help="inputs for the affine fit (default: 4 x (input width + 1))")
+    p.add_argument("--scale-exp", type=int, default=125, help="the scale 2^k (default: 125)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--plot", metavar="FILE.png", default=None,
+                   help="also draw the implicit activation and occupancy to this PNG")
+    p.set_defaults(func=run)
+
+
+def _semantics_names(text: str) -> list[str]:
+    if text == "all":
+        return list(PRESETS)
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    for name in names:
+        get_semantics(name)  # one-line ValueError naming the choices
+    if not names:
+        raise ValueError("--semantics is empty; use " + " | ".join(PRESETS) + " | all")
+    return names
+
+
+def _check_plot_path(text: str) -> Path:
+    """Fail before the (slow) computation if the PNG cannot be written."""
+    path = Path(text)
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"--plot {text}: the file name must end in .png")
+    if path.is_dir():
+        raise IsADirectoryError(f"--plot {text}: is a directory; give a file name ending in .png")
+    parent = path.parent
+    if not parent.is_dir():
+        raise FileNotFoundError(f"--plot {text}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise PermissionError(f"--plot {text}: not writable; choose another path")
+    return path
+
+
+def _num(v: float) -> str:
+    if v == 0:
+        return "0"
+    return f"{v:.3g}" if 1e-3 <= abs(v) < 1e4 else f"{v:.2e}"
+
+
+def _sides(row: dict[str, Any]) -> str:
+    return f"{_num(row['lhs'])} | {_num(row['rhs'])}" + (" *" if row["differs"] else "  ")
+
+
+def format_report(r: dict[str, Any]) -> str:
+    """The report as aligned text: the algebra table, then one column per semantics."""
+    names = list(r["semantics"])
+    lines = [
+        f"net {'-'.join(map(str, r['sizes']))}, scale 2^{r['scale_exp']}, seed {r['seed']}, "
+        f"{r['n']} inputs {r['inputs']} ({r['n_fit']} for the affine fit), {r['mode']} mode",
+    ]
+    for fmt, ratio in r["normal_gap_ratio"].items():
+        note = (f" (the blog says 2^{round(math.log2(r['blog_normal_gap_ratio_float32']))})"
+                if fmt == "float32" else "")
+        lines.append(f"{fmt}: gap 0 -> min is 2^{round(math.log2(ratio))} = {ratio} times "
+                     f"the gap min -> next{note}")
+    lines += ["", "Blog algebra examples (lhs | rhs; * = the law fails)"]
+    width = max(14, *(len(n) + 2 for n in names))
+    laws = dict.fromkeys(row["law"] for row in r["algebra"])
+    lines.append(f"  {'':<48}" + "".join(f"{n:>{width}}" for n in names))
+    for law in laws:
+        rows = {row["semantics"]: row for row in r["algebra"] if row["law"] == law}
+        first = next(iter(rows.values()))
+        unit = " [units of min]" if first["unit"] == "min" else ""
+        head = f"{law} {first['lhs_expr']} | {first['rhs_expr']}{unit}"
+        cells = "".join(f"{_sides(rows[n]):>{width}}" for n in names)
+        lines.append(f"  {head:<48}" + cells)
+        lines.append(f"    {first['inputs']}; needs {first['needs']}")
+    lines += ["", f"  {'':<48}" + "".join(f"{n:>{width}}" for n in names)]
+
+    def row(label: str, get: Any) -> None:
+        lines.append(f"  {label:<48}" + "".join(f"{_num(get(r['semantics'][n])):>{width}}"
+                                                 for n in names))
+
+    row("collapse gap (relative to the collapsed map)", lambda s: s["collapse_gap"]["relative"])
+    row("argmax agreement with the collapsed map", lambda s: s["collapse_gap"]["argmax_agreement"])
+    row("additivity defect", lambda s: s["additivity"])
+    for a in next(iter(r["semantics"].values()))["homogeneity"]:
+        row(f"homogeneity defect, a = {a}", lambda s, a=a: s["homogeneity"][a])
+    row("affine-fit residual (relative, centred)", lambda s: s["affine_fit_residual"])
+    n_layers = len(r["sizes"]) - 1
+    for i in range(n_layers):
+        label = "output layer" if i == n_layers - 1 else f"layer {i + 1}"
+        row(f"dead-zone occupancy, {label}", lambda s, i=i: s["occupancy"][i])
+    row("seconds", lambda s: s["seconds"])
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    sizes = parse_sizes(args.sizes)
+    names = _semantics_names(args.semantics)
+    plot = _check_plot_path(args.plot) if args.plot else None
+    if args.n < 1:
+        raise ValueError(f"--n must be a positive number of inputs, got {args.n}")
+    start = time.perf_counter()
+    report = probe_report(sizes, names, seed=args.seed, n=args.n, n_fit=args.n_fit,
+                          scale_exp=args.scale_exp)
+    report["total_seconds"] = time.perf_counter() - start
+    if plot is not None:
+        nets = make_nets(sizes, names, args.seed, args.scale_exp)
+        plot_implicit_activation(plot, nets, {k: v["occupancy"]
+                                              for k, v in report["semantics"].items()})
+        report["plot"] = str(plot)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(format_report(report))
+        print(f"total {report['total_seconds']:.1f} s" + (f"; plot written to {plot}"
+                                                           if plot else ""))
+    return 0

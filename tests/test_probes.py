@@ -1,0 +1,165 @@
+import math
+
+import pytest
+import torch
+
+from deeplinear.arithmetic import CPU_FTZ_DAZ, FORMATS, IEEE, TF_GPU, Semantics
+from deeplinear.probes import (
+    BLOG_EXAMPLES,
+    additivity_defect,
+    affine_fit_residual,
+    algebra_table,
+    find_counterexamples,
+    homogeneity_defect,
+    implicit_activation,
+    law_sides,
+    make_nets,
+    occupancy,
+    probe_report,
+    unit_ray,
+)
+
+FTZ_DAZ_ELEMENTWISE = Semantics("float32", "ftz_daz", "elementwise")
+ALL = {"TF_GPU": TF_GPU, "IEEE": IEEE, "CPU_FTZ_DAZ": CPU_FTZ_DAZ, "ftz_daz": FTZ_DAZ_ELEMENTWISE}
+F32 = torch.finfo(torch.float32)
+
+
+@pytest.fixture(scope="module")
+def blog():
+    """The 2017 net at init, with a few pixel-like input pairs (the full default uses 256)."""
+    nets = make_nets("784,512,512,10", ["TF_GPU", "IEEE", "CPU_FTZ_DAZ"], seed=0)
+    g = torch.Generator().manual_seed(1)
+    return nets, torch.rand(32, 784, generator=g), torch.rand(32, 784, generator=g)
+
+
+def _rows(law):
+    return {r["semantics"]: r for r in algebra_table(ALL) if r["law"] == law}
+
+
+def test_blog_inputs_are_the_nearest_float32_and_subnormal():
+    a, b, c = BLOG_EXAMPLES[0].tensors(TF_GPU)
+    assert 0 < a.item() < b.item() < F32.smallest_normal  # 0.4min, 0.5min: subnormal inputs
+    assert a.item() == pytest.approx(0.4 * F32.smallest_normal, rel=2**-23 / 0.4)
+    assert c.item() == 2.0**126
+
+
+def test_distributivity_fails_only_with_ftz_without_daz():
+    rows = _rows("distributivity")
+    assert (rows["TF_GPU"]["lhs"], rows["TF_GPU"]["rhs"]) == (0.0, pytest.approx(0.9, rel=1e-6))
+    assert rows["IEEE"]["lhs"] == rows["IEEE"]["rhs"] == pytest.approx(0.9, rel=1e-6)
+    for daz in ("CPU_FTZ_DAZ", "ftz_daz"):
+        assert rows[daz]["lhs"] == rows[daz]["rhs"] == 0.0
+    assert {k for k, r in rows.items() if r["differs"]} == {"TF_GPU"}
+    assert "without DAZ" in rows["TF_GPU"]["needs"]
+
+
+def test_associativity_fails_under_any_flush():
+    rows = _rows("associativity")
+    for flush in ("TF_GPU", "CPU_FTZ_DAZ", "ftz_daz"):
+        assert (rows[flush]["lhs"], rows[flush]["rhs"]) == (1.0, 2.5)  # min vs 2.5 min
+        assert rows[flush]["unit"] == "min"
+    assert rows["IEEE"]["lhs"] == rows["IEEE"]["rhs"] == pytest.approx(1.9, rel=1e-6)
+    assert not rows["IEEE"]["differs"]
+
+
+@pytest.mark.parametrize("law", ["distributivity", "associativity"])
+@pytest.mark.parametrize("sem", [TF_GPU, FTZ_DAZ_ELEMENTWISE, Semantics("float16", "ftz")])
+def test_search_finds_flush_caused_counterexamples_that_recompute(law, sem):
+    found = find_counterexamples(law, sem, n=20_000, seed=3)
+    assert found.summary()["n_flush_caused"] > 10
+    # the reported triples really break the law: recompute both sides from the inputs
+    a, b, c = (v.to(sem.fmt.dtype) for v in (found.a, found.b, found.c))
+    lhs, rhs = (v.double() for v in law_sides(law, a, b, c, sem))
+    assert torch.equal(lhs, found.lhs) and torch.equal(rhs, found.rhs)
+    assert (lhs != rhs).all()
+    # flush-caused means: the law holds for that triple under IEEE gradual underflow
+    ieee = Semantics(sem.format, "ieee", sem.scope)
+    il, ir = (v.double() for v in law_sides(law, a, b, c, ieee))
+    assert torch.equal(il == ir, found.flush_caused)
+
+
+def test_search_under_ieee_reports_only_rounding():
+    found = find_counterexamples("associativity", IEEE, n=20_000, seed=3)
+    assert len(found) > 0 and not found.flush_caused.any()
+    with pytest.raises(ValueError, match="unknown law"):
+        find_counterexamples("commutativity", IEEE)  # type: ignore[arg-type]
+
+
+def test_defects_of_known_functions():
+    g = torch.Generator().manual_seed(0)
+    x, y = (torch.rand(64, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    a = torch.randn(8, 3, generator=g, dtype=torch.float64)
+    affine = lambda z: z.double() @ a + 5.0  # noqa: E731
+    assert additivity_defect(affine, x, y) < 1e-12
+    assert homogeneity_defect(affine, x, 3.0) < 1e-12
+    square = lambda z: z.double() ** 2  # noqa: E731
+    assert additivity_defect(square, x, y) > 0.3
+    assert homogeneity_defect(square, x, 2.0) == pytest.approx(1.0)  # 4x^2 vs 2x^2
+    fit_x = torch.rand(200, 8, generator=g)
+    assert affine_fit_residual(affine, fit_x) < 1e-10
+    assert affine_fit_residual(lambda z: torch.sin(6 * z).double(), fit_x) > 0.3
+    with pytest.raises(ValueError, match="n_fit"):
+        affine_fit_residual(affine, x[:10])
+
+
+def test_blog_net_is_nonlinear_under_ftz_and_linear_under_ieee(blog):
+    nets, x, y = blog
+    add = {k: additivity_defect(lambda z, n=n: n(z, mode="exact"), x, y) for k, n in nets.items()}
+    hom = {k: homogeneity_defect(lambda z, n=n: n(z, mode="exact"), x, 0.5)
+           for k, n in nets.items()}
+    # measured: TF_GPU ~0.23, IEEE ~6e-7
+    assert add["IEEE"] < 1e-4 and hom["IEEE"] < 1e-4
+    assert add["TF_GPU"] > 0.05 and add["TF_GPU"] > 10 * add["IEEE"]
+    assert hom["TF_GPU"] > 0.05 and hom["TF_GPU"] > 10 * hom["IEEE"]
+
+
+def test_occupancy(blog):
+    nets, x, _ = blog
+    occ = {k: occupancy(n, x) for k, n in nets.items()}
+    for values in occ.values():
+        assert len(values) == 3 and all(0.0 <= v <= 1.0 for v in values)
+    assert occ["TF_GPU"][0] > 0.2  # measured ~0.46 at init on uniform pixels
+    assert occ["IEEE"] == [0.0, 0.0, 0.0]
+    # layer 1 needs no matmul emulation: scaled and exact agree bit for bit
+    assert occupancy(nets["TF_GPU"], x, "scaled")[0] == occ["TF_GPU"][0]
+
+
+def test_occupancy_counts_a_flush_inside_the_matmul():
+    """Under scope 'all' the hidden flush happens in the matmul, before trace's u: still counted."""
+    net = make_nets("64,32,32,10", ["CPU_FTZ_DAZ"], seed=0)["CPU_FTZ_DAZ"]
+    x = torch.rand(64, 64, generator=torch.Generator().manual_seed(1))
+    assert all(v > 0.05 for v in occupancy(net, x, "scaled"))
+
+
+def test_implicit_activation_is_a_dead_zone_under_ftz_and_the_identity_under_ieee():
+    nets = make_nets("64,32,10", ["TF_GPU", "IEEE"], seed=0)
+    net = nets["TF_GPU"]
+    x0, d = unit_ray(net, unit=3)
+    t = torch.linspace(-1.5, 1.5, 601, dtype=torch.float64)
+    act = implicit_activation(net, x0, d, t, layer=0, unit=3)
+    assert torch.allclose(act.u, t, atol=1e-6)  # the ray makes u = t (zero bias)
+    thr = net.threshold
+    inside, outside = act.u.abs() < thr * (1 - 1e-5), act.u.abs() > thr * (1 + 1e-5)
+    assert inside.sum() > 100 and outside.sum() > 100
+    assert (act.h[inside] == 0).all()  # flat: the dead zone
+    assert torch.allclose(act.h[outside], act.u[outside], rtol=1e-6)
+    ieee = implicit_activation(nets["IEEE"], x0, d, t, layer=0, unit=3)
+    assert torch.allclose(ieee.h, ieee.u, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="out of range"):
+        implicit_activation(net, x0, d, t, layer=2)
+
+
+def test_probe_report_small_net():
+    r = probe_report("64,32,10", ["TF_GPU", "IEEE"], seed=0, n=64)
+    assert r["normal_gap_ratio"] == {"float32": FORMATS["float32"].normal_gap_ratio}
+    assert math.log2(r["normal_gap_ratio"]["float32"]) == 23
+    assert len(r["algebra"]) == 2 * 2
+    tf, ieee = r["semantics"]["TF_GPU"], r["semantics"]["IEEE"]
+    assert tf["semantics"].items() >= {"format": "float32", "underflow": "ftz"}.items()
+    assert tf["collapse_gap"]["relative"] > 0.05 > 1e-4 > ieee["collapse_gap"]["relative"]
+    assert tf["affine_fit_residual"] > 0.05 > 1e-4 > ieee["affine_fit_residual"]
+    assert len(tf["occupancy"]) == 2 and tf["occupancy"][0] > 0 == ieee["occupancy"][0]
+    with pytest.raises(ValueError, match="unknown semantics"):
+        probe_report("64,32,10", ["GPU"])
+    with pytest.raises(ValueError, match="n_fit"):
+        probe_report("64,32,10", ["IEEE"], n_fit=100)
