@@ -27,6 +27,7 @@ from torch import Tensor
 
 Underflow = Literal["ieee", "ftz", "ftz_daz"]
 Scope = Literal["elementwise", "all"]
+Overflow = Literal["ieee", "saturate"]
 
 
 @dataclass(frozen=True)
@@ -41,9 +42,12 @@ class Format:
     min_subnormal: float
     max: float
     eps: float
+    has_inf: bool = True  # float8_e4m3fn spends the infinity encodings on finite values
+    overflow: Literal["inf", "nan"] = "inf"  # what a non-saturating cast gives beyond max
 
     @classmethod
-    def from_torch(cls, name: str, dtype: torch.dtype) -> Format:
+    def from_torch(cls, name: str, dtype: torch.dtype, has_inf: bool = True) -> Format:
+        """``has_inf=False`` (OCP FP8 E4M3, the "fn" = finite formats) means overflow gives NaN."""
         fi = torch.finfo(dtype)
         return cls(
             name=name,
@@ -54,7 +58,18 @@ class Format:
             min_subnormal=fi.smallest_normal * fi.eps,
             max=fi.max,
             eps=fi.eps,
+            has_inf=has_inf,
+            overflow="inf" if has_inf else "nan",
         )
+
+    @property
+    def exponent_bits(self) -> int:
+        return self.bits - self.precision  # sign + exponent + (precision - 1) stored bits
+
+    @property
+    def min_exp(self) -> int:
+        """The exponent of the smallest normal (float32: -126); the bias is ``1 - min_exp``."""
+        return round(math.log2(self.min_normal))
 
     @property
     def tiny_threshold(self) -> float:
@@ -75,12 +90,14 @@ class Format:
 
 
 FORMATS: dict[str, Format] = {
-    name: Format.from_torch(name, dtype)
-    for name, dtype in [
-        ("float64", torch.float64),
-        ("float32", torch.float32),
-        ("float16", torch.float16),
-        ("bfloat16", torch.bfloat16),
+    name: Format.from_torch(name, dtype, has_inf)
+    for name, dtype, has_inf in [
+        ("float64", torch.float64, True),
+        ("float32", torch.float32, True),
+        ("float16", torch.float16, True),
+        ("bfloat16", torch.bfloat16, True),
+        ("float8_e4m3fn", torch.float8_e4m3fn, False),
+        ("float8_e5m2", torch.float8_e5m2, True),
     ]
 }
 
@@ -100,12 +117,15 @@ class Semantics:
     signed zero; ``ftz_daz`` also reads subnormal inputs as zero. scope: ``elementwise`` applies the
     flush to elementwise ops only while matmul keeps subnormals (cuBLAS, under TensorFlow's
     flushing GPU kernels); ``all`` flushes matmul too (x86 with FTZ/DAZ set, as
-    ``torch.set_flush_denormal(True)`` does).
+    ``torch.set_flush_denormal(True)`` does). overflow: ``ieee`` gives what the format defines
+    beyond max (inf, or NaN for float8_e4m3fn); ``saturate`` clamps elementwise results and casts
+    to +-max (OCP FP8's saturating mode, NVIDIA's ``.satfinite``), infinities included.
     """
 
     format: str = "float32"
     underflow: Underflow = "ieee"
     scope: Scope = "elementwise"
+    overflow: Overflow = "ieee"
 
     def __post_init__(self) -> None:
         get_format(self.format)
@@ -113,6 +133,8 @@ class Semantics:
             raise ValueError(f"unknown underflow {self.underflow!r}; use ieee, ftz or ftz_daz")
         if self.scope not in ("elementwise", "all"):
             raise ValueError(f"unknown scope {self.scope!r}; use elementwise or all")
+        if self.overflow not in ("ieee", "saturate"):
+            raise ValueError(f"unknown overflow {self.overflow!r}; use ieee or saturate")
 
     @property
     def fmt(self) -> Format:
@@ -125,6 +147,10 @@ class Semantics:
     @property
     def daz(self) -> bool:
         return self.underflow == "ftz_daz"
+
+    @property
+    def saturates(self) -> bool:
+        return self.overflow == "saturate"
 
 
 TF_GPU = Semantics("float32", "ftz", "elementwise")
@@ -173,14 +199,18 @@ def ftz(result: Tensor, exact: Callable[[], Tensor], sem: Semantics) -> Tensor:
 
 def _elementwise(op: Callable[[Tensor, Tensor], Tensor], a: Tensor, b: Tensor | float,
                  sem: Semantics) -> Tensor:
-    dtype = sem.fmt.dtype
-    a = daz(torch.as_tensor(a, dtype=dtype), sem)
-    b = daz(torch.as_tensor(b, dtype=dtype), sem)
-    if dtype == torch.float32 or dtype == torch.float64:
-        r = op(a, b)
-    else:  # correctly rounded via float64: double rounding is innocuous for p <= 25
-        r = op(a.double(), b.double()).to(dtype)
-    return ftz(r, lambda: op(a.double(), b.double()), sem)
+    fmt = sem.fmt
+    a, b = torch.as_tensor(a, dtype=fmt.dtype), torch.as_tensor(b, dtype=fmt.dtype)
+    if fmt.dtype not in (torch.float32, torch.float64):
+        # Exact in float64 (+, -, *), or rounded there innocuously (/, p <= 25); then one rounding
+        # to the format, which also decides tiny-ness and overflow (torch has no float8 kernels).
+        from deeplinear.formats import cast  # formats builds on this module
+
+        a64, b64 = daz(a.double(), sem), daz(b.double(), sem)
+        return cast(op(a64, b64), fmt, ftz=sem.flushes, saturate=sem.saturates)
+    a, b = daz(a, sem), daz(b, sem)
+    r = ftz(op(a, b), lambda: op(a.double(), b.double()), sem)
+    return r.clamp(-fmt.max, fmt.max) if sem.saturates else r
 
 
 def add(a: Tensor, b: Tensor | float, sem: Semantics) -> Tensor:
