@@ -72,6 +72,11 @@ class Format:
         return round(math.log2(self.min_normal))
 
     @property
+    def max_exp(self) -> int:
+        """The exponent of the largest finite value (float32: 127)."""
+        return math.floor(math.log2(self.max))
+
+    @property
     def tiny_threshold(self) -> float:
         """Largest magnitude that is still tiny *before* rounding: ``min * (1 - 2**-(p+1))``.
 
@@ -235,8 +240,21 @@ def bias_add(x: Tensor, bias: Tensor, sem: Semantics) -> Tensor:
 
 
 def scale(x: Tensor, exp: int, sem: Semantics) -> Tensor:
-    """Multiply by ``2**exp`` (exactly representable), the op that moves values near min."""
-    return mul(x, 2.0**exp, sem)
+    """Multiply by ``2**exp`` with one rounding: the op that moves values near min.
+
+    ``2**exp`` need not be a normal number of the format (float32's 2**149 overflows, its 2**-130
+    is subnormal and DAZ would read it as zero), so the product is formed in float64, where it is
+    exact, and rounded once; where ``2**exp`` is normal that is bit for bit the format's multiply.
+    """
+    fmt = sem.fmt
+    x = daz(torch.as_tensor(x, dtype=fmt.dtype), sem)
+    exact = x.double() * 2.0**exp
+    if fmt.dtype not in (torch.float32, torch.float64):
+        from deeplinear.formats import cast  # formats builds on this module
+
+        return cast(exact, fmt, ftz=sem.flushes, saturate=sem.saturates)
+    r = ftz(exact.to(fmt.dtype), lambda: exact, sem)
+    return r.clamp(-fmt.max, fmt.max) if sem.saturates else r
 
 
 def matmul(a: Tensor, b: Tensor, sem: Semantics) -> Tensor:

@@ -22,13 +22,16 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor, nn
 
 from deeplinear import arithmetic as ar
-from deeplinear.arithmetic import TF_GPU, Semantics
+from deeplinear.arithmetic import IEEE, TF_GPU, Semantics
+
+if TYPE_CHECKING:
+    from deeplinear.regimes import Regime
 
 Mode = Literal["exact", "scaled"]
 Under = Callable[[Tensor], Tensor]
@@ -56,14 +59,27 @@ def parse_sizes(text: str | Sequence[int]) -> list[int]:
 
 
 class DeepLinear(nn.Module):
-    """Affine layers with no activation; weights are ``(in, out)``, so a layer is ``h @ W + b``."""
+    """Affine layers with no activation; weights are ``(in, out)``, so a layer is ``h @ W + b``.
+
+    ``regime`` (a :class:`deeplinear.regimes.Regime`) replaces ``scale_exp`` and ``semantics``.
+    The float32 underflow regimes *are* this layout (``scale_exp = k``, FTZ or IEEE semantics) and
+    leave ``self.regime`` None; any other regime is kept as ``self.regime`` and becomes the hidden
+    rule (``under()``, ``threshold``) between float32 IEEE linear layers, whose exact mode runs
+    the regime's own float operations (:meth:`~deeplinear.regimes.Regime.exact`).
+    """
 
     def __init__(self, sizes: Sequence[int], scale_exp: int = 125, semantics: Semantics = TF_GPU,
-                 generator: torch.Generator | None = None) -> None:
+                 generator: torch.Generator | None = None, regime: Regime | None = None) -> None:
         super().__init__()
         self.sizes = parse_sizes(sizes)
         if len(self.sizes) < 3:
             raise ValueError("DeepLinear needs at least one hidden layer (sizes like 784,512,10)")
+        if regime is not None:
+            if (scale_exp, semantics) != (125, TF_GPU):
+                raise ValueError("pass a regime or scale_exp/semantics, not both: "
+                                 "the regime sets them")
+            scale_exp, semantics = regime.scale_exp, regime.semantics if regime.native else IEEE
+        self.regime = None if regime is None or regime.native else regime
         self.scale_exp = int(scale_exp)
         self.semantics = semantics
         self.weights = nn.ParameterList()
@@ -76,11 +92,16 @@ class DeepLinear(nn.Module):
     # -- the underflow rule in scaled units -------------------------------------------------------
     @property
     def threshold(self) -> float:
-        """Smallest normal in units of 2**-scale_exp: the dead-zone half-width (0.5 at k=125)."""
+        """Smallest normal in units of 2**-scale_exp: the dead-zone half-width (0.5 at k=125);
+        under a regime, the width at which it acts (:attr:`Regime.threshold`)."""
+        if self.regime is not None:
+            return self.regime.threshold
         return math.ldexp(self.semantics.fmt.min_normal, self.scale_exp)
 
     def under(self) -> Under:
-        """The elementwise function the semantics applies to a result, in scaled units."""
+        """The elementwise function the semantics or regime applies to a result, in scaled units."""
+        if self.regime is not None:
+            return self.regime.activation
         t, sem = self.threshold, self.semantics
         if sem.flushes:
             return lambda u: dead_zone(u, t)
@@ -102,7 +123,10 @@ class DeepLinear(nn.Module):
         recomputes the pre-flush values when they are needed.
         """
         if mode == "exact":
-            return self._trace_exact(x)
+            if self.regime is None:
+                return self._trace_exact(x)
+            with torch.no_grad():  # float32 linear layers, the regime's own float ops between
+                return self.trace(x, "scaled", self.regime.exact)
         if mode != "scaled":
             raise ValueError(f"unknown mode {mode!r}; use exact or scaled")
         f = under or self.under()

@@ -15,9 +15,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from deeplinear.arithmetic import PRESETS, get_semantics
+from deeplinear.arithmetic import FORMATS, PRESETS, get_semantics
 from deeplinear.nets import parse_sizes
 from deeplinear.probes import make_nets, plot_implicit_activation, probe_report
+from deeplinear.regimes import KINDS, format_probe_report, plot_sweeps
+from deeplinear.regimes import probe_report as regime_probe
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -37,6 +39,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--plot", metavar="FILE.png", default=None,
                    help="also draw the implicit activation and occupancy to this PNG")
+    p.add_argument("--regime", default=None,
+                   help="instead, sweep a regime's implicit activation on N(0,1): "
+                        f"{' | '.join(KINDS)} | all, or KIND:PARAM for one parameter")
+    p.add_argument("--format", default=None, choices=list(FORMATS),
+                   help="format of the --regime sweep (default float32; alone: --regime all)")
     p.set_defaults(func=run)
 
 
@@ -124,6 +131,12 @@ def run(args: argparse.Namespace) -> int:
     sizes = parse_sizes(args.sizes)
     names = _semantics_names(args.semantics)
     plot = _check_plot_path(args.plot) if args.plot else None
+    if args.regime is not None or args.format is not None:
+        regimes = regime_probe(args.regime or "all", args.format or "float32", seed=args.seed)
+        if plot is not None:
+            regimes["plot"] = str(plot_sweeps(plot, regimes["sweeps"]))
+        print(json.dumps(regimes, indent=2) if args.json else format_probe_report(regimes))
+        return 0
     if args.n < 1:
         raise ValueError(f"--n must be a positive number of inputs, got {args.n}")
     start = time.perf_counter()

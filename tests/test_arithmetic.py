@@ -1,0 +1,640 @@
+"""Acceptance tests of deeplinear.arithmetic, bit for bit against this CPU's FTZ/DAZ hardware.
+
+The reference is the hardware itself: the op runs in torch (and numpy) in a thread whose MXCSR
+has FTZ and DAZ set (``run_with_hardware_ftz``, every intra-op thread included), and results are
+compared as int32 bit patterns, so the sign of a zero counts. The hardware sets both bits at once,
+so it judges ``ftz_daz`` on every input and ``ftz`` on normal inputs (where DAZ has nothing to
+read as zero); ``ftz`` on subnormal inputs is checked against the definition instead
+(:func:`x86_reference`). Operands are drawn so that the *exact* result lies near the smallest
+normal, where every decision is made. Run with ``-s`` to see the counts.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import Tensor
+
+from deeplinear import arithmetic as ar
+from deeplinear.arithmetic import (
+    CPU_FTZ_DAZ,
+    FORMATS,
+    IEEE,
+    PRESETS,
+    TF_GPU,
+    Semantics,
+    hardware_ftz,
+    hardware_ftz_coverage,
+    run_with_hardware_ftz,
+)
+
+MIN = torch.finfo(torch.float32).smallest_normal  # the test's own copy: the module is under test
+MAX = torch.finfo(torch.float32).max
+INF, NAN = float("inf"), float("nan")
+FTZ_DAZ = Semantics("float32", "ftz_daz")
+SEMANTICS = (IEEE, TF_GPU, FTZ_DAZ)
+
+N_PAIRS = 1 << 20  # random operand pairs per op (>= 10**6): every one is compared bit for bit
+HAS_FTZ = torch.set_flush_denormal(False)  # True where the CPU has FTZ/DAZ (x86 with SSE3)
+hardware = pytest.mark.skipif(not HAS_FTZ, reason="this CPU has no FTZ/DAZ to compare with")
+
+OP64: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div,
+    "scale": torch.mul, "bias_add": torch.add,
+}
+
+
+def bits(t: Tensor) -> Tensor:
+    return t.to(torch.float32).contiguous().view(torch.int32)
+
+
+def mismatches(x: Tensor, y: Tensor) -> int:
+    return int((bits(x) != bits(y)).sum())
+
+
+def is_normal_or_zero(t: Tensor) -> Tensor:
+    return ~((t != 0) & (t.abs() < MIN))
+
+
+def x86_reference(op64: Callable[[Tensor, Tensor], Tensor], a: Tensor, b: Tensor, *,
+                  daz: bool, ftz: bool) -> Tensor:
+    """x86 float32 arithmetic from its definition, independent of the module under test.
+
+    DAZ reads subnormal operands as zeros of the same sign. FTZ returns a zero of the result's
+    sign when the result is tiny, tininess being decided *after rounding*: on the exact result
+    rounded to 24 bits with an unbounded exponent (here: scaled by 2**64 into float32's normal
+    range, which rounds to 24 bits). The exact result comes from float64, where +, -, * of two
+    float32 are exact near min and / is correctly rounded to 53 >= 2*24+2 bits, so rounding that
+    again to float32 is innocuous.
+    """
+    if daz:
+        a = torch.where(a.abs() < MIN, a * 0, a)
+        b = torch.where(b.abs() < MIN, b * 0, b)
+    exact = op64(a.double(), b.double())
+    result = exact.float()
+    if ftz:
+        tiny = (exact * 2.0**64).float().abs() < MIN * 2.0**64
+        result = torch.where(tiny, result * 0, result)
+    return result
+
+
+# --- operands whose exact result lies near min --------------------------------------------------
+
+
+def _signs(n: int, g: torch.Generator) -> Tensor:
+    return torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0).double()
+
+
+def _magnitudes(n: int, g: torch.Generator, lo: int, hi: int) -> Tensor:
+    """±[1, 2) * 2**e, e uniform in [lo, hi] (float64; subnormal below 2**-126 once rounded)."""
+    e = torch.randint(lo, hi + 1, (n,), generator=g).double()
+    return _signs(n, g) * (1 + torch.rand(n, generator=g, dtype=torch.float64)) * 2.0**e
+
+
+def _mixed(n: int, g: torch.Generator, normal: tuple[int, int], subnormal: tuple[int, int]
+           ) -> Tensor:
+    """Float32 operands with exponents in ``normal``, 1/8 of them in ``subnormal`` instead."""
+    pick = torch.rand(n, generator=g) < 0.125
+    return torch.where(pick, _magnitudes(n, g, *subnormal), _magnitudes(n, g, *normal)).float()
+
+
+def targets(n: int, g: torch.Generator) -> Tensor:
+    """Exact results to aim at, both signs: 7/8 at ``min * (1 + u * 2**-j)``, u uniform in
+    [-1, 1], j in 1..30 (just below, at and just above min at every scale down to below one
+    ulp); 1/8 log-uniform in [2**-149, 2**-121] (deep subnormal results)."""
+    u = 2 * torch.rand(n, generator=g, dtype=torch.float64) - 1
+    j = torch.randint(1, 31, (n,), generator=g).double()
+    near = MIN * (1 + u * 2.0**-j)
+    spread = 2.0 ** (-149 + 28 * torch.rand(n, generator=g, dtype=torch.float64))
+    return _signs(n, g) * torch.where(torch.rand(n, generator=g) < 0.125, spread, near)
+
+
+SCALE_EXPS = (-125, -100, -64, -24, -1, 1, 12, 24)  # positive exps: subnormal x, normal result
+BIAS_WIDTH = 256
+
+
+@dataclass(frozen=True)
+class Case:
+    """Random operands for one op and the three ways to compute it."""
+
+    op: str
+    a: Tensor
+    b: Tensor  # for scale: the powers of two 2**e, one per row of a
+    ours: Callable[[Semantics], Tensor]
+    plain: Callable[[], Tensor]  # torch as is: IEEE here, FTZ+DAZ in a run_with_hardware_ftz
+    numpy: Callable[[], np.ndarray]
+
+    @cached_property
+    def exact(self) -> Tensor:
+        return OP64[self.op](self.a.double(), self.b.double())
+
+    @cached_property
+    def normal_operands(self) -> Tensor:
+        return is_normal_or_zero(self.a) & is_normal_or_zero(self.b)
+
+
+def make_case(op: str, n: int = N_PAIRS, seed: int = 0) -> Case:
+    g = torch.Generator().manual_seed(seed)
+    t = targets(n, g)
+    if op == "scale":
+        x = (t.view(len(SCALE_EXPS), -1) * torch.tensor([2.0**-e for e in SCALE_EXPS],
+                                                         dtype=torch.float64)[:, None]).float()
+        powers = torch.tensor([2.0**e for e in SCALE_EXPS])[:, None]
+        return Case(
+            op, x, powers,
+            ours=lambda sem: torch.stack([ar.scale(r, e, sem) for r, e in zip(x, SCALE_EXPS,
+                                                                               strict=True)]),
+            plain=lambda: torch.stack([r * 2.0**e for r, e in zip(x, SCALE_EXPS, strict=True)]),
+            numpy=lambda: x.numpy() * powers.numpy(),
+        )
+    if op == "bias_add":
+        bias = _mixed(BIAS_WIDTH, g, (-126, -119), (-149, -127))
+        x = (t.view(-1, BIAS_WIDTH) - bias.double()).float()
+        return Case(op, x, bias, ours=lambda sem: ar.bias_add(x, bias, sem),
+                    plain=lambda: x + bias, numpy=lambda: x.numpy() + bias.numpy())
+    if op == "mul":  # b = t / a is subnormal when a > 1: those are the subnormal operands
+        a = _mixed(n, g, (-100, 0), (1, 30))
+        b = (t / a.double()).float()
+    elif op == "div":  # a = t * b is subnormal when b < 1
+        b = _mixed(n, g, (0, 100), (-30, -1))
+        a = (t * b.double()).float()
+    elif op == "add":  # sums of values this small are exact: tiny iff the IEEE sum is subnormal
+        a = _mixed(n, g, (-126, -119), (-149, -127))
+        b = (t - a.double()).float()
+    elif op == "sub":
+        a = _mixed(n, g, (-126, -119), (-149, -127))
+        b = (a.double() - t).float()
+    else:
+        raise AssertionError(op)
+    fn, ufunc = {"add": (ar.add, np.add), "sub": (ar.sub, np.subtract),
+                 "mul": (ar.mul, np.multiply), "div": (ar.div, np.divide)}[op]
+    torch_op = OP64[op]
+    return Case(op, a, b, ours=lambda sem: fn(a, b, sem), plain=lambda: torch_op(a, b),
+                numpy=lambda: ufunc(a.numpy(), b.numpy()))
+
+
+OPS = ("add", "sub", "mul", "div", "scale", "bias_add")
+
+
+@pytest.fixture(scope="module", params=OPS)
+def case(request: pytest.FixtureRequest) -> Case:
+    return make_case(request.param)
+
+
+def test_cases_are_large_and_concentrated_near_min(case):
+    exact = case.exact.flatten()
+    mag = exact.abs()
+    assert exact.numel() >= 10**6
+    near = (mag > MIN / 2) & (mag < 2 * MIN)
+    assert near.double().mean() > 0.7
+    assert ((mag < MIN) & near).double().mean() > 0.25  # just below
+    assert ((mag >= MIN) & near).double().mean() > 0.25  # at and just above
+    assert (exact < 0).double().mean() > 0.4 and (exact > 0).double().mean() > 0.4
+    assert (mag < MIN / 2).double().mean() > 0.05  # deep subnormal results
+    assert (~case.normal_operands).sum() > 10**4  # subnormal operands (DAZ matters there)
+
+
+@hardware
+def test_ftz_daz_is_bit_exact_against_hardware(case):
+    hw = run_with_hardware_ftz(case.plain)
+    hw_numpy = torch.from_numpy(run_with_hardware_ftz(case.numpy))
+    assert mismatches(hw_numpy, hw) == 0  # the second hardware reference agrees with the first
+    ours = case.ours(FTZ_DAZ)
+    assert mismatches(ours, hw) == 0
+    assert mismatches(case.ours(CPU_FTZ_DAZ), hw) == 0  # scope only matters for matmul
+    flushed = int(((hw == 0) & (case.exact != 0)).sum())
+    print(f"\n{case.op}: ftz_daz vs hardware FTZ+DAZ (torch and numpy): {hw.numel():,} pairs, "
+          f"0 disagreements, {flushed:,} flushed")
+    assert flushed > 0.1 * hw.numel()  # the decisions were exercised
+
+
+@hardware
+def test_ftz_is_bit_exact_against_hardware_on_normal_inputs(case):
+    normal = case.normal_operands.expand_as(case.exact)
+    hw = run_with_hardware_ftz(case.plain)
+    ours = case.ours(TF_GPU)
+    assert mismatches(ours[normal], hw[normal]) == 0
+    print(f"\n{case.op}: ftz vs hardware on normal operands: {int(normal.sum()):,} pairs, "
+          f"0 disagreements")
+
+
+def test_every_semantics_matches_its_definition(case):
+    """All pairs, subnormal operands included: the check for ``ftz`` without DAZ, on any CPU."""
+    subnormal = ~case.normal_operands.expand_as(case.exact)
+    for sem in SEMANTICS:
+        ref = x86_reference(OP64[case.op], case.a, case.b, daz=sem.daz, ftz=sem.flushes)
+        assert mismatches(case.ours(sem), ref) == 0, sem
+    differ = mismatches(case.ours(TF_GPU)[subnormal], case.ours(FTZ_DAZ)[subnormal])
+    print(f"\n{case.op}: all 3 semantics vs definition: {case.exact.numel():,} pairs each, "
+          f"0 disagreements; DAZ changes {differ:,} of {int(subnormal.sum()):,} subnormal-input "
+          f"results")
+    assert differ > 0
+
+
+def test_ieee_is_plain_torch_and_numpy(case):
+    ours = case.ours(IEEE)
+    assert mismatches(ours, case.plain()) == 0
+    assert mismatches(ours, torch.from_numpy(case.numpy())) == 0
+    kept = (ours != 0) & (ours.abs() < MIN)
+    assert kept.any()  # gradual underflow: subnormal results survive
+
+
+def test_flush_is_a_single_cut_in_exact_magnitude(case):
+    """Monotone: every flushed exact result is smaller than every kept one (normal operands)."""
+    normal = case.normal_operands.expand_as(case.exact)
+    exact = case.exact[normal].abs()
+    ours = case.ours(TF_GPU)[normal]
+    flushed, kept = (ours == 0) & (exact != 0), ours != 0
+    assert exact[flushed].max() < exact[kept].min()
+    assert exact[flushed].max() < MIN  # only results below min are flushed
+
+
+# --- the tiny rule at its edges -----------------------------------------------------------------
+
+# Products that land exactly on the edges of x86's rule (both factors normal, 24-bit):
+TIE = (18631 * 2.0**-75, 1801 * 2.0**-76)  # 18631 * 1801 = 2**25 - 1: exact min * (1 - 2**-25)
+BAND = (11863283 * 2.0**-86, 11863283 * 2.0**-87)  # exact min * (1 - 1.149 * 2**-25)
+ENDPOINT = ((1 - 2.0**-24) * 2.0**-63, 2.0**-63)  # exact min * (1 - 2**-24): 24 bits, < min
+# A quotient of float32s can never be the tie nor lie strictly inside the band (its distance
+# from 1 - 2**-24 would need 25 bits); the endpoint it can be.
+
+# (op, a, b, expected under ieee, ftz, ftz_daz); for scale b is the exponent
+EDGES = [
+    ("mul", 2.0**-63, 2.0**-63, MIN, MIN, MIN),  # exactly min
+    ("div", -(2.0**-63), 2.0**63, -MIN, -MIN, -MIN),
+    ("add", 3 * MIN, -2 * MIN, MIN, MIN, MIN),
+    ("sub", -3 * MIN, -2 * MIN, -MIN, -MIN, -MIN),
+    ("scale", 0.5, -125, MIN, MIN, MIN),
+    ("mul", *TIE, MIN, MIN, MIN),  # the tie rounds (to even) up to min: not tiny
+    ("mul", -TIE[0], TIE[1], -MIN, -MIN, -MIN),
+    ("mul", *BAND, MIN, 0.0, 0.0),  # rounds to 24 bits below min: flushed; IEEE gives min
+    ("mul", -BAND[0], BAND[1], -MIN, -0.0, -0.0),
+    ("mul", *ENDPOINT, MIN, 0.0, 0.0),  # IEEE: a tie on the subnormal grid, to even = min
+    ("div", ENDPOINT[0], 2.0**63, MIN, 0.0, 0.0),
+    ("scale", 0.5 * (1 - 2.0**-24), -125, MIN, 0.0, 0.0),  # the net's dead zone edge
+    ("mul", (1 + 2.0**-23) * 2.0**-63, 2.0**-63, MIN * (1 + 2.0**-23), MIN * (1 + 2.0**-23),
+     MIN * (1 + 2.0**-23)),  # next float above min
+    ("mul", 2.0**-70, 2.0**-70, 2.0**-140, 0.0, 0.0),  # subnormal result
+    ("mul", -(2.0**-70), 2.0**-70, -(2.0**-140), -0.0, -0.0),  # flushed to a negative zero
+    ("add", -3 * MIN, 2.5 * MIN, -0.5 * MIN, -0.0, -0.0),
+    ("scale", -0.25, -125, -0.5 * MIN, -0.0, -0.0),
+    ("mul", 2.0**-140, 2.0**20, 2.0**-120, 2.0**-120, 0.0),  # subnormal input: DAZ reads 0
+    ("scale", 2.0**-140, 20, 2.0**-120, 2.0**-120, 0.0),
+    ("add", 2.0**-130, MIN, MIN + 2.0**-130, MIN + 2.0**-130, MIN),
+    ("add", -(2.0**-140), 0.0, -(2.0**-140), -0.0, 0.0),  # DAZ: -0 + +0 = +0
+    ("div", 2.0**-140, 0.0, INF, INF, NAN),  # DAZ: 0 / 0
+    ("div", 0.0, 2.0**-140, 0.0, 0.0, NAN),
+    ("mul", INF, 2.0**-140, INF, INF, NAN),  # DAZ: inf * 0
+    ("add", -0.0, -0.0, -0.0, -0.0, -0.0),  # signed zeros
+    ("add", -0.0, 0.0, 0.0, 0.0, 0.0),
+    ("sub", MIN, MIN, 0.0, 0.0, 0.0),
+    ("mul", -0.0, 5.0, -0.0, -0.0, -0.0),
+    ("div", -0.0, -5.0, 0.0, 0.0, 0.0),
+    ("sub", INF, INF, NAN, NAN, NAN),  # inf and nan pass through
+    ("add", NAN, 1.0, NAN, NAN, NAN),
+    ("mul", 0.0, -INF, NAN, NAN, NAN),
+    ("mul", MAX, 2.0, INF, INF, INF),
+    ("div", -1.0, 0.0, -INF, -INF, -INF),
+    ("div", INF, MIN, INF, INF, INF),
+    ("bias_add", -3 * MIN, 2.5 * MIN, -0.5 * MIN, -0.0, -0.0),
+]
+
+
+def _ours(op: str, a: Tensor, b: float, sem: Semantics) -> Tensor:
+    if op == "scale":
+        return ar.scale(a, int(b), sem)
+    return {"add": ar.add, "sub": ar.sub, "mul": ar.mul, "div": ar.div,
+            "bias_add": ar.bias_add}[op](a, torch.tensor([b]), sem)
+
+
+def _plain(op: str, a: Tensor, b: float) -> Tensor:
+    if op == "scale":
+        return a * 2.0 ** int(b)
+    return OP64[op](a, torch.tensor([b]))
+
+
+@pytest.mark.parametrize(("op", "a", "b", "ieee", "ftz", "ftz_daz"), EDGES)
+def test_edge_cases(op, a, b, ieee, ftz, ftz_daz):
+    x = torch.tensor([a])
+    operand = torch.tensor([2.0**b if op == "scale" else b])
+    for sem, expected in zip(SEMANTICS, (ieee, ftz, ftz_daz), strict=True):
+        got = _ours(op, x, b, sem)
+        want = torch.tensor([expected])
+        if np.isnan(expected):
+            assert got.isnan().all(), sem
+        else:
+            assert mismatches(got, want) == 0, (sem, got.item(), expected)
+        ref = x86_reference(OP64[op], x, operand, daz=sem.daz, ftz=sem.flushes)
+        assert mismatches(got, ref) == 0, sem
+    assert mismatches(_ours(op, x, b, IEEE), _plain(op, x, b)) == 0
+    if HAS_FTZ:
+        hw = run_with_hardware_ftz(_plain, op, x, b)
+        assert mismatches(_ours(op, x, b, FTZ_DAZ), hw) == 0
+        if bool((is_normal_or_zero(x) & is_normal_or_zero(operand)).all()):
+            assert mismatches(_ours(op, x, b, TF_GPU), hw) == 0
+
+
+def test_edge_products_are_where_the_comments_say():
+    assert TIE[0] * TIE[1] == MIN * (1 - 2.0**-25)  # exact in float64
+    assert MIN * (1 - 2.0**-24) < BAND[0] * BAND[1] < MIN * (1 - 2.0**-25)
+    assert ENDPOINT[0] * ENDPOINT[1] == MIN * (1 - 2.0**-24)
+    assert all(is_normal_or_zero(torch.tensor([*TIE, *BAND, *ENDPOINT])))
+    for a, b in (BAND, ENDPOINT):  # where(|ieee| < min, 0, ieee) keeps min; x86 and ours flush
+        x, y = torch.tensor([a]), torch.tensor([b])
+        ieee = x * y
+        assert torch.where(ieee.abs() < MIN, ieee * 0, ieee).item() == MIN
+        assert ar.mul(x, y, FTZ_DAZ).item() == 0
+        if HAS_FTZ:
+            assert run_with_hardware_ftz(torch.mul, x, y).item() == 0
+
+
+def test_scale_beyond_the_normal_powers_of_two():
+    """2**exp outside [2**-126, 2**127] is no normal float32 (2**149 overflows, 2**-130 is
+    subnormal, which DAZ would read as zero): scale still rounds the exact product once."""
+    cases = [  # (x, exp, ieee, ftz, ftz_daz)
+        (2.0**-140, 140, 1.0, 1.0, 0.0),  # the 2017 output layer at k = 140; DAZ reads x as 0
+        (3 * 2.0**-149, 149, 3.0, 3.0, 0.0),
+        (2.0**100, -130, 2.0**-30, 2.0**-30, 2.0**-30),
+        (1.0, -130, 2.0**-130, 0.0, 0.0),
+        (-1.5, -150, -(2.0**-149), -0.0, -0.0),  # 0.75 * 2**-149 rounds up to 2**-149
+        (2.0**-20, 128, 2.0**108, 2.0**108, 2.0**108),
+        (1.0, 128, INF, INF, INF),  # overflow
+    ]
+    for x, exp, *expected in cases:
+        for sem, want in zip(SEMANTICS, expected, strict=True):
+            got = ar.scale(torch.tensor([x]), exp, sem)
+            assert mismatches(got, torch.tensor([want])) == 0, (x, exp, sem, got.item())
+    half = Semantics("float16", "ieee")
+    assert ar.scale(torch.tensor([2.0**-20], dtype=torch.float16), 20, half).item() == 1.0
+    assert ar.scale(torch.tensor([1.0], dtype=torch.float16), -24, half).item() == 2.0**-24
+
+
+@hardware
+def test_naive_flush_rule_disagrees_with_hardware_just_below_min():
+    """``where(|ieee| < min, 0, ieee)`` keeps min where x86 flushes, exact results in
+    [min (1 - 2**-24), min (1 - 2**-25)); "exact < min" flushes where x86 rounds up to min,
+    [min (1 - 2**-25), min). Each is a 1/16 slice of [min (1 - 2**-21), min)."""
+    g = torch.Generator().manual_seed(1)
+    n = 3 * N_PAIRS // 2
+    a = _magnitudes(n, g, -100, -1).float()
+    # aim 2**-23 beyond both ends: rounding b moves a product by up to 2**-24 relative
+    t = MIN * (1 + 2.0**-23 - torch.rand(n, generator=g, dtype=torch.float64) * 3 * 2.0**-22)
+    b = (t / a.double()).float()
+    exact = a.double() * b.double()
+    keep = (exact.abs() >= MIN * (1 - 2.0**-21)) & (exact.abs() < MIN)
+    a, b, exact = a[keep], b[keep], exact[keep]
+    hw = run_with_hardware_ftz(torch.mul, a, b)
+    ieee = a * b
+    naive = torch.where(ieee.abs() < MIN, ieee * 0, ieee)
+    exact_rule = torch.where(exact.abs() < MIN, ieee * 0, ieee)
+    assert mismatches(ar.mul(a, b, CPU_FTZ_DAZ), hw) == 0
+    n_naive, n_exact = mismatches(naive, hw), mismatches(exact_rule, hw)
+    print(f"\nproducts with exact value in [min(1-2^-21), min): {len(a):,}; hardware flushed "
+          f"{int((hw == 0).sum()):,}; ours disagrees on 0; where(|ieee|<min) on {n_naive:,} "
+          f"({n_naive / len(a):.2%}); 'exact < min' on {n_exact:,} ({n_exact / len(a):.2%})")
+    assert len(a) >= 10**6
+    assert abs(n_naive / len(a) - 1 / 16) < 0.005
+    assert abs(n_exact / len(a) - 1 / 16) < 0.005
+
+
+# --- properties ---------------------------------------------------------------------------------
+
+any_f32 = st.floats(width=32)
+ELEMENTWISE = {"add": ar.add, "sub": ar.sub, "mul": ar.mul, "div": ar.div}
+
+
+@st.composite
+def near_min_products(draw: st.DrawFn) -> tuple[float, float]:
+    a = draw(st.floats(2.0**-60, 1.0, width=32))
+    t = draw(st.floats(0.25, 2.0)) * MIN * draw(st.sampled_from([1.0, -1.0]))
+    return a, float(np.float32(t / a))
+
+
+@settings(max_examples=300, deadline=None)
+@given(a=any_f32, b=any_f32, op=st.sampled_from(list(ELEMENTWISE)))
+def test_ieee_is_the_plain_op_for_any_float32(a, b, op):
+    x, y = torch.tensor([a]), torch.tensor([b])
+    assert mismatches(ELEMENTWISE[op](x, y, IEEE), OP64[op](x, y)) == 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(a=any_f32, b=any_f32, op=st.sampled_from(list(ELEMENTWISE)))
+def test_ftz_result_is_the_ieee_result_or_its_signed_zero(a, b, op):
+    x, y = torch.tensor([a]), torch.tensor([b])
+    ieee = OP64[op](x, y)
+    got = ELEMENTWISE[op](x, y, TF_GPU)
+    if mismatches(got, ieee):
+        assert got.item() == 0 and ieee.abs().item() <= MIN
+        assert torch.signbit(got) == torch.signbit(ieee)
+
+
+@pytest.mark.skipif(not HAS_FTZ, reason="this CPU has no FTZ/DAZ to compare with")
+@settings(max_examples=300, deadline=None)
+@given(pair=st.one_of(st.tuples(any_f32, any_f32), near_min_products()),
+       op=st.sampled_from(list(ELEMENTWISE)))
+def test_ftz_daz_matches_hardware_for_any_float32(pair, op):
+    x, y = torch.tensor([pair[0]]), torch.tensor([pair[1]])
+    hw = run_with_hardware_ftz(OP64[op], x, y)
+    assert mismatches(ELEMENTWISE[op](x, y, FTZ_DAZ), hw) == 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(a=st.floats(width=16), b=st.floats(width=16), op=st.sampled_from(list(ELEMENTWISE)),
+       fmt=st.sampled_from(["float16", "bfloat16"]))
+def test_narrow_formats_ieee_matches_numpy(a, b, op, fmt):
+    """float16 / bfloat16 go through float64 and round once: compare with numpy / ml_dtypes."""
+    np_dtype = np.float16 if fmt == "float16" else ml_dtypes.bfloat16
+    x, y = np.array([a], np_dtype), np.array([b], np_dtype)
+    ufunc = {"add": np.add, "sub": np.subtract, "mul": np.multiply, "div": np.divide}[op]
+    with np.errstate(all="ignore"):
+        want = ufunc(x, y).astype(np.float64)
+    got = ELEMENTWISE[op](torch.from_numpy(x.astype(np.float64)),
+                          torch.from_numpy(y.astype(np.float64)), Semantics(fmt, "ieee"))
+    assert got.dtype == FORMATS[fmt].dtype
+    np.testing.assert_array_equal(got.double().numpy(), want)
+    assert np.signbit(got.double().numpy()) == np.signbit(want) or np.isnan(want).all()
+
+
+# --- the blog's algebra --------------------------------------------------------------------------
+
+
+def test_blog_distributivity_fails_only_with_ftz_without_daz():
+    a, b, c = (torch.tensor([v]) for v in (0.4 * MIN, 0.5 * MIN, 1 / MIN))
+    assert not is_normal_or_zero(a).any() and not is_normal_or_zero(b).any()
+    results = {}
+    for sem in SEMANTICS:
+        left = ar.mul(ar.add(a, b, sem), c, sem)
+        right = ar.add(ar.mul(a, c, sem), ar.mul(b, c, sem), sem)
+        results[sem.underflow] = (left.item(), right.item())
+    assert results["ieee"][0] == results["ieee"][1] == pytest.approx(0.9, rel=1e-6)
+    assert results["ftz"][0] == 0 and results["ftz"][1] == pytest.approx(0.9, rel=1e-6)
+    assert results["ftz_daz"] == (0.0, 0.0)
+    if HAS_FTZ:
+        assert run_with_hardware_ftz(lambda: ((a + b) * c, a * c + b * c)) == (0.0, 0.0)
+
+
+def test_blog_associativity_fails_under_any_flushing():
+    a, b, c = (torch.tensor([v]) for v in (2.5 * MIN, -1.6 * MIN, MIN))
+    for sem in SEMANTICS:
+        left = ar.add(ar.add(a, b, sem), c, sem).item()
+        right = ar.add(ar.add(b, c, sem), a, sem).item()
+        if sem.flushes:
+            assert (left, right) == (MIN, float(a))
+        else:
+            assert left == right == pytest.approx(1.9 * MIN, rel=1e-6)
+    if HAS_FTZ:
+        hw = run_with_hardware_ftz(lambda: (((a + b) + c).item(), ((b + c) + a).item()))
+        assert hw == (MIN, float(a))
+
+
+# --- formats and semantics ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["float64", "float32", "float16", "bfloat16"])
+def test_format_constants_are_torch_finfo(name):
+    fmt, fi = FORMATS[name], torch.finfo(FORMATS[name].dtype)
+    assert (fmt.bits, fmt.min_normal, fmt.max, fmt.eps) == (fi.bits, fi.smallest_normal, fi.max,
+                                                            fi.eps)
+    smallest = torch.nextafter(torch.zeros(1, dtype=torch.float64),
+                               torch.ones(1, dtype=torch.float64)) if name == "float64" else None
+    sub = torch.tensor([fmt.min_subnormal], dtype=fmt.dtype)
+    assert sub.item() == fmt.min_subnormal > 0
+    assert (sub / 2).item() == 0  # nothing smaller
+    if smallest is not None:
+        assert smallest.item() == fmt.min_subnormal
+    assert fmt.precision == {"float64": 53, "float32": 24, "float16": 11, "bfloat16": 8}[name]
+    assert fmt.normal_gap_ratio == 2 ** (fmt.precision - 1)
+
+
+def test_float32_gap_ratio_and_threshold():
+    f32 = FORMATS["float32"]
+    assert f32.normal_gap_ratio == 2**23  # the blog says 2**20
+    assert f32.min_normal == 2.0**-126 and f32.min_subnormal == 2.0**-149
+    assert f32.tiny_threshold == TIE[0] * TIE[1]
+
+
+def test_bad_names_are_clear_errors():
+    with pytest.raises(ValueError, match="unknown format 'float8'"):
+        ar.get_format("float8")
+    with pytest.raises(ValueError, match="unknown semantics 'TPU'"):
+        ar.get_semantics("TPU")
+    with pytest.raises(ValueError, match="unknown underflow"):
+        Semantics("float32", "flush")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown scope"):
+        Semantics("float32", "ftz", "matmul")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown format"):
+        Semantics("float128")
+    assert ar.get_semantics("TF_GPU") is PRESETS["TF_GPU"] is TF_GPU
+
+
+# --- hardware FTZ helpers -----------------------------------------------------------------------
+
+
+@hardware
+def test_hardware_ftz_context_sets_and_restores():
+    threads = torch.get_num_threads()
+    assert hardware_ftz_coverage() == 0.0
+    with hardware_ftz():
+        assert hardware_ftz_coverage() == 1.0
+        assert torch.get_num_threads() == 1
+    assert hardware_ftz_coverage() == 0.0
+    assert torch.get_num_threads() == threads
+    with pytest.raises(KeyError), hardware_ftz():
+        raise KeyError("boom")
+    assert hardware_ftz_coverage() == 0.0
+    assert torch.get_num_threads() == threads
+
+
+@hardware
+def test_run_with_hardware_ftz_covers_every_thread_and_leaves_caller_alone():
+    threads = torch.get_num_threads()
+    inside = run_with_hardware_ftz(lambda: (torch.get_num_threads(), hardware_ftz_coverage()))
+    assert inside == (threads, 1.0)
+    assert run_with_hardware_ftz(torch.mul, torch.tensor([MIN]), 0.5).item() == 0
+    assert hardware_ftz_coverage() == 0.0
+    with pytest.raises(ZeroDivisionError):
+        run_with_hardware_ftz(lambda: 1 / 0)
+    assert hardware_ftz_coverage() == 0.0
+    assert run_with_hardware_ftz(lambda *a, **k: (a, k), 1, x=2) == ((1,), {"x": 2})
+
+
+@hardware
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="the partial state needs 2 threads")
+def test_coverage_detects_a_flag_set_after_the_thread_pool_exists():
+    """In a fresh interpreter: a parallel op creates the pool, then the flag is set in the
+    main thread only; half the work (2 threads) still keeps subnormals."""
+    code = textwrap.dedent("""
+        import torch
+        from deeplinear.arithmetic import hardware_ftz_coverage, run_with_hardware_ftz
+        torch.set_num_threads(2)
+        before = hardware_ftz_coverage()
+        torch.set_flush_denormal(True)
+        partial = hardware_ftz_coverage()
+        torch.set_flush_denormal(False)
+        print(before, partial, run_with_hardware_ftz(hardware_ftz_coverage))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, check=True).stdout.split()
+    before, partial, fresh = map(float, out)
+    print(f"\ncoverage with 2 threads: before {before}, flag set late {partial}, fresh {fresh}")
+    assert before == 0.0
+    assert 0.0 < partial < 1.0
+    assert fresh == 1.0
+
+
+# --- matmul under scope "all" ---------------------------------------------------------------------
+
+
+def _load_benchmark():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "matmul_ftz_agreement.py"
+    spec = importlib.util.spec_from_file_location("matmul_ftz_agreement", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@hardware
+def test_matmul_agreement_with_hardware_is_measured(capsys):
+    bench = _load_benchmark()
+    assert bench.main(["--small"]) == 0
+    table = capsys.readouterr().out
+    rows, _ = bench.run(small=True)
+    print("\n" + table)
+    for r in rows:
+        assert r.case in table
+        assert 0.0 <= r.bit_identical <= r.equal <= 1.0 and 0.0 <= r.same_zero <= 1.0
+    control = [r for r in rows if r.all_normal]
+    assert control and all(r.bit_identical == 1.0 for r in control)
+    blog = rows[0]  # MKL flushes inside the accumulation: the emulation is a definition
+    assert not blog.all_normal and blog.zero_hardware > blog.zero_emulated
+
+
+def test_matmul_scopes():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(8, 16, generator=g) * 2.0**-63
+    b = torch.randn(16, 8, generator=g) * 2.0**-63
+    a[0, 0] = 2.0**-140  # a subnormal input
+    ieee = a @ b
+    assert mismatches(ar.matmul(a, b, TF_GPU), ieee) == 0  # elementwise scope: cuBLAS keeps all
+    assert mismatches(ar.matmul(a, b, IEEE), ieee) == 0
+    got = ar.matmul(a, b, CPU_FTZ_DAZ)
+    a_daz = torch.where(a.abs() < MIN, a * 0, a)
+    want = a_daz @ b
+    want = torch.where(want.abs() < MIN, want * 0, want)
+    assert mismatches(got, want) == 0
+    assert (got == 0).any() and ((ieee != 0) & (ieee.abs() < MIN)).any()

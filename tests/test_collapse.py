@@ -1,0 +1,61 @@
+"""Acceptance tests of deeplinear.collapse: the single affine map, and the float net's distance."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from deeplinear.arithmetic import CPU_FTZ_DAZ, IEEE, TF_GPU
+from deeplinear.collapse import collapse, collapse_gap
+from deeplinear.nets import DeepLinear
+
+BLOG_SIZES = (784, 512, 512, 10)
+
+
+def float64_forward(net: DeepLinear, x: torch.Tensor) -> torch.Tensor:
+    """The network's definition in float64, where nothing near 2**-125 underflows."""
+    s = 2.0**net.scale_exp
+    ws = [w.detach().double() for w in net.weights]
+    bs = [b.detach().double() for b in net.biases]
+    h = (x.double() @ ws[0] + bs[0]) / s
+    for w, b in zip(ws[1:-1], bs[1:-1], strict=True):
+        h = h @ w + b / s
+    return (h @ ws[-1] + bs[-1] / s) * s
+
+
+@pytest.mark.parametrize("sizes", [(5, 7, 3), (6, 8, 9, 4), (784, 64, 32, 32, 10)])
+def test_collapse_is_the_float64_product(sizes):
+    g = torch.Generator().manual_seed(0)
+    net = DeepLinear(sizes, generator=g)
+    with torch.no_grad():
+        for b in net.biases:
+            b.copy_(torch.randn(b.shape, generator=g))
+    w, b = collapse(net)
+    assert w.dtype == b.dtype == torch.float64
+    assert w.shape == (sizes[0], sizes[-1]) and b.shape == (sizes[-1],)
+    product = functools.reduce(torch.matmul, [p.detach().double() for p in net.weights])
+    torch.testing.assert_close(w, product, rtol=1e-12, atol=0)
+    x = torch.rand(32, sizes[0], generator=g)
+    torch.testing.assert_close(x.double() @ w + b, float64_forward(net, x), rtol=1e-10,
+                               atol=1e-12)
+
+
+@pytest.fixture(scope="module")
+def uniform_inputs() -> torch.Tensor:
+    return torch.rand(256, BLOG_SIZES[0], generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("mode", ["exact", "scaled"])
+def test_collapse_gap_on_the_blog_net(mode, uniform_inputs):
+    gaps = {}
+    for sem in (IEEE, TF_GPU, CPU_FTZ_DAZ):
+        net = DeepLinear(BLOG_SIZES, semantics=sem, generator=torch.Generator().manual_seed(0))
+        gaps[sem.underflow] = collapse_gap(net, uniform_inputs, mode)
+        print(f"\n{mode}, {sem.underflow}/{sem.scope}: {gaps[sem.underflow].as_dict()}")
+    assert gaps["ieee"].relative < 1e-5
+    assert gaps["ieee"].argmax_agreement == 1.0
+    assert gaps["ftz"].relative > 0.05
+    assert gaps["ftz_daz"].relative > 0.05
+    assert set(gaps["ieee"].as_dict()) == {"relative", "max_abs", "argmax_agreement"}
