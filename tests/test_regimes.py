@@ -1,0 +1,243 @@
+"""regimes: each implicit activation against its exact float operations, the FTZ/IEEE facts,
+DeepLinear built under a regime, and the hardware report on this machine."""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+
+import pytest
+import torch
+
+from deeplinear import regimes as rg
+from deeplinear.arithmetic import FORMATS, IEEE, TF_GPU
+from deeplinear.collapse import collapse_gap
+from deeplinear.nets import DeepLinear
+from deeplinear.regimes import KINDS, Regime
+from deeplinear.surrogate import make_under
+
+FORMAT_NAMES = ("float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2", "float64")
+X86 = platform.machine().lower() in ("x86_64", "amd64")
+
+
+def phi(t: float) -> float:
+    return math.exp(-t * t / 2) / math.sqrt(2 * math.pi)
+
+
+def dead_zone_theory(t: float) -> tuple[float, float]:
+    """For z ~ N(0,1) and f(z) = z 1{|z| >= t}: P(|z| < t) and 1 - R^2 of the best linear fit.
+
+    The slope is a = E[z f] = 1 - E[z^2; |z| < t], Var f = a, so 1 - R^2 = 1 - a."""
+    inside = math.erf(t / math.sqrt(2))
+    return inside, inside - 2 * t * phi(t)
+
+
+def edge_values(r: Regime) -> torch.Tensor:
+    """Values at and around each regime's thresholds, ties and clamp levels, both signs."""
+    t, e = r.threshold, r.extent
+    base = [0.0, t, t / 2, 3 * t / 2, 2 * t, t / 4, e, e / 2, 1.0, 3.0, 1e-30]
+    x = torch.tensor(base, dtype=torch.float32)
+    x = torch.cat([x, torch.nextafter(x, torch.tensor(math.inf)),
+                   torch.nextafter(x, torch.tensor(-math.inf))])
+    return torch.cat([x, -x])
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    both_nan = a.isnan() & b.isnan()
+    return bool(((a.view(torch.int32) == b.view(torch.int32)) | both_nan).all())
+
+
+# --- the function, twice -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("fmt", FORMAT_NAMES)
+def test_activation_is_bit_identical_to_the_exact_float_ops(kind: str, fmt: str) -> None:
+    z = rg.normal_sample(1 << 13, seed=1) * 2
+    for k in rg.default_sweep(kind, fmt):
+        r = Regime(kind, k, fmt)  # type: ignore[arg-type]
+        u = torch.cat([z, edge_values(r)])
+        assert same_bits(r.activation(u), r.exact(u)), r.label
+
+
+def test_closed_forms() -> None:
+    u = rg.normal_sample(1 << 14, seed=2) * 3
+    # absorption: for 0 <= u < c, (u + c) - c is u rounded half-even to the ulp of c
+    for fmt, j in (("float32", 22), ("float16", 9), ("bfloat16", 6)):
+        r = Regime("absorption", j, fmt)
+        v = u.abs()
+        want = torch.round(v.double() / r.threshold) * r.threshold
+        if fmt != "float32":  # the input is first rounded to the format
+            want = torch.round(rg.fm.round_to(v, fmt).double() / r.threshold) * r.threshold
+        assert torch.equal(r.activation(v).double(), want)
+    # staircase at k = 149 rounds every N(0,1) value to an integer (|u| < 2^23)
+    s = Regime("subnormal-staircase", 149).activation(u)
+    assert torch.equal(s, torch.round(u))
+    # float32 saturation is a clamp at max 2^-k
+    m = FORMATS["float32"].max * 2.0**-128
+    assert torch.equal(Regime("saturation", 128).activation(u), u.clamp(-m, m))
+    # float8_e4m3fn saturation clamps at 448 2^-8 = 1.75 and keeps 4 significant bits
+    q = Regime("saturation", 8, "float8_e4m3fn").activation(u)
+    assert q.abs().max() == 1.75 and torch.unique(q).numel() <= 253
+
+
+def test_float32_facts_on_normal_inputs() -> None:
+    z = rg.normal_sample(1 << 18, seed=3)
+    for k, t in ((125, 0.5), (126, 1.0)):
+        s = rg.strength(Regime("ftz-deadzone", k), z)
+        inside, resid = dead_zone_theory(t)
+        assert s.threshold == t
+        assert abs(s.zeroed - inside) < 0.005 and abs(s.residual - resid) < 0.004
+    assert round(dead_zone_theory(0.5)[0], 2) == 0.38 and round(dead_zone_theory(1)[0], 2) == 0.68
+    assert round(dead_zone_theory(0.5)[1], 3) == 0.031 and round(dead_zone_theory(1)[1], 3) == 0.199
+    weak = rg.strength(Regime("subnormal-staircase", 125), z)
+    assert weak.max_error <= 2.0**-25 and weak.residual < 1e-12 and weak.zeroed == 0
+    strong = rg.sweep("subnormal-staircase", params=[141, 145, 149], z=z)
+    for s, half_step in zip(strong, (2.0**-9, 2.0**-5, 0.5), strict=True):
+        assert 0.99 * half_step < s.max_error <= half_step
+    assert strong[0].residual < 1e-5 < strong[1].residual < 1e-3 < 0.05 < strong[2].residual
+
+
+def test_strength_grows_with_the_parameter() -> None:
+    z = rg.normal_sample(1 << 15, seed=4)
+    for kind in KINDS:
+        rows = rg.sweep(kind, "float16", z=z)
+        res = [s.residual for s in rows]
+        assert res[-1] > 0.05 and res[0] < 0.01, (kind, res)
+        text = rg.format_sweep(rows)
+        assert len(text.splitlines()) == len(rows) + 1 and rows[0].regime in text
+
+
+def test_regime_parameters_and_errors() -> None:
+    assert Regime.parse("ftz-deadzone").param == 125
+    assert Regime.parse("subnormal-staircase").param == 149
+    assert Regime.parse("absorption", "float16") == Regime("absorption", 9, "float16")
+    assert Regime.parse("saturation:8", "float8_e4m3fn").threshold == 1.75
+    assert Regime("ftz-deadzone", 125).semantics == TF_GPU
+    assert Regime("saturation", 8, "float8_e4m3fn").semantics.saturates
+    with pytest.raises(ValueError, match="unknown regime"):
+        Regime.parse("relu")
+    with pytest.raises(ValueError, match="KIND:INTEGER"):
+        Regime.parse("ftz-deadzone:1.5")
+    with pytest.raises(ValueError, match="normal float32"):
+        Regime("ftz-deadzone", 300)
+    with pytest.raises(ValueError, match="normal float16"):
+        Regime("absorption", 16, "float16")
+    with pytest.raises(ValueError, match="integer exponent"):
+        Regime("ftz-deadzone", 125.0)  # type: ignore[arg-type]
+
+
+def test_rounding_activations_have_zero_derivative_and_ste_passes_through() -> None:
+    u = torch.randn(64, requires_grad=True)
+    r = Regime("absorption", 9, "float16")
+    r.activation(u).sum().backward()
+    assert torch.equal(u.grad, torch.zeros(64))
+    u.grad = None
+    net = DeepLinear([8, 16, 4], regime=r, generator=torch.Generator().manual_seed(0))
+    net(torch.randn(32, 8), under=make_under(net, "ste")).square().sum().backward()
+    assert all(w.grad is not None and w.grad.abs().sum() > 0 for w in net.weights)
+
+
+# --- DeepLinear under a regime -------------------------------------------------------------------
+
+def test_default_net_is_unchanged_and_native_regimes_are_the_2017_layout() -> None:
+    x = torch.randn(64, 32, generator=torch.Generator().manual_seed(5))
+    for regime, sem in ((Regime("ftz-deadzone", 125), TF_GPU),
+                        (Regime("subnormal-staircase", 140), IEEE)):
+        base = DeepLinear([32, 48, 48, 10], scale_exp=regime.param, semantics=sem,
+                          generator=torch.Generator().manual_seed(6))
+        net = DeepLinear([32, 48, 48, 10], regime=regime,
+                         generator=torch.Generator().manual_seed(6))
+        assert net.regime is None and base.regime is None
+        assert (net.scale_exp, net.semantics, net.threshold) == (base.scale_exp, sem,
+                                                                 base.threshold)
+        for mode in ("scaled", "exact"):
+            assert torch.equal(net(x, mode), base(x, mode))
+        assert torch.equal(net.under()(x), regime.activation(x))
+
+
+@pytest.mark.parametrize("regime", [Regime("absorption", 9, "float16"),
+                                    Regime("absorption", 2, "float8_e4m3fn"),
+                                    Regime("saturation", 127),
+                                    Regime("saturation", 8, "float8_e4m3fn"),
+                                    Regime("ftz-deadzone", 13, "float16")],
+                         ids=lambda r: r.label)
+def test_regime_net_scaled_mode_equals_its_exact_float_ops(regime: Regime) -> None:
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(128, 32, generator=g)
+    net = DeepLinear([32, 64, 64, 10], regime=regime, generator=g)
+    with torch.no_grad():
+        for b in net.biases:
+            b.normal_(0, 0.3, generator=g)
+    assert net.regime == regime and net.threshold == regime.threshold
+    assert net.semantics == IEEE and net.scale_exp == regime.scale_exp
+    assert torch.equal(net(x, "scaled"), net(x, "exact"))
+    assert collapse_gap(net, x, "exact").relative > 1e-3  # the regime is doing real work
+
+
+def test_regime_and_scale_together_is_an_error() -> None:
+    with pytest.raises(ValueError, match="not both"):
+        DeepLinear([4, 8, 2], scale_exp=126, regime=Regime("ftz-deadzone", 125))
+
+
+def test_plot_sweeps_writes_a_png(tmp_path) -> None:
+    z = rg.normal_sample(1 << 12)
+    path = rg.plot_sweeps(tmp_path / "r.png", {k: rg.sweep(k, z=z)[:3] for k in KINDS[:2]})
+    assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+# --- hardware ------------------------------------------------------------------------------------
+
+def test_hardware_report_on_this_machine() -> None:
+    rows = rg.hardware_report(cuda=False, jax=False)
+    got = {(r.backend.split()[0], r.setting, r.op): r.observed for r in rows}
+    text = rg.format_hardware_report(rows)
+    assert len(text.splitlines()) == len(rows) + 1
+    scale = "x * 2^-125 (elementwise)"
+    assert got[("torch", "default", scale)] == "subnormal-staircase"  # PyTorch CPU keeps them
+    assert got[("numpy", "default", scale)] == "subnormal-staircase"
+    assert got[("torch", "default", "(x + 2^9) - 2^9 in float16")] == "absorption"
+    assert got[("torch", "default", "x * 2^127 in float32")] == "inf"
+    if X86:
+        ftz = "FTZ+DAZ (run_with_hardware_ftz)"
+        assert got[("torch", ftz, scale)] == "ftz-deadzone"
+        assert got[("torch", ftz, "matmul, subnormal products")] == "ftz-deadzone"
+        assert got[("torch", ftz, "matmul, subnormal inputs")] == "read as zero (DAZ)"
+    e4m3 = got[("torch", "default", "x * 2^8 cast to float8_e4m3fn")]
+    assert e4m3 in ("saturation", "NaN")  # torch 2.13 saturates; older versions give NaN
+
+
+# --- deeplinear probe --regime / --format --------------------------------------------------------
+
+def test_cli_probe_regime(capsys, tmp_path) -> None:
+    from deeplinear.cli import main
+
+    assert main(["probe", "--regime", "ftz-deadzone:125", "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)["sweeps"]["ftz-deadzone"]
+    assert row["threshold"] == 0.5 and abs(row["zeroed"] - 0.383) < 0.005
+    path = tmp_path / "a.png"
+    assert main(["probe", "--format", "float16", "--regime", "absorption:9", "--plot",
+                 str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "absorption:9 (float16)" in out and path.read_bytes()[:4] == b"\x89PNG"
+    assert main(["probe", "--regime", "relu"]) == 2
+    assert "unknown regime" in capsys.readouterr().err
+
+
+# --- the exploitability study (smoke budget: structure, not accuracy) ---------------------------
+
+def test_study_smoke() -> None:
+    regimes = (Regime("ftz-deadzone", 125), Regime("absorption", 9, "float16"))
+    r = rg.study("spirals", regimes, budget="smoke", n_train=200, n_test=100)
+    assert [(row["regime"], row["method"]) for row in r["rows"]] == [
+        (reg.label, m) for reg in regimes for m in ("OpenAI-ES", "float-aware backprop")]
+    assert set(r["baselines"]) == {"softmax regression", "ReLU MLP"}
+    for row in r["rows"]:
+        assert 0 <= row["test_acc"] <= 1 and 0 <= row["collapsed_acc"] <= 1
+        assert row["test_acc"] == row["scaled_acc"] or row["regime"].startswith("ftz")
+    table = rg.format_study(r)
+    assert all(f"| {reg.label} |" in table for reg in regimes)
+    assert rg.float_aware_surrogate(regimes[0]) == "exact"
+    assert rg.float_aware_surrogate(regimes[1]) == "ste"
+    with pytest.raises(ValueError, match="unknown budget"):
+        rg.study("spirals", regimes, budget="huge")
