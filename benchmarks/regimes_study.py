@@ -17,13 +17,14 @@ import time
 from pathlib import Path
 
 from deeplinear.nets import parse_sizes
-from deeplinear.regimes import STUDY_BUDGETS, STUDY_REGIMES, Regime, format_study, study
+from deeplinear.regimes import STUDY_REGIMES, Regime, format_study, study
+from deeplinear.reproduce import BUDGETS
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dataset", default="spirals")
-    p.add_argument("--budget", default="quick", choices=list(STUDY_BUDGETS))
+    p.add_argument("--budget", default="quick", choices=list(BUDGETS))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sizes", default=None, help="layer widths (default: in,64,64,out; 256 wide "
                                                  "for >= 64 features)")

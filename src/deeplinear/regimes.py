@@ -599,18 +599,6 @@ STUDY_REGIMES: tuple[Regime, ...] = (
 )
 
 
-@dataclass(frozen=True)
-class StudyBudget:
-    backprop_steps: int
-    es_steps: int
-    es_pop: int
-
-
-STUDY_BUDGETS = {
-    "smoke": StudyBudget(backprop_steps=20, es_steps=4, es_pop=8),
-    "quick": StudyBudget(backprop_steps=1500, es_steps=400, es_pop=200),
-    "full": StudyBudget(backprop_steps=20000, es_steps=3000, es_pop=500),
-}
 
 
 def float_aware_surrogate(regime: Regime) -> str:
@@ -639,11 +627,12 @@ def study(dataset: str = "spirals", regimes: Sequence[Regime] = STUDY_REGIMES,
     from deeplinear.collapse import collapse
     from deeplinear.data import load_dataset
     from deeplinear.nets import MLP, DeepLinear, SoftmaxRegression
+    from deeplinear.reproduce import BUDGETS  # one budget table for every reproduction
     from deeplinear.train import backprop, es
 
-    if budget not in STUDY_BUDGETS:
-        raise ValueError(f"unknown budget {budget!r}; use {', '.join(STUDY_BUDGETS)}")
-    b = STUDY_BUDGETS[budget]
+    if budget not in BUDGETS:
+        raise ValueError(f"unknown budget {budget!r}; use {', '.join(BUDGETS)}")
+    b = BUDGETS[budget]
     data = load_dataset(dataset, data_dir=data_dir, seed=seed, n_train=n_train, n_test=n_test)
     width = 256 if data.n_features >= 64 else 64
     sizes = list(sizes) if sizes else [data.n_features, width, width, data.n_classes]

@@ -1,0 +1,123 @@
+"""``deeplinear eval``: exact-mode test accuracy of trained weights (a ``final.pt``).
+
+For a deep linear net, the weights run in real float32 under the named semantics (``all``: its own,
+every preset and the collapsed affine map). Baselines (softmax, MLP) run in plain float32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from deeplinear.arithmetic import PRESETS, Semantics, get_semantics
+from deeplinear.cli.train import build_model, format_results
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "eval", help="exact-mode accuracy of trained weights under each float semantics",
+        description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("weights", metavar="WEIGHTS", help="a final.pt, or the run directory holding it")
+    p.add_argument("--semantics", default="all",
+                   help=f"{' | '.join(PRESETS)} | all (default all: own, presets, collapsed)")
+    p.add_argument("--dataset", default=None, help="default: the dataset the run trained on")
+    p.add_argument("--data-dir", default=None, help="directory with the MNIST-format IDX files")
+    p.add_argument("--n-test", type=int, default=None,
+                   help="random subset of the test split (default: as trained, else all)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=run)
+
+
+def load_final(path: str | Path) -> dict[str, Any]:
+    """A ``final.pt`` payload, checked: readable, complete, finite weights."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "final.pt"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file; pass a run's final.pt (train it first)")
+    try:
+        payload = torch.load(path, weights_only=False, map_location="cpu")
+    except (pickle.UnpicklingError, EOFError, RuntimeError, zipfile.BadZipFile,
+            AttributeError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: corrupt or not a deeplinear final.pt ({first}); "
+                         "retrain or pass the right file") from None
+    missing = [k for k in ("state_dict", "model")
+               if not isinstance(payload, dict) or k not in payload]
+    if missing:
+        raise ValueError(f"{path}: not a deeplinear final.pt (missing {', '.join(missing)}); "
+                         "pass the final.pt that deeplinear train wrote")
+    bad = [k for k, v in payload["state_dict"].items()
+           if torch.is_floating_point(v) and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(f"{path}: non-finite weights in {', '.join(bad)}; the run diverged, "
+                         "retrain with a lower --lr")
+    return payload
+
+
+def rebuild(payload: dict[str, Any]) -> torch.nn.Module:
+    spec = payload["model"]
+    sem = Semantics(**payload["semantics"]) if payload.get("semantics") else None
+    model = build_model(spec["kind"], spec["sizes"], spec.get("scale_exp", 125), sem)
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except RuntimeError as e:
+        raise ValueError(f"weights do not fit a {spec['kind']} {spec['sizes']}: "
+                         f"{str(e).splitlines()[0]}") from None
+    return model
+
+
+def evaluate_payload(payload: dict[str, Any], semantics: str, dataset: str | None = None,
+                     data_dir: str | None = None, n_test: int | None = None) -> dict[str, Any]:
+    from deeplinear import evaluate
+    from deeplinear.data import load_dataset
+    from deeplinear.nets import DeepLinear
+    from deeplinear.train.backprop import io_sizes
+
+    spec = payload.get("data", {})
+    name = dataset or spec.get("name")
+    if name is None:
+        raise ValueError("the weights do not say which dataset they trained on; pass --dataset")
+    if name != spec.get("name"):
+        spec = {}  # another dataset: none of the run's data settings apply
+    data = load_dataset(name, data_dir=data_dir or spec.get("data_dir"), seed=spec.get("seed", 0),
+                        n_train=spec.get("n_train"),
+                        n_test=n_test if n_test is not None else spec.get("n_test"))
+    model = rebuild(payload)
+    n_in = io_sizes(model)[0]
+    if n_in != data.n_features:
+        raise ValueError(f"the weights take {n_in} features but {name} has {data.n_features}; "
+                         "pass the dataset they were trained on")
+    if not isinstance(model, DeepLinear):
+        return {"test_acc": {"float32": evaluate.accuracy(model, data.x_test, data.y_test)},
+                "dataset": name, "n_test": len(data.y_test)}
+    if semantics == "all":
+        res = evaluate.portability(model, data)
+    else:
+        model.semantics = get_semantics(semantics)
+        acc = evaluate.accuracy(model, data.x_test, data.y_test, "exact")
+        res = {"test_acc": {semantics: acc}, "n_test": len(data.y_test)}
+    res["dataset"] = name
+    return res
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.semantics != "all":
+        get_semantics(args.semantics)  # one-line error naming the choices
+    payload = load_final(args.weights)
+    res = evaluate_payload(payload, args.semantics, args.dataset, args.data_dir, args.n_test)
+    if args.json:
+        print(json.dumps(res, indent=1))
+    else:
+        spec = payload["model"]
+        print(f"{spec['kind']} {'-'.join(map(str, spec['sizes']))} trained by "
+              f"{payload.get('method', '?')}; {res['dataset']} test set ({res['n_test']}), "
+              "exact mode")
+        print(format_results(res))
+    return 0

@@ -1,0 +1,63 @@
+"""``deeplinear reproduce``: the 2017 result and beyond, on built-in data by default."""
+
+from __future__ import annotations
+
+import argparse
+
+from deeplinear.arithmetic import get_semantics
+from deeplinear.data import DATASETS
+from deeplinear.reproduce import BUDGETS, DEFAULT_DATASETS, reproduce
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("reproduce", help="train every method, evaluate in true float32, report",
+                       description=__doc__)
+    p.add_argument("--dataset", default=",".join(DEFAULT_DATASETS),
+                   help=f"comma-separated, from {', '.join(DATASETS)} (default: %(default)s)")
+    p.add_argument("--budget", default="quick", choices=sorted(BUDGETS))
+    p.add_argument("--out", default="runs/reproduce", help="output directory")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-dir", default=None, help="directory holding the IDX files")
+    p.add_argument("--semantics", default="TF_GPU", help="the deep linear nets' semantics")
+    p.add_argument("--study", default="methods", choices=["methods", "regimes"],
+                   help="methods: the 2017 table (default); regimes: every float nonlinearity "
+                        "(FTZ dead zone, subnormal staircase, absorption, saturation) x ES and "
+                        "float-aware backprop")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a killed reproduction: reuse finished methods, resume the rest")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    datasets = tuple(d.strip() for d in args.dataset.split(",") if d.strip())
+    unknown = [d for d in datasets if d not in DATASETS]
+    if unknown or not datasets:
+        raise ValueError(f"unknown dataset {', '.join(unknown) or '(none)'}; "
+                         f"choose from {', '.join(DATASETS)}")
+    if args.study == "regimes":
+        return run_regimes_study(datasets, args)
+    reproduce(datasets, args.budget, args.out, args.seed, args.data_dir, args.resume,
+              get_semantics(args.semantics))
+    print(f"wrote {args.out}/results.json, report.md, report.html")
+    return 0
+
+
+def run_regimes_study(datasets: tuple[str, ...], args: argparse.Namespace) -> int:
+    """Write ``regimes_<dataset>.json`` and ``regimes.md`` (the regime x method table)."""
+    import json
+    from pathlib import Path
+
+    from deeplinear.regimes import format_study, study
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tables = []
+    for name in datasets:
+        result = study(name, budget=args.budget, seed=args.seed, data_dir=args.data_dir,
+                       progress=True)
+        (out / f"regimes_{name}.json").write_text(json.dumps(result, indent=1))
+        tables.append(format_study(result))
+    (out / "regimes.md").write_text("# Regimes study\n\n" + "\n\n".join(tables) + "\n")
+    print("\n\n".join(tables))
+    print(f"wrote {out}/regimes.md")
+    return 0

@@ -1,0 +1,231 @@
+"""``deeplinear train``: train one model by one method into a resumable run directory.
+
+Methods: ``backprop`` (float-blind for a deep linear net: the 2017 baseline), ``float-aware``
+(backprop through the real underflow rule with a surrogate gradient) and ``es`` (OpenAI-ES, module
+``deeplinear.train.es``). Hyperparameter flags left out keep the trainer's ``Config`` defaults; a
+flag the chosen trainer has no field for is an error, so nothing is silently ignored.
+
+The run directory gets ``config.json``, ``metrics.jsonl``, ``checkpoint.pt`` and, at the end,
+``final.pt`` with the weights, how to rebuild the model, and its exact-mode accuracies (for a deep
+linear net: under its own semantics, every preset and its collapsed affine map).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from torch import nn
+
+from deeplinear.arithmetic import PRESETS, get_semantics
+
+MODELS = ("deeplinear", "mlp", "softmax")
+METHODS = ("backprop", "float-aware", "es")
+SURROGATES = ("exact", "ste", "smooth")
+DEFAULT_SURROGATE = "smooth"
+# CLI flag (argparse dest) -> trainer Config field, for the flags passed through generically
+TRAINER_FLAGS = {
+    "steps": "steps", "batch_size": "batch_size", "lr": "lr", "weight_decay": "weight_decay",
+    "schedule": "schedule", "init_gain": "init_gain", "tau": "tau", "eval_every": "eval_every",
+    "checkpoint_every": "checkpoint_every", "eval_n": "eval_n", "pop": "pop", "sigma": "sigma",
+    "perturbation": "perturbation", "rank": "rank", "threads": "threads",
+}
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train", help="train a deep linear net (or a baseline) into a run directory",
+        description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--model", choices=MODELS, default="deeplinear")
+    p.add_argument("--method", choices=METHODS, default="float-aware",
+                   help="backprop (float-blind for deeplinear), float-aware, or es")
+    p.add_argument("--surrogate", choices=SURROGATES, default=None,
+                   help=f"float-aware gradient of the underflow (default {DEFAULT_SURROGATE})")
+    p.add_argument("--dataset", required=True, help="spirals, rings, checkerboard, parity, "
+                   "digits, mnist, fashion-mnist or kmnist")
+    p.add_argument("--data-dir", default=None, help="directory with the MNIST-format IDX files")
+    p.add_argument("--data-seed", type=int, default=0,
+                   help="seed of synthetic data and of --n-train/--n-test subsets (default 0)")
+    p.add_argument("--n-train", type=int, default=None, help="random subset of the train split")
+    p.add_argument("--n-test", type=int, default=None, help="random subset of the test split")
+    p.add_argument("--sizes", default=None,
+                   help="layer widths, input first, e.g. 784,512,512,10 (default: two hidden "
+                        "layers sized for the dataset)")
+    p.add_argument("--semantics", default="TF_GPU", choices=list(PRESETS),
+                   help="float semantics of a deep linear net (default TF_GPU)")
+    p.add_argument("--scale-exp", type=int, default=125, help="the scale 2^k (default 125)")
+    p.add_argument("--seed", type=int, default=0, help="seed of init, batches and noise")
+    p.add_argument("--out", default=None, help="run directory (default runs/train/<name>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    t = p.add_argument_group("trainer settings (default: the trainer's Config)")
+    t.add_argument("--steps", type=int, help="optimisation steps (es: generations)")
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--lr", type=float)
+    t.add_argument("--weight-decay", type=float, help="backprop only (decoupled, AdamW)")
+    t.add_argument("--schedule", help="backprop only: cosine | step | constant")
+    t.add_argument("--init-gain", type=float,
+                   help="deep linear: pre-activation std at init, in dead-zone half-widths")
+    t.add_argument("--tau", type=float, help="smooth surrogate width, in half-widths")
+    t.add_argument("--eval-every", type=int)
+    t.add_argument("--checkpoint-every", type=int)
+    t.add_argument("--eval-n", type=int, help="samples per split scored at each evaluation")
+    t.add_argument("--pop", type=int, help="es only: population")
+    t.add_argument("--sigma", type=float, help="es only: noise scale")
+    t.add_argument("--perturbation", help="es only: full | lowrank")
+    t.add_argument("--rank", type=int, help="es only: rank of lowrank perturbations")
+    t.add_argument("--threads", type=int, help="es only: torch threads")
+    d = p.add_argument_group("where es evaluates its population (deeplinear.distributed)")
+    d.add_argument("--backend", default="local", help="local (default) | ray: Ray workers")
+    d.add_argument("--ray-address", default=None, metavar="auto|HOST:PORT",
+                   help="ray: join this cluster (default: start Ray on this machine)")
+    d.add_argument("--workers", type=int, default=None,
+                   help="ray: worker actors (default: the cluster's CPUs // --threads)")
+    p.set_defaults(func=run)
+
+
+def trainer_module(method: str) -> ModuleType:
+    """``deeplinear.train.es`` for es, else ``deeplinear.train.backprop`` (imported lazily)."""
+    name = "es" if method == "es" else "backprop"
+    try:
+        return importlib.import_module(f"deeplinear.train.{name}")
+    except ModuleNotFoundError as e:
+        if e.name != f"deeplinear.train.{name}":
+            raise
+        raise ValueError(f"--method {method} is not available in this installation "
+                         f"(no deeplinear.train.{name})") from None
+
+
+def check_method(model: str, method: str, surrogate: str | None) -> str:
+    """The surrogate to train with (``blind`` for plain backprop); one-line error if impossible."""
+    if method != "backprop" and model != "deeplinear":
+        raise ValueError(f"--method {method} needs --model deeplinear ({model} has no underflow "
+                         "to exploit); use --method backprop")
+    if surrogate is not None and method != "float-aware":
+        raise ValueError(f"--surrogate applies to --method float-aware only, not {method}")
+    if method == "float-aware":
+        return surrogate or DEFAULT_SURROGATE
+    return "blind"
+
+
+def make_config(trainer: ModuleType, args: argparse.Namespace, surrogate: str) -> Any:
+    """The trainer's Config from the flags given; a flag it has no field for is an error."""
+    fields = {f.name for f in dataclasses.fields(trainer.Config)}
+    values: dict[str, Any] = {"seed": args.seed}
+    for dest, field in TRAINER_FLAGS.items():
+        value = getattr(args, dest)
+        if value is None:
+            continue
+        if field not in fields:
+            raise ValueError(f"--{dest.replace('_', '-')} does not apply to --method "
+                             f"{args.method}; drop it")
+        values[field] = value
+    if "surrogate" in fields:
+        values["surrogate"] = surrogate
+    cfg = trainer.Config(**values)
+    cfg.validate()
+    return cfg
+
+
+def resolve_sizes(args: argparse.Namespace, n_features: int, n_classes: int,
+                  dataset: str) -> list[int]:
+    from deeplinear.nets import parse_sizes
+
+    if args.sizes is None:
+        if args.model == "softmax":
+            return [n_features, n_classes]
+        hidden = 512 if n_features >= 784 else (256 if n_features >= 64 else 64)
+        return [n_features, hidden, hidden, n_classes]
+    sizes = parse_sizes(args.sizes)
+    if sizes[0] != n_features or sizes[-1] != n_classes:
+        raise ValueError(f"--sizes {args.sizes} must start with {n_features} (the features of "
+                         f"{dataset}) and end with {n_classes} (its classes)")
+    if args.model == "softmax" and len(sizes) != 2:
+        raise ValueError(f"softmax regression has no hidden layer: use --sizes "
+                         f"{n_features},{n_classes}")
+    if args.model == "deeplinear" and len(sizes) < 3:
+        raise ValueError("a deep linear net needs at least one hidden layer, e.g. --sizes "
+                         f"{n_features},64,{n_classes}")
+    return sizes
+
+
+def build_model(kind: str, sizes: list[int], scale_exp: int = 125, semantics: Any = None,
+                seed: int = 0) -> nn.Module:
+    """A fresh model whose initial weights depend only on ``seed``."""
+    import torch
+
+    from deeplinear.nets import MLP, DeepLinear, SoftmaxRegression
+
+    torch.manual_seed(seed)  # nn.Linear's init draws from the global generator
+    if kind == "deeplinear":
+        return DeepLinear(sizes, scale_exp, semantics or PRESETS["TF_GPU"],
+                          generator=torch.Generator().manual_seed(seed))
+    if kind == "mlp":
+        return MLP(sizes)
+    if kind == "softmax":
+        return SoftmaxRegression(sizes[0], sizes[-1])
+    raise ValueError(f"unknown model {kind!r}; use {', '.join(MODELS)}")
+
+
+def final_results(model: nn.Module, data: Any) -> dict[str, Any]:
+    """Exact-mode accuracies of the trained model (portability table for a deep linear net)."""
+    from deeplinear import evaluate
+    from deeplinear.nets import DeepLinear
+
+    if isinstance(model, DeepLinear):
+        return evaluate.portability(model, data)
+    return {"test_acc": {"float32": evaluate.accuracy(model, data.x_test, data.y_test)}}
+
+
+def format_results(results: dict[str, Any]) -> str:
+    own = results.get("own")
+    lines = [f"{'evaluated under':<16} {'test acc':>8}"]
+    for name, acc in results["test_acc"].items():
+        mark = "  (own semantics)" if name == own else ""
+        lines.append(f"{name:<16} {100 * acc:7.2f}%{mark}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from deeplinear.data import load_dataset
+    from deeplinear.runs import Run
+
+    surrogate = check_method(args.model, args.method, args.surrogate)
+    trainer = trainer_module(args.method)
+    cfg = make_config(trainer, args, surrogate)
+    semantics = get_semantics(args.semantics)
+    data = load_dataset(args.dataset, data_dir=args.data_dir, seed=args.data_seed,
+                        n_train=args.n_train, n_test=args.n_test)
+    sizes = resolve_sizes(args, data.n_features, data.n_classes, args.dataset)
+    model = build_model(args.model, sizes, args.scale_exp, semantics, args.seed)
+    data_spec = {"name": args.dataset, "data_dir": args.data_dir, "seed": args.data_seed,
+                 "n_train": args.n_train, "n_test": args.n_test}
+    config = {"model": {"kind": args.model, "sizes": sizes, "scale_exp": args.scale_exp},
+              "semantics": args.semantics, "method": args.method, "data": data_spec,
+              "trainer": dataclasses.asdict(cfg)}
+    out = Path(args.out) if args.out else Path(
+        "runs", "train", f"{args.dataset}_{args.model}_{args.method}_seed{args.seed}")
+    run_dir = Run.open(out, config, resume=args.resume)
+    if args.resume:
+        print(f"resuming {out} from step {run_dir.resumed_state['step']}", file=sys.stderr)
+    from deeplinear.distributed import backend
+
+    with backend(args.backend, model, data, cfg, method=args.method, workers=args.workers,
+                 address=args.ray_address) as extra:
+        rows = trainer.train(model, data, cfg, run=run_dir, progress=not args.quiet, **extra)
+    results = final_results(model, data)
+    run_dir.save_final({
+        "state_dict": model.state_dict(), "model": config["model"],
+        "semantics": dataclasses.asdict(semantics), "method": args.method,
+        "surrogate": surrogate, "data": data_spec, "results": results,
+        "wall_s": rows[-1]["wall_s"] if rows else 0.0,
+    })
+    print(f"{args.method} {args.model} {'-'.join(map(str, sizes))} on {args.dataset}: "
+          f"{cfg.steps} steps, {rows[-1]['wall_s'] if rows else 0:.1f} s; run in {out}")
+    print(format_results(results))
+    return 0

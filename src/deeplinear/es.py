@@ -1,0 +1,430 @@
+"""OpenAI-ES (Salimans et al. 2017) as explicit ``init`` / ``ask`` / ``tell`` over a small state.
+
+Why ES: the network's only nonlinearity is the underflow rule, a dead zone whose derivative is zero
+almost everywhere and which jumps at the threshold; backprop cannot see the jump, a search
+distribution smooths it. The strategy is the textbook one: antithetic pairs, centred-rank fitness
+shaping, Adam on the gradient estimate, decoupled L2 weight decay (``theta *= 1 - lr * wd`` per
+generation, as AdamW: its strength does not depend on the scale of the noisy estimate), and
+schedules ``max(sigma_min, sigma * sigma_decay**g)`` (likewise for ``lr``) that are
+pure functions of the generation ``g``.
+
+Coordinates. The strategy works in *normalised* coordinates ``theta' = theta / scale``, one scale
+per parameter from the :class:`Layout`: with ``sigma_scale='fan_in'`` a weight matrix gets
+``1/sqrt(fan_in)`` and a bias 1, so ``sigma`` is the std of each layer's pre-activation change (in
+the scaled units the dead zone lives in, half-width ``net.threshold``) for inputs of unit rms,
+whatever the layer's width; a plain sigma on 784 inputs moves layer 1 by ~28x more than on 1.
+Noise, Adam's ``lr`` and ``weight_decay`` all act on ``theta'``; a member is
+``theta + sigma * scale * eps`` in the net's own units.
+
+Noise is never stored per member: it comes from one shared table of N(0, 1) float32 drawn once from
+``seed`` (as in evolution-strategies-starter), and antithetic pair ``p`` of generation ``g`` reads
+the slice at an offset that is a counter-based hash of ``(seed, g, p)``. Why a table rather than a
+generator per pair: a slice costs nothing, while drawing 250 pairs x 670k normals per generation
+with torch's CPU generator takes longer than the generation's GEMMs (measured ~90-300 M normals/s
+against 67 GFLOP at 50-390 GFLOP/s). Both members of a pair read the same slice.
+
+Low-rank noise (EGGROLL, Sarkar et al. 2025, ``rank=r >= 1``): a pair's noise vector holds, per
+layer, ``A`` (in x r), ``B`` (out x r) and a full bias perturbation; the matrix perturbation is
+``sigma * scale_l * A @ B.T / sqrt(r)``. The gradient estimate uses the same ``A``, ``B``.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from deeplinear.nets import parse_sizes
+
+SIGMA_SCALES = ("fan_in", "none")
+_MASK64 = (1 << 64) - 1
+
+
+class DivergedError(RuntimeError):
+    """Every member of a generation had a non-finite loss: the run cannot continue."""
+
+
+# --- parameter layout ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Block:
+    """One parameter tensor of a DeepLinear inside the flat vector."""
+
+    name: str  # its state_dict key: weights.i or biases.i
+    layer: int
+    shape: tuple[int, ...]
+    offset: int
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.size
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each weight and bias of a DeepLinear lives in one flat float32 vector.
+
+    Order ``W1, b1, W2, b2, ...`` with each matrix row-major ``(in, out)``, so a batch of flat
+    vectors ``(members, n)`` gives every layer as a strided view ``(members, in, out)`` for bmm.
+    """
+
+    sizes: tuple[int, ...]
+    weights: tuple[Block, ...]
+    biases: tuple[Block, ...]
+    n: int
+
+    @classmethod
+    def of(cls, sizes: Sequence[int] | str) -> Layout:
+        sizes = tuple(parse_sizes(sizes))
+        weights, biases, offset = [], [], 0
+        for i, (n_in, n_out) in enumerate(itertools.pairwise(sizes)):
+            weights.append(Block(f"weights.{i}", i, (n_in, n_out), offset))
+            offset += n_in * n_out
+            biases.append(Block(f"biases.{i}", i, (n_out,), offset))
+            offset += n_out
+        return cls(sizes, tuple(weights), tuple(biases), offset)
+
+    @property
+    def blocks(self) -> tuple[Block, ...]:
+        return tuple(b for pair in zip(self.weights, self.biases, strict=True) for b in pair)
+
+    def layer(self, flat: Tensor, i: int) -> tuple[Tensor, Tensor]:
+        """Views ``(W, b)`` of layer ``i`` in ``flat`` of shape ``(..., n)``."""
+        w, b = self.weights[i], self.biases[i]
+        lead = flat.shape[:-1]
+        return flat[..., w.offset:w.end].view(*lead, *w.shape), flat[..., b.offset:b.end]
+
+    def flatten(self, net: nn.Module) -> Tensor:
+        """The net's parameters as one new flat float32 vector."""
+        params = self._params(net)
+        return torch.cat([params[b.name].detach().reshape(-1).float() for b in self.blocks])
+
+    def load(self, flat: Tensor, net: nn.Module) -> None:
+        """Copy ``flat`` into the net's parameters (in place)."""
+        params = self._params(net)
+        with torch.no_grad():
+            for b in self.blocks:
+                params[b.name].copy_(flat[b.offset:b.end].view(b.shape))
+
+    def scale(self, kind: str) -> Tensor:
+        """Per-parameter scale of the normalised coordinates (see the module docstring)."""
+        if kind not in SIGMA_SCALES:
+            raise ValueError(f"unknown sigma_scale {kind!r}; use {', '.join(SIGMA_SCALES)}")
+        s = torch.ones(self.n)
+        if kind == "fan_in":
+            for w in self.weights:
+                s[w.offset:w.end] = 1.0 / math.sqrt(w.shape[0])
+        return s
+
+    def _params(self, net: nn.Module) -> dict[str, Tensor]:
+        params = dict(net.named_parameters())
+        if {k: tuple(v.shape) for k, v in params.items()} != {b.name: b.shape for b in self.blocks}:
+            raise ValueError(f"net does not match layout {','.join(map(str, self.sizes))}: "
+                             "build the strategy from this net's sizes")
+        return params
+
+
+# --- the strategy's fixed part -------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=2)
+def noise_table(seed: int, size: int) -> Tensor:
+    """``size`` N(0, 1) float32 values, a pure function of ``seed`` (cached: it is read-only)."""
+    return torch.randn(size, generator=torch.Generator().manual_seed(seed))
+
+
+def _splitmix64(x: int) -> int:
+    z = (x + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def counter_hash(*keys: int) -> int:
+    """A 64-bit hash of integer keys (splitmix64 chained): counter-based, no generator state."""
+    h = 0
+    for k in keys:
+        h = _splitmix64(h ^ (k & _MASK64))
+    return h
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """Hyperparameters and derived constants of one ES run (nothing here changes during a run).
+
+    ``rank=0`` is full-rank noise; ``rank>=1`` low-rank (EGGROLL). ``pop`` counts members (even:
+    antithetic pairs).
+    """
+
+    layout: Layout
+    pop: int
+    sigma: float = 0.05
+    sigma_decay: float = 1.0
+    sigma_min: float = 0.0
+    sigma_scale: str = "fan_in"
+    lr: float = 0.01
+    lr_decay: float = 1.0
+    lr_min: float = 0.0
+    weight_decay: float = 0.0
+    rank: int = 0
+    seed: int = 0
+    table_size: int = 1 << 25
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        if self.pop < 2 or self.pop % 2:
+            raise ValueError(f"pop must be even and >= 2 (antithetic pairs), got {self.pop}")
+        if not (self.sigma > 0 and 0 < self.sigma_decay <= 1 and self.sigma_min >= 0):
+            raise ValueError(f"need sigma > 0, 0 < sigma_decay <= 1, sigma_min >= 0 (got "
+                             f"{self.sigma}, {self.sigma_decay}, {self.sigma_min})")
+        if not (self.lr > 0 and 0 < self.lr_decay <= 1 and self.lr_min >= 0):
+            raise ValueError(f"need lr > 0, 0 < lr_decay <= 1, lr_min >= 0 (got {self.lr}, "
+                             f"{self.lr_decay}, {self.lr_min})")
+        if self.weight_decay < 0:
+            raise ValueError(f"need weight_decay >= 0, got {self.weight_decay}")
+        if self.rank < 0:
+            raise ValueError(f"rank must be 0 (full-rank noise) or >= 1, got {self.rank}")
+        if self.sigma_scale not in SIGMA_SCALES:
+            raise ValueError(f"unknown sigma_scale {self.sigma_scale!r}; "
+                             f"use {', '.join(SIGMA_SCALES)}")
+        if self.table_size <= self.noise_dim:
+            raise ValueError(f"noise table of {self.table_size} values is too small for "
+                             f"{self.noise_dim} noise values per member; raise table_size")
+
+    @property
+    def pairs(self) -> int:
+        return self.pop // 2
+
+    @property
+    def noise_dim(self) -> int:
+        """Noise values per pair: every parameter (full rank) or A, B and bias per layer."""
+        if self.rank == 0:
+            return self.layout.n
+        return sum(self.rank * sum(w.shape) + b.size
+                   for w, b in zip(self.layout.weights, self.layout.biases, strict=True))
+
+    @functools.cached_property
+    def scale(self) -> Tensor:
+        return self.layout.scale(self.sigma_scale)
+
+    @functools.cached_property
+    def table(self) -> Tensor:
+        return noise_table(self.seed, self.table_size)
+
+    def sigma_at(self, generation: int) -> float:
+        return max(self.sigma_min, self.sigma * self.sigma_decay**generation)
+
+    def lr_at(self, generation: int) -> float:
+        return max(self.lr_min, self.lr * self.lr_decay**generation)
+
+    def offsets(self, generation: int) -> tuple[int, ...]:
+        """Table offset of every pair of ``generation``: a pure function of (seed, g, pair)."""
+        span = self.table_size - self.noise_dim + 1
+        return tuple(counter_hash(self.seed, generation, p) % span for p in range(self.pairs))
+
+    def lowrank_slices(self) -> list[tuple[slice, slice, slice]]:
+        """Per layer, where ``A``, ``B`` and the bias noise sit in a pair's noise vector."""
+        out, o, r = [], 0, self.rank
+        for w in self.layout.weights:
+            n_in, n_out = w.shape
+            out.append((slice(o, o + n_in * r), slice(o + n_in * r, o + (n_in + n_out) * r),
+                        slice(o + (n_in + n_out) * r, o + (n_in + n_out) * r + n_out)))
+            o = out[-1][2].stop
+        return out
+
+
+# --- state, ask, tell ----------------------------------------------------------------------------
+
+
+@dataclass
+class State:
+    """What changes during a run: the centre (net units), Adam moments (normalised), generation."""
+
+    theta: Tensor
+    m: Tensor
+    v: Tensor
+    generation: int = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"theta": self.theta.clone(), "m": self.m.clone(), "v": self.v.clone(),
+                "generation": self.generation}
+
+    @classmethod
+    def from_state_dict(cls, d: dict[str, Any]) -> State:
+        return cls(d["theta"].clone(), d["m"].clone(), d["v"].clone(), int(d["generation"]))
+
+
+def init(strategy: Strategy, theta: Tensor) -> State:
+    """A fresh state centred on ``theta`` (flat, net units; e.g. ``layout.flatten(net)``)."""
+    if theta.shape != (strategy.layout.n,):
+        raise ValueError(f"theta has shape {tuple(theta.shape)}; the layout needs "
+                         f"({strategy.layout.n},)")
+    theta = theta.detach().to(torch.float32).clone()
+    return State(theta, torch.zeros_like(theta), torch.zeros_like(theta))
+
+
+@dataclass(frozen=True)
+class Population:
+    """One generation's members, described (not materialised): member ``2p`` is
+    ``theta + delta_p``, member ``2p + 1`` is ``theta - delta_p``.
+    """
+
+    strategy: Strategy
+    theta: Tensor
+    sigma: float
+    generation: int
+    offsets: tuple[int, ...] = field(repr=False)
+
+    @property
+    def size(self) -> int:
+        return 2 * len(self.offsets)
+
+    @functools.cached_property
+    def sigma_vec(self) -> Tensor:
+        """Per-parameter std of the perturbation in net units: ``sigma * scale``."""
+        return self.strategy.scale * self.sigma
+
+    def noise(self, pairs: Sequence[int] | range, out: Tensor | None = None) -> Tensor:
+        """The raw N(0, 1) noise vectors of ``pairs``, ``(len(pairs), noise_dim)`` (a copy)."""
+        table = self.strategy.table
+        windows = table.unfold(0, self.strategy.noise_dim, 1)
+        idx = torch.tensor([self.offsets[p] for p in pairs], dtype=torch.long)
+        if out is None:
+            return windows.index_select(0, idx)
+        return torch.index_select(windows, 0, idx, out=out)
+
+    def deltas(self, pairs: Sequence[int] | range, out: Tensor | None = None) -> Tensor:
+        """Full-rank perturbations ``noise * sigma_vec`` of ``pairs``, ``(len(pairs), n)``."""
+        if self.strategy.rank:
+            raise ValueError("deltas() is full-rank only; use lowrank_factors()")
+        return self.noise(pairs, out).mul_(self.sigma_vec)
+
+    def lowrank_factors(self, pairs: Sequence[int] | range) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """Per layer ``(A, Bs, db)`` of ``pairs``: ``A`` (k, in, r), ``Bs`` (k, out, r) already
+        multiplied by ``sigma * scale_l / sqrt(r)``, bias perturbation ``db`` (k, out). The
+        matrix perturbation is ``A @ Bs.T``.
+        """
+        s = self.strategy
+        if not s.rank:
+            raise ValueError("lowrank_factors() needs rank >= 1; use deltas()")
+        noise = self.noise(pairs)
+        k, out = len(noise), []
+        for (sa, sb, se), w, b in zip(s.lowrank_slices(), s.layout.weights, s.layout.biases,
+                                      strict=True):
+            n_in, n_out = w.shape
+            coef = self.sigma * float(s.scale[w.offset]) / math.sqrt(s.rank)
+            a = noise[:, sa].view(k, n_in, s.rank)
+            bs = noise[:, sb].view(k, n_out, s.rank) * coef
+            db = noise[:, se] * self.sigma_vec[b.offset:b.end]
+            out.append((a, bs, db))
+        return out
+
+    def delta(self, pair: int) -> Tensor:
+        """The explicit flat perturbation of one pair (the slow reference path)."""
+        if not self.strategy.rank:
+            return self.deltas([pair])[0]
+        d = torch.empty(self.strategy.layout.n)
+        for (a, bs, db), w, b in zip(self.lowrank_factors([pair]), self.strategy.layout.weights,
+                                     self.strategy.layout.biases, strict=True):
+            d[w.offset:w.end] = (a[0] @ bs[0].T).reshape(-1)
+            d[b.offset:b.end] = db[0]
+        return d
+
+    def member(self, j: int) -> Tensor:
+        """Member ``j``'s flat parameters, materialised (reference path; the engine never does)."""
+        d = self.delta(j // 2)
+        return self.theta + d if j % 2 == 0 else self.theta - d
+
+
+def ask(strategy: Strategy, state: State) -> Population:
+    g = state.generation
+    return Population(strategy, state.theta, strategy.sigma_at(g), g, strategy.offsets(g))
+
+
+def centered_ranks(x: Tensor) -> Tensor:
+    """Ranks of ``x`` mapped to [-0.5, 0.5] (ties share their mean rank, so the result sums to 0
+    and is invariant to any strictly increasing transform of ``x``).
+    """
+    x = x.reshape(-1)
+    if x.numel() < 2:
+        return torch.zeros(x.numel())
+    _, inverse, counts = torch.unique(x, sorted=True, return_inverse=True, return_counts=True)
+    end = counts.cumsum(0).double()
+    mean_rank = end - (counts.double() + 1) / 2  # 0-based mean rank of each distinct value
+    return (mean_rank[inverse] / (x.numel() - 1) - 0.5).float()
+
+
+def shaped_fitness(losses: Tensor, generation: int = 0) -> Tensor:
+    """Centred ranks of ``losses`` with NaN/inf ranked worst (tied); all non-finite -> error."""
+    losses = losses.detach().reshape(-1).double()
+    finite = torch.isfinite(losses)
+    if not finite.any():
+        raise DivergedError(f"all {losses.numel()} members of generation {generation} have a "
+                            "non-finite loss; lower lr or sigma and start again")
+    return centered_ranks(torch.where(finite, losses, torch.inf))
+
+
+def gradient(pop: Population, losses: Tensor) -> Tensor:
+    """The ES estimate of the loss gradient in normalised coordinates, ``(n,)``.
+
+    ``1/(pop * sigma) * sum_j r_j eps_j`` with ``r`` the shaped fitness, i.e. per pair
+    ``(r_2p - r_2p+1) * eps_p``.
+    """
+    s = pop.strategy
+    if losses.numel() != pop.size:
+        raise ValueError(f"got {losses.numel()} losses for a population of {pop.size}")
+    r = shaped_fitness(losses, pop.generation)
+    w = r[0::2] - r[1::2]
+    norm = 1.0 / (pop.size * pop.sigma)
+    g = torch.zeros(s.layout.n)
+    if not s.rank:
+        n = s.layout.n
+        for p, o in enumerate(pop.offsets):  # axpy per pair: elementwise, thread-independent
+            g.add_(s.table[o:o + n], alpha=float(w[p]))
+        return g.mul_(norm)
+    noise = pop.noise(range(len(pop.offsets)))
+    k = len(noise)
+    for (sa, sb, se), wb, bb in zip(s.lowrank_slices(), s.layout.weights, s.layout.biases,
+                                    strict=True):
+        n_in, n_out = wb.shape
+        a = noise[:, sa].view(k, n_in, s.rank) * w[:, None, None]
+        b = noise[:, sb].view(k, n_out, s.rank)
+        gw = a.permute(1, 0, 2).reshape(n_in, -1) @ b.permute(1, 0, 2).reshape(n_out, -1).T
+        g[wb.offset:wb.end] = gw.reshape(-1) / math.sqrt(s.rank)
+        g[bb.offset:bb.end] = w @ noise[:, se]
+    return g.mul_(norm)
+
+
+def tell(strategy: Strategy, state: State, pop: Population, losses: Tensor) -> State:
+    """Update ``state`` in place from the members' losses (lower is better) and return it.
+
+    Adam step on the gradient estimate in normalised coordinates, then decoupled decay.
+    """
+    if pop.generation != state.generation:
+        raise ValueError(f"population of generation {pop.generation} told to a state at "
+                         f"generation {state.generation}; ask again")
+    s = strategy
+    g = gradient(pop, losses)
+    lr, t = s.lr_at(state.generation), state.generation + 1
+    state.m.mul_(s.beta1).add_(g, alpha=1 - s.beta1)
+    state.v.mul_(s.beta2).addcmul_(g, g, value=1 - s.beta2)
+    step_size = lr * math.sqrt(1 - s.beta2**t) / (1 - s.beta1**t)
+    step = state.v.sqrt().add_(s.eps * math.sqrt(1 - s.beta2**t)).reciprocal_().mul_(state.m)
+    if s.weight_decay:
+        state.theta.mul_(1 - lr * s.weight_decay)
+    state.theta.addcmul_(step, s.scale, value=-step_size)
+    state.generation = t
+    return state

@@ -1,0 +1,85 @@
+"""Accuracy of any model, and the portability of a trained deep linear net across semantics.
+
+Why: a deep linear net's function depends on the arithmetic that runs it. Its ground truth is
+``exact`` mode (real float32 near 1e-38 under its semantics), and the same weights run under another
+preset may compute something else entirely: a net that learned through FTZ falls back towards its
+collapsed affine map under IEEE. ``portability`` measures exactly that.
+
+Exact mode is slow on x86 because the hidden products are subnormal (measured here: ~15-200x the
+scaled-mode time), so everything is evaluated in batches under ``no_grad``.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from deeplinear.arithmetic import PRESETS, Semantics
+from deeplinear.collapse import collapse
+from deeplinear.data import Dataset
+from deeplinear.nets import DeepLinear, Mode
+
+BATCH = 5000
+
+
+@torch.no_grad()
+def logits(model: nn.Module, x: Tensor, mode: Mode = "scaled", batch_size: int = BATCH) -> Tensor:
+    """Model outputs for ``x`` in batches; ``mode`` matters only for a :class:`DeepLinear`."""
+    outs = []
+    for i in range(0, len(x), batch_size):
+        xb = x[i:i + batch_size]
+        outs.append(model(xb, mode=mode) if isinstance(model, DeepLinear) else model(xb))
+    return torch.cat(outs)
+
+
+def accuracy(model: nn.Module, x: Tensor, y: Tensor, mode: Mode = "scaled",
+             batch_size: int = BATCH) -> float:
+    """Fraction of rows whose argmax output is the label (``mode`` as in :func:`logits`)."""
+    if len(x) == 0:
+        raise ValueError("accuracy of an empty set is undefined; pass at least one sample")
+    return float((logits(model, x, mode, batch_size).argmax(1) == y).double().mean())
+
+
+def semantics_name(net: DeepLinear) -> str:
+    """The preset name of the net's float32 semantics, or ``custom``."""
+    return next((n for n, s in PRESETS.items() if s == net.semantics), "custom")
+
+
+def portability(net: DeepLinear, data: Dataset, batch_size: int = BATCH) -> dict[str, Any]:
+    """Exact-mode test accuracy of ``net`` under its own semantics and every preset.
+
+    Returns ``{"own": NAME, "test_acc": {NAME: acc, ..., "collapsed": acc}, "seconds": {...}}``;
+    ``collapsed`` is the affine map the layers multiply out to (what a float-blind view sees).
+    """
+    own = semantics_name(net)
+    acc: dict[str, float] = {}
+    seconds: dict[str, float] = {}
+    variants: dict[str, DeepLinear | Semantics] = dict(PRESETS)
+    if net.regime is not None:  # a regime is its own arithmetic: no float32 preset replaces it
+        own, variants = net.regime.label, {net.regime.label: net}
+    elif own == "custom":
+        variants = {own: net, **PRESETS}
+    for name, variant in variants.items():
+        t0 = time.perf_counter()
+        other = variant if isinstance(variant, DeepLinear) else _with_semantics(net, variant)
+        acc[name] = accuracy(other, data.x_test, data.y_test, "exact", batch_size)
+        seconds[name] = time.perf_counter() - t0
+    w, b = collapse(net)
+    t0 = time.perf_counter()
+    pred = (data.x_test.double() @ w + b).argmax(1)
+    acc["collapsed"] = float((pred == data.y_test).double().mean())
+    seconds["collapsed"] = time.perf_counter() - t0
+    return {"own": own, "test_acc": acc, "seconds": seconds, "n_test": len(data.y_test)}
+
+
+def _with_semantics(net: DeepLinear, sem: Semantics) -> DeepLinear:
+    if sem == net.semantics:
+        return net
+    other = copy.deepcopy(net)
+    other.semantics = sem
+    return other
+

@@ -1,0 +1,174 @@
+"""Render a reproduction's ``results.json`` as ``report.md`` and a self-contained ``report.html``.
+
+Why a separate module: the numbers come from runs (:mod:`deeplinear.reproduce`); this module only
+draws and formats them, so a report can be re-rendered from a results file without retraining.
+Plots are PNG files beside the report; the HTML embeds them as base64 so it travels as one file.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:.1f}%"
+
+
+def plot_learning_curves(task: dict[str, Any], path: Path) -> Path:
+    """Test accuracy against wall time, one line per method."""
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for name, res in task["methods"].items():
+        rows = [r for r in res.get("curve", []) if r.get("test_acc") is not None]
+        if rows:
+            ax.plot([r["wall_s"] for r in rows], [100 * r["test_acc"] for r in rows],
+                    marker=".", label=name)
+    ax.set_xlabel("wall time (s)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{task['dataset']}: learning curves")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_occupancy(task: dict[str, Any], path: Path) -> Path:
+    """Fraction of each hidden layer's values the underflow flushed, per deep linear method."""
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    items = [(n, r["occupancy"]) for n, r in task["methods"].items() if r.get("occupancy")]
+    width = 0.8 / max(len(items), 1)
+    for i, (name, occ) in enumerate(items):
+        xs = [j + i * width for j in range(len(occ))]
+        ax.bar(xs, [100 * v for v in occ], width=width, label=name)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("flushed (%)")
+    ax.set_title(f"{task['dataset']}: dead-zone occupancy (exact mode, test set)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_decision_regions(panels: dict[str, Any], x: Any, y: Any, path: Path) -> Path:
+    """2-D tasks: each method's predicted class over a grid, with the test points on top.
+
+    ``panels`` maps a method to ``(xx, yy, zz)`` grid coordinates and predicted classes.
+    """
+    n = len(panels)
+    fig, axes = plt.subplots(1, n, figsize=(2.6 * n, 2.8), squeeze=False)
+    for ax, (name, (xx, yy, zz)) in zip(axes[0], panels.items(), strict=True):
+        ax.contourf(xx, yy, zz, alpha=0.35, cmap="coolwarm", levels=1)
+        ax.scatter(x[:, 0], x[:, 1], c=y, s=2, cmap="coolwarm")
+        ax.set_title(name, fontsize=7)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def results_table(task: dict[str, Any]) -> str:
+    rows = []
+    for name, r in task["methods"].items():
+        rows.append([
+            name, _pct(r.get("train_acc")), _pct(r.get("test_acc")),
+            f"{r.get('wall_s', 0):.1f}", r.get("evaluated_in", ""),
+        ])
+    return _table(["method", "train", "test", "wall (s)", "evaluated in"], rows)
+
+
+def portability_table(task: dict[str, Any]) -> str:
+    methods = {n: r["portability"]["test_acc"] for n, r in task["methods"].items()
+               if r.get("portability")}
+    if not methods:
+        return ""
+    columns = list(next(iter(methods.values())))
+    rows = [[n] + [_pct(p.get(c)) for c in columns] for n, p in methods.items()]
+    return _table(["trained net \\ evaluated under", *columns], rows)
+
+
+def render(results: dict[str, Any], out: Path) -> tuple[Path, Path]:
+    """Write report.md and report.html (plots embedded) into ``out``; return their paths."""
+    md: list[str] = [f"# deeplinear reproduction\n\n{results['header']}\n"]
+    images: list[tuple[str, Path]] = []
+    for task in results["tasks"]:
+        md.append(f"## {task['dataset']}\n\n{task['description']}\n")
+        md.append(results_table(task) + "\n")
+        port = portability_table(task)
+        if port:
+            md.append("Portability: test accuracy of the same weights in true float32 under each "
+                      "semantics, and of their collapsed affine map.\n\n" + port + "\n")
+        for key, title in [("probes", "Probes of trained nets")]:
+            if task.get(key):
+                md.append(f"{title}:\n\n```\n{json.dumps(task[key], indent=1)}\n```\n")
+        for plot in task.get("plots", []):
+            p = out / plot
+            md.append(f"![{plot}]({plot})\n")
+            images.append((plot, p))
+    (out / "report.md").write_text("\n".join(md))
+    html_path = out / "report.html"
+    html_path.write_text(_to_html("\n".join(md), images))
+    return out / "report.md", html_path
+
+
+def _to_html(markdown: str, images: list[tuple[str, Path]]) -> str:
+    """A small Markdown subset (headings, tables, code, images) to HTML with inline images."""
+    embedded = {name: base64.b64encode(p.read_bytes()).decode() for name, p in images}
+    body: list[str] = []
+    in_code = in_table = False
+    for line in markdown.splitlines():
+        if line.startswith("```"):
+            body.append("</pre>" if in_code else "<pre>")
+            in_code = not in_code
+            continue
+        if in_code:
+            body.append(html.escape(line))
+            continue
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if set("".join(cells)) <= set("-"):
+                continue
+            tag = "th" if not in_table else "td"
+            if not in_table:
+                body.append("<table>")
+                in_table = True
+            row = "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in cells)
+            body.append(f"<tr>{row}</tr>")
+            continue
+        if in_table:
+            body.append("</table>")
+            in_table = False
+        if line.startswith("!["):
+            name = line[line.index("(") + 1 : line.rindex(")")]
+            body.append(f'<img alt="{html.escape(name)}" src="data:image/png;base64,'
+                        f'{embedded[name]}">')
+        elif line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            body.append(f"<h{level}>{html.escape(line.lstrip('#').strip())}</h{level}>")
+        elif line.strip():
+            body.append(f"<p>{html.escape(line)}</p>")
+    if in_table:
+        body.append("</table>")
+    style = ("body{font-family:sans-serif;max-width:60em;margin:2em auto}"
+             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px}"
+             "img{max-width:100%}pre{background:#f6f6f6;padding:1em;overflow:auto}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>deeplinear report</title>"
+            f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")

@@ -1,0 +1,199 @@
+"""The one-command reproduction: every method on the same data, evaluated in true float arithmetic.
+
+For each dataset it trains softmax regression, a deep linear net by float-blind backprop (the 2017
+baseline: can only learn its collapse), by OpenAI-ES and by float-aware backprop (both exploit the
+underflow), and a ReLU MLP of the same shape. Every deep linear accuracy is measured in ``exact``
+mode under the net's own semantics, and again under every other preset ("portability"). Each
+method trains in its own run directory, so ``--resume`` continues a killed reproduction: finished
+methods are loaded from ``final.pt``, unfinished ones resume from their checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from deeplinear import evaluate, probes
+from deeplinear.arithmetic import PRESETS, TF_GPU, Semantics
+from deeplinear.bench import cpu_model
+from deeplinear.collapse import collapse_gap
+from deeplinear.data import Dataset, load_dataset
+from deeplinear.nets import MLP, DeepLinear, SoftmaxRegression
+from deeplinear.report import (
+    plot_decision_regions,
+    plot_learning_curves,
+    plot_occupancy,
+    render,
+)
+from deeplinear.runs import Run
+from deeplinear.train import backprop, es
+
+DEFAULT_DATASETS = ("spirals", "digits")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Steps per method. ``quick`` keeps the default reproduction under 10 minutes on 2 cores."""
+
+    backprop_steps: int
+    es_steps: int
+    es_pop: int
+
+
+BUDGETS = {
+    "smoke": Budget(backprop_steps=20, es_steps=4, es_pop=8),  # plumbing checks, not results
+    "quick": Budget(backprop_steps=1500, es_steps=400, es_pop=200),
+    "full": Budget(backprop_steps=20000, es_steps=3000, es_pop=500),
+}
+
+
+def default_sizes(data: Dataset) -> list[int]:
+    hidden = 512 if data.n_features >= 784 else (256 if data.n_features >= 64 else 64)
+    return [data.n_features, hidden, hidden, data.n_classes]
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    make: Callable[[list[int], torch.Generator], nn.Module]
+    trainer: Any  # a module with Config and train()
+    overrides: dict[str, Any]
+
+
+def methods(budget: Budget, semantics: Semantics) -> list[Method]:
+    def deep(sizes: list[int], g: torch.Generator) -> nn.Module:
+        return DeepLinear(sizes, semantics=semantics, generator=g)
+
+    bp = {"steps": budget.backprop_steps}
+    return [
+        Method("softmax regression", lambda s, g: SoftmaxRegression(s[0], s[-1]), backprop, bp),
+        Method("deep linear, float-blind backprop", deep, backprop, {**bp, "surrogate": "blind"}),
+        Method("deep linear, OpenAI-ES", deep, es,
+               {"steps": budget.es_steps, "pop": budget.es_pop}),
+        Method("deep linear, float-aware backprop", deep, backprop, {**bp, "surrogate": "exact"}),
+        Method("ReLU MLP", lambda s, g: MLP(s, "relu"), backprop, bp),
+    ]
+
+
+def make_config(trainer: Any, seed: int, overrides: dict[str, Any]) -> Any:
+    fields = {f.name for f in dataclasses.fields(trainer.Config)}
+    return trainer.Config(**{k: v for k, v in {"seed": seed, **overrides}.items() if k in fields})
+
+
+def run_method(method: Method, data: Dataset, sizes: list[int], seed: int, out: Path,
+               resume: bool) -> tuple[nn.Module, dict[str, Any]]:
+    """Train (or load a finished run of) one method and measure it."""
+    model = method.make(sizes, torch.Generator().manual_seed(seed))
+    cfg = make_config(method.trainer, seed, method.overrides)
+    config = {"method": method.name, "dataset": data.name, "sizes": sizes,
+              "trainer": dataclasses.asdict(cfg)}
+    final = out / "final.pt"
+    t0 = time.perf_counter()
+    if resume and final.exists():
+        payload = torch.load(final, weights_only=False)
+        model.load_state_dict(payload["state_dict"])
+        curve, wall = payload["curve"], payload["wall_s"]
+    else:
+        run = Run.open(out, config, resume=resume and (out / "checkpoint.pt").exists())
+        curve = method.trainer.train(model, data, cfg, run=run)
+        wall = (curve[-1]["wall_s"] if curve else 0.0)
+        run.save_final({"state_dict": model.state_dict(), "curve": curve, "wall_s": wall,
+                        "config": config})
+    res: dict[str, Any] = {"curve": curve, "wall_s": wall}
+    if isinstance(model, DeepLinear):
+        res["train_acc"] = evaluate.accuracy(model, data.x_train, data.y_train, mode="exact")
+        res["test_acc"] = evaluate.accuracy(model, data.x_test, data.y_test, mode="exact")
+        res["evaluated_in"] = "exact float32, TF_GPU"
+        res["portability"] = evaluate.portability(model, data)
+        res["occupancy"] = probes.occupancy(model, data.x_test, mode="exact")
+        res["collapse_gap"] = collapse_gap(model, data.x_test).as_dict()
+    else:
+        res["train_acc"] = evaluate.accuracy(model, data.x_train, data.y_train)
+        res["test_acc"] = evaluate.accuracy(model, data.x_test, data.y_test)
+        res["evaluated_in"] = "float32"
+    res["eval_s"] = time.perf_counter() - t0
+    return model, res
+
+
+def same_weights_under_presets(net: DeepLinear) -> dict[str, DeepLinear]:
+    """One copy of a trained net per preset semantics: what the same weights compute elsewhere."""
+    nets = {}
+    for name, sem in PRESETS.items():
+        nets[name] = copy.deepcopy(net).requires_grad_(False)
+        nets[name].semantics = sem
+    return nets
+
+
+@torch.no_grad()
+def decision_grid(model: nn.Module, data: Dataset, n: int = 200) -> tuple[Any, Any, Any]:
+    """Predicted class over a grid spanning the data (deep linear nets in exact mode)."""
+    lo, hi = data.x_test.min(0).values - 0.1, data.x_test.max(0).values + 0.1
+    xs, ys = (torch.linspace(float(lo[i]), float(hi[i]), n) for i in (0, 1))
+    xx, yy = torch.meshgrid(xs, ys, indexing="xy")
+    grid = torch.stack([xx.reshape(-1), yy.reshape(-1)], 1)
+    mode = "exact" if isinstance(model, DeepLinear) else "scaled"
+    zz = evaluate.logits(model, grid, mode).argmax(1).reshape(n, n)
+    return xx.numpy(), yy.numpy(), zz.numpy()
+
+
+def reproduce(datasets: tuple[str, ...] = DEFAULT_DATASETS, budget: str | Budget = "quick",
+              out: str | Path = "runs/reproduce", seed: int = 0, data_dir: str | None = None,
+              resume: bool = False, semantics: Semantics = TF_GPU) -> dict[str, Any]:
+    if isinstance(budget, str) and budget not in BUDGETS:
+        raise ValueError(f"unknown budget {budget!r}; use {' or '.join(BUDGETS)}")
+    steps = BUDGETS[budget] if isinstance(budget, str) else budget
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    tasks = []
+    for name in datasets:
+        data = load_dataset(name, data_dir=data_dir, seed=seed)
+        sizes = default_sizes(data)
+        task: dict[str, Any] = {
+            "dataset": name, "sizes": sizes,
+            "description": (f"{data.n_features} features, {data.n_classes} classes, "
+                            f"{len(data.y_train)} train / {len(data.y_test)} test; deep linear "
+                            f"sizes {'-'.join(map(str, sizes))}, scale 2^125."),
+            "methods": {},
+        }
+        models = {}
+        for m in methods(steps, semantics):
+            print(f"[{name}] {m.name}", flush=True)
+            models[m.name], task["methods"][m.name] = run_method(
+                m, data, sizes, seed, out / name / _slug(m.name), resume)
+        task["plots"] = [
+            plot_learning_curves(task, out / f"{name}_curves.png").name,
+            plot_occupancy(task, out / f"{name}_occupancy.png").name,
+        ]
+        aware = models["deep linear, float-aware backprop"]
+        task["plots"].append(probes.plot_implicit_activation(
+            out / f"{name}_activation.png", same_weights_under_presets(aware)).name)
+        if data.n_features == 2:
+            panels = {n: decision_grid(m, data) for n, m in models.items()}
+            task["plots"].append(plot_decision_regions(
+                panels, data.x_test.numpy(), data.y_test.numpy(),
+                out / f"{name}_regions.png").name)
+        tasks.append(task)
+    results = {
+        "header": (f"Command: `deeplinear reproduce --budget {budget} --seed {seed} "
+                   f"--dataset {','.join(datasets)}`. Machine: {cpu_model()}, "
+                   f"{torch.get_num_threads()} threads, torch {torch.__version__}. "
+                   f"Total wall time {time.perf_counter() - t0:.0f} s."),
+        "tasks": tasks,
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    render(results, out)
+    return results
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")

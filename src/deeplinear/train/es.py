@@ -1,0 +1,163 @@
+"""OpenAI-ES training of a DeepLinear through its real underflow rule (the 2017 experiment).
+
+Per generation: one common minibatch (from a ``torch.Generator`` seeded with ``cfg.seed``), every
+member's loss on it from :class:`deeplinear.engine.Engine` (scaled mode, the semantics' rule
+exactly), one :func:`deeplinear.es.tell`. The centre is copied into the model at every evaluation
+and at the end. Evaluation uses scaled mode (fast); exact mode, the ground truth, is left to the
+caller (:func:`deeplinear.evaluate.portability`).
+
+Threads: ``cfg.threads`` (if set) is applied once, before the first parallel op of the run, and
+never changed: OpenMP pools and hardware FTZ state are per thread (see
+:mod:`deeplinear.arithmetic`), and a multi-threaded ``mm`` may split its reduction differently
+for another thread count. Resuming is bit-identical with the same thread count: all randomness
+is the batch generator (checkpointed) and noise that is a pure function of (seed, generation).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from deeplinear import es
+from deeplinear.data import Dataset
+from deeplinear.engine import DEFAULT_MAX_BYTES, Engine
+from deeplinear.evaluate import accuracy
+from deeplinear.nets import DeepLinear
+from deeplinear.runs import Progress, Run, rng_state, set_rng_state
+from deeplinear.train.backprop import calibrate
+
+PERTURBATIONS = ("full", "lowrank")
+Evaluate = Callable[[es.Population, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+FITNESS = ("loss", "error")
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    steps: int = 1000  # generations
+    pop: int = 200  # members per generation (even: antithetic pairs)
+    batch_size: int = 100  # the common minibatch every member is scored on
+    sigma: float = 0.1  # in normalised units (see deeplinear.es); sigma_scale='fan_in'
+    sigma_decay: float = 1.0  # sigma_g = max(sigma_min, sigma * sigma_decay**g)
+    sigma_min: float = 0.0
+    sigma_scale: str = "fan_in"  # fan_in | none
+    lr: float = 0.01  # Adam, normalised units
+    lr_decay: float = 1.0  # lr_g = max(lr_min, lr * lr_decay**g)
+    lr_min: float = 0.0
+    weight_decay: float = 0.0  # decoupled: theta *= 1 - lr * weight_decay per generation
+    perturbation: str = "full"  # full | lowrank (EGGROLL)
+    rank: int = 1  # lowrank only
+    fitness: str = "loss"  # loss (mean cross-entropy) | error (1 - accuracy) on the minibatch
+    init_gain: float | None = 2.0  # pre-activation std at init, in thresholds (None: He init)
+    center: bool = True  # centre layer 1's pre-activations at init
+    table_size: int = 1 << 25  # shared noise table (float32 values)
+    max_mb: int = DEFAULT_MAX_BYTES >> 20  # engine buffers
+    threads: int | None = None  # torch threads, set once at the start
+    eval_every: int = 100
+    checkpoint_every: int = 500
+    eval_n: int = 10000  # samples of each split scored at every evaluation
+
+    def validate(self) -> None:
+        if min(self.steps, self.batch_size, self.eval_every, self.checkpoint_every,
+               self.eval_n, self.max_mb) < 1:
+            raise ValueError("steps, batch_size, eval_every, checkpoint_every, eval_n and max_mb "
+                             "must be >= 1")
+        if self.perturbation not in PERTURBATIONS:
+            raise ValueError(f"unknown perturbation {self.perturbation!r}; "
+                             f"use {', '.join(PERTURBATIONS)}")
+        if self.perturbation == "lowrank" and self.rank < 1:
+            raise ValueError(f"lowrank perturbation needs rank >= 1, got {self.rank}")
+        if self.fitness not in FITNESS:
+            raise ValueError(f"unknown fitness {self.fitness!r}; use {', '.join(FITNESS)}")
+        if self.init_gain is not None and not self.init_gain > 0:
+            raise ValueError(f"init_gain must be > 0 or None, got {self.init_gain}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+        self.strategy(es.Layout.of([1, 1, 1]))  # the strategy checks its own fields
+
+    def strategy(self, layout: es.Layout) -> es.Strategy:
+        return es.Strategy(
+            layout, pop=self.pop, sigma=self.sigma, sigma_decay=self.sigma_decay,
+            sigma_min=self.sigma_min, sigma_scale=self.sigma_scale, lr=self.lr,
+            lr_decay=self.lr_decay, lr_min=self.lr_min, weight_decay=self.weight_decay,
+            rank=self.rank if self.perturbation == "lowrank" else 0,
+            seed=self.seed, table_size=self.table_size)
+
+
+def train(model: DeepLinear, data: Dataset, cfg: Config, run: Run | None = None,
+          progress: bool = True, evaluate: Evaluate | None = None) -> list[dict[str, Any]]:
+    """Train ``model`` in place by OpenAI-ES; return the metric rows logged (one per eval).
+
+    ``evaluate(pop, idx) -> (loss, acc)`` scores the members on training rows ``idx`` instead of
+    the local engine, bit for bit as it would (e.g. :class:`deeplinear.distributed.RayEvaluator`).
+    """
+    cfg.validate()
+    if not isinstance(model, DeepLinear):
+        raise ValueError(f"ES trains deep linear nets only, not {type(model).__name__}; "
+                         "use the backprop trainer")
+    if model.sizes[0] != data.n_features or model.sizes[-1] != data.n_classes:
+        raise ValueError(f"model maps {model.sizes[0]} -> {model.sizes[-1]} but {data.name} has "
+                         f"{data.n_features} features and {data.n_classes} classes; fix the sizes")
+    x, y = data.x_train, data.y_train
+    if cfg.batch_size > len(x):
+        raise ValueError(f"batch_size {cfg.batch_size} exceeds the {len(x)} training samples")
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+
+    layout = es.Layout.of(model.sizes)
+    strategy = cfg.strategy(layout)
+    engine = Engine(model, strategy, max_bytes=cfg.max_mb << 20)
+    g = torch.Generator().manual_seed(cfg.seed)
+    saved = run.resumed_state if run is not None else None
+    rows: list[dict[str, Any]] = []
+    if saved is not None:
+        state = es.State.from_state_dict(saved["es"])
+        set_rng_state(saved["rng"], g)
+        wall0, loss_sum, loss_n = saved["wall_s"], saved["loss_sum"], saved["loss_n"]
+        rows = run.metrics()
+    else:
+        if cfg.init_gain is not None:
+            calibrate(model, x[:2000], cfg.init_gain, cfg.center)
+        state = es.init(strategy, layout.flatten(model))
+        wall0, loss_sum, loss_n = 0.0, 0.0, 0
+    start = state.generation
+    n_eval = min(cfg.eval_n, len(x), len(data.x_test))
+    bar = Progress(total=cfg.steps, desc="es", start_step=start) if progress else None
+    t0 = time.perf_counter()
+    for gen in range(start, cfg.steps):
+        idx = torch.randint(0, len(x), (cfg.batch_size,), generator=g)
+        xb, yb = x[idx], y[idx]
+        pop = es.ask(strategy, state)
+        if evaluate is None:
+            loss, acc = engine.losses(pop, xb, yb, with_accuracy=True)
+        else:
+            loss, acc = evaluate(pop, idx)
+        es.tell(strategy, state, pop, loss if cfg.fitness == "loss" else 1 - acc)
+        finite = loss[torch.isfinite(loss)]
+        loss_sum, loss_n = loss_sum + float(finite.mean()), loss_n + 1
+        done = gen + 1
+        if done % cfg.eval_every == 0 or done == cfg.steps:
+            layout.load(state.theta, model)
+            row = {"step": done, "wall_s": wall0 + time.perf_counter() - t0,
+                   "loss": loss_sum / loss_n, "sigma": pop.sigma,
+                   "train_acc": accuracy(model, x[:n_eval], y[:n_eval]),
+                   "test_acc": accuracy(model, data.x_test[:n_eval], data.y_test[:n_eval])}
+            loss_sum, loss_n = 0.0, 0
+            rows.append(row)
+            if run is not None:
+                run.log(row)
+        if run is not None and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
+            layout.load(state.theta, model)
+            run.checkpoint({"step": done, "es": state.state_dict(), "rng": rng_state(g),
+                            "model": model.state_dict(), "wall_s": wall0 + time.perf_counter() - t0,
+                            "loss_sum": loss_sum, "loss_n": loss_n, "config": asdict(cfg)})
+        if bar is not None:
+            last = rows[-1]["test_acc"] if rows else math.nan
+            bar.update(done, force=done == cfg.steps, loss=float(finite.mean()), test_acc=last)
+    layout.load(state.theta, model)
+    return rows

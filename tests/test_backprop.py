@@ -1,0 +1,192 @@
+import math
+
+import pytest
+import torch
+
+from deeplinear import evaluate
+from deeplinear.arithmetic import FORMATS, IEEE
+from deeplinear.collapse import collapse
+from deeplinear.data import load_dataset
+from deeplinear.nets import MLP, DeepLinear, SoftmaxRegression
+from deeplinear.runs import Run
+from deeplinear.surrogate import identity
+from deeplinear.train import backprop
+from deeplinear.train.backprop import Config, calibrate, lr_at, train
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny nets gain nothing from threads; on a loaded machine idle OpenMP workers cost 10x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def rings():
+    return load_dataset("rings", seed=0)
+
+
+def deep(sizes=(2, 32, 32, 2), seed=0, **kw) -> DeepLinear:
+    return DeepLinear(list(sizes), generator=torch.Generator().manual_seed(seed), **kw)
+
+
+QUICK = dict(steps=300, lr=1e-2, eval_every=300, checkpoint_every=10**9)
+
+
+@pytest.fixture(scope="module")
+def trained(rings):
+    """One float-aware and one float-blind net, same init and batches (measured on 3 seeds:
+    smooth 98-100% test, blind 52-64%)."""
+    nets = {}
+    for surrogate in ("smooth", "blind"):
+        nets[surrogate] = deep()
+        train(nets[surrogate], rings, Config(surrogate=surrogate, **QUICK), progress=False)
+    return nets
+
+
+def test_float_aware_learns_what_float_blind_cannot(rings, trained):
+    acc = {k: evaluate.accuracy(n, rings.x_test, rings.y_test, "exact") for k, n in trained.items()}
+    assert acc["smooth"] >= 0.9
+    assert acc["blind"] <= 0.75
+    assert acc["smooth"] - acc["blind"] >= 0.25
+
+
+def test_float_aware_weights_fall_back_to_a_linear_map_under_ieee(rings, trained):
+    net = trained["smooth"]
+    ieee = DeepLinear(net.sizes, semantics=IEEE)
+    ieee.load_state_dict(net.state_dict())
+    assert evaluate.accuracy(ieee, rings.x_test, rings.y_test, "exact") <= 0.7
+
+
+def test_float_blind_function_stays_affine(rings, trained):
+    net = trained["blind"]
+    w, b = collapse(net)
+    with torch.no_grad():
+        out = net(rings.x_test, "scaled", under=identity).double()
+    lin = rings.x_test.double() @ w + b
+    assert float((out - lin).norm() / lin.norm()) < 1e-5
+
+
+def test_baselines_train(rings):
+    torch.manual_seed(0)
+    for model in (MLP([2, 32, 32, 2]), SoftmaxRegression(2, 2)):
+        rows = train(model, rings, Config(**QUICK), progress=False)
+        assert rows[-1]["step"] == 300 and math.isfinite(rows[-1]["loss"])
+    assert rows[-1]["test_acc"] <= 0.7  # softmax regression: rings are not linearly separable
+
+
+def run_to(tmp, rings, cfg, stop_after=None, model=None):
+    """Train in run dir ``tmp``; with ``stop_after`` k, die right after the k-th checkpoint."""
+    model = model or deep(seed=3)
+    run = Run.open(tmp, {"cfg": cfg.__dict__}, resume=(tmp / "checkpoint.pt").exists())
+    if stop_after is not None:
+        saves, real = [], run.checkpoint
+
+        def checkpoint(state):
+            real(state)
+            saves.append(state["step"])
+            if len(saves) == stop_after:
+                raise KeyboardInterrupt  # a kill right after the atomic rename
+
+        run.checkpoint = checkpoint
+        with pytest.raises(KeyboardInterrupt):
+            train(model, rings, cfg, run=run, progress=False)
+        return None, run
+    return train(model, rings, cfg, run=run, progress=False), model
+
+
+@pytest.mark.parametrize("surrogate", ["smooth", "blind"])
+def test_resume_is_bit_identical(tmp_path, rings, surrogate):
+    # 1500 samples / 128 = 11 steps per epoch: checkpoints at 20 and 40 fall mid-epoch, and
+    # eval_every 25 is no multiple of 20, so the loss accumulators must survive the restart too
+    cfg = Config(steps=60, lr=1e-2, surrogate=surrogate, eval_every=25, checkpoint_every=20)
+    rows_a, model_a = run_to(tmp_path / "a", rings, cfg)
+    run_to(tmp_path / "b", rings, cfg, stop_after=2)
+    assert Run.open(tmp_path / "b", {"cfg": cfg.__dict__}, resume=True).resumed_state["step"] == 40
+    rows_b, model_b = run_to(tmp_path / "b", rings, cfg)
+    sa, sb = model_a.state_dict(), model_b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "wall_s"} for r in rows]  # noqa: E731
+    assert strip(rows_a) == strip(rows_b) == strip(Run(tmp_path / "b", {}).metrics())
+    assert [r["step"] for r in rows_b] == [25, 50, 60]
+
+
+def test_divergence_stops_with_a_clear_error_and_keeps_the_good_checkpoint(tmp_path, rings):
+    cfg = Config(steps=200, lr=1e30, surrogate="smooth", eval_every=1, checkpoint_every=1)
+    run = Run.open(tmp_path, {})
+    with pytest.raises(ValueError, match=r"diverged at step \d+.*lower --lr"):
+        train(deep(), rings, cfg, run=run, progress=False)
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_nan_data_stops_before_any_checkpoint(tmp_path, rings):
+    bad = load_dataset("rings", seed=0)
+    bad.x_train[:] = float("nan")
+    with pytest.raises(ValueError, match=r"calibrate layer 1.*std nan"):
+        train(deep(), bad, Config(steps=5), progress=False)
+    with pytest.raises(ValueError, match="diverged at step 1"):
+        train(deep(), bad, Config(steps=5, init_gain=None), run=Run.open(tmp_path, {}),
+              progress=False)
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_calibrate_sets_preactivation_scale_and_centres_layer_one(rings):
+    net = deep(sizes=(2, 64, 64, 2))
+    x = rings.x_train[:1000]
+    calibrate(net, x, gain=1.5)
+    with torch.no_grad():
+        trace = net.trace(x, "scaled")
+    assert float(trace[0][0].mean(0).abs().max()) < 1e-5
+    for u, _ in trace:
+        assert float(u.std()) == pytest.approx(1.5 * net.threshold, rel=1e-4)
+
+
+def test_lr_schedules():
+    cos = Config(steps=100, lr=0.1)
+    assert lr_at(cos, 0) == 0.1 and lr_at(cos, 50) == pytest.approx(0.05) and lr_at(cos, 99) < 1e-4
+    step = Config(steps=100, lr=0.1, schedule="step")
+    assert [lr_at(step, s) for s in (49, 50, 75)] == pytest.approx([0.1, 0.01, 0.001])
+    warm = Config(steps=100, lr=0.1, schedule="constant", warmup=10)
+    assert lr_at(warm, 0) == pytest.approx(0.01) and lr_at(warm, 9) == lr_at(warm, 60) == 0.1
+
+
+def adam_with_moments(values):
+    p = torch.nn.Parameter(torch.ones(len(values)))
+    opt = torch.optim.AdamW([p], lr=1e-3)
+    p.grad = torch.ones(len(values))
+    opt.step()
+    opt.state[p]["exp_avg"].copy_(torch.tensor(values))
+    p.grad = torch.zeros(len(values))
+    return p, opt
+
+
+@pytest.mark.skipif(not torch.set_flush_denormal(False), reason="CPU cannot flush subnormals")
+def test_adam_step_never_leaves_subnormal_moments_and_changes_nothing_else():
+    tiny = FORMATS["float32"].min_normal
+    p, opt = adam_with_moments([tiny / 4, -tiny / 2, tiny, 1.0])
+    backprop._step(opt, ftz=True)
+    m = opt.state[p]["exp_avg"]
+    assert m[:3].tolist() == [0.0, 0.0, 0.0] and m[3] > 0.5  # 0.9 * tiny would be subnormal
+    # where every value stays normal, the step is bit for bit the plain one
+    normal = [1e-3, -2.0, 3e-30, 0.5]
+    runs = [adam_with_moments(normal) for _ in range(2)]
+    backprop._step(runs[0][1], ftz=True)
+    backprop._step(runs[1][1], ftz=False)
+    (pa, oa), (pb, ob) = runs
+    assert torch.equal(pa, pb) and torch.equal(oa.state[pa]["exp_avg"], ob.state[pb]["exp_avg"])
+
+
+@pytest.mark.parametrize(("model", "cfg", "match"), [
+    (lambda: deep(sizes=(3, 8, 2)), Config(), "features"),
+    (lambda: MLP([2, 8, 2]), Config(surrogate="exact"), "needs a deep linear"),
+    (lambda: deep(), Config(batch_size=10**6), "exceeds"),
+    (lambda: deep(), Config(surrogate="relu"), "unknown surrogate"),
+    (lambda: deep(), Config(schedule="linear"), "unknown schedule"),
+    (lambda: deep(), Config(lr=0.0), "lr > 0"),
+])
+def test_bad_settings_are_one_line_errors(rings, model, cfg, match):
+    with pytest.raises(ValueError, match=match):
+        train(model(), rings, cfg, progress=False)

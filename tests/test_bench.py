@@ -1,0 +1,109 @@
+"""The bench machinery on tiny nets: it runs, reports sane figures, and counts FLOPs right.
+
+No timing is asserted (the CI machine is shared and noisy); only that every figure is a positive
+finite number and that the derived ones follow from the measured ones.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from deeplinear.bench import (
+    BenchConfig,
+    executed_flops,
+    format_report,
+    forward_flops,
+    net_sizes,
+    peak_memory,
+    run_bench,
+)
+from deeplinear.cli import main
+
+TINY = BenchConfig.quick(nets=("6,8,8,4",), pops=(4,), batches=(3,), ftz_pop=4, exact_batch=5,
+                         min_time=0.0, repeats=1, peak_n=64)
+
+
+def test_forward_flops_counts_two_per_weight_per_example():
+    assert forward_flops((2, 3, 4), 5) == 2 * 5 * (2 * 3 + 3 * 4)
+    # the 2017 net: 784*512 + 512*512 + 512*10 = 668,672 weights -> 134 MFLOP at batch 100
+    assert forward_flops(net_sizes("2017"), 100) == 133_734_400
+
+
+def test_executed_flops_full_rank_is_the_nominal_count():
+    assert executed_flops((2, 3, 4), 5, 6, rank=0) == 6 * forward_flops((2, 3, 4), 5)
+
+
+def test_executed_flops_low_rank_shares_layer_one():
+    # x @ W1 once; per pair (x@A)@B.T at layer 1; per member h@W2 and (h@A)@B.T at layer 2
+    b, pop, r = 5, 6, 1
+    want = 2 * b * 2 * 3 + 3 * 2 * b * r * (2 + 3) + 6 * 2 * b * (3 * 4 + r * (3 + 4))
+    assert executed_flops((2, 3, 4), b, pop, r) == want
+
+
+def test_net_sizes_by_name_or_widths():
+    assert net_sizes("small") == (64, 256, 256, 10)
+    assert net_sizes("6,8,4") == (6, 8, 4)
+    with pytest.raises(ValueError, match="unknown net"):
+        net_sizes("big")
+
+
+@pytest.mark.parametrize("bad", [{"pops": (3,)}, {"modes": ("dense",)}, {"device": "tpu"},
+                                 {"batches": (0,)}, {"nets": ("x",)}, {"threads": 0}])
+def test_bad_config_is_a_value_error(bad):
+    with pytest.raises(ValueError):
+        BenchConfig(**bad)
+
+
+def test_peak_memory_sees_a_fresh_allocation():
+    with peak_memory("cpu") as mem:
+        x = torch.ones(16 << 20)  # 64 MiB, every page touched
+    del x
+    if mem["bytes"] is None:
+        pytest.skip("no /proc/self/clear_refs here")
+    assert mem["bytes"] >= 60 * 2**20
+
+
+def _positive_finite(d, keys):
+    for k in keys:
+        assert math.isfinite(d[k]) and d[k] > 0, (k, d[k])
+
+
+def test_run_bench_reports_every_section():
+    r = run_bench(TINY)
+    assert r["engine_error"] is None
+    assert {"cpu", "cores", "threads", "torch"} <= set(r["machine"])
+    _positive_finite(r["peak"], ["gflops"])
+    assert len(r["rows"]) == 2  # full and low-rank
+    for row in r["rows"]:
+        _positive_finite(row, ["s_per_gen", "s_eval", "gens_per_s", "member_evals_per_s",
+                               "gflops", "exec_gflops", "frac_of_peak"])
+        assert row["frac_of_peak"] == pytest.approx(row["exec_gflops"] / r["peak"]["gflops"])
+        assert row["gflop_per_gen"] == pytest.approx(4 * forward_flops((6, 8, 8, 4), 3) / 1e9)
+        assert row["gflops"] == pytest.approx(row["gflop_per_gen"] / row["s_eval"])
+        assert row["member_evals_per_s"] == pytest.approx(4 / row["s_eval"])
+        assert row["peak_mem_bytes"] is None or row["peak_mem_bytes"] >= 0
+    assert [row["rank"] for row in r["rows"]] == [0, 1]
+    for f in r["ftz_share"]:
+        _positive_finite(f, ["s_eval_ftz", "s_eval_identity"])
+        assert f["ftz_share"] < 1
+    (e,) = r["exact"]
+    _positive_finite(e, ["s_exact", "s_scaled", "slowdown"])
+    assert e["argmax_agree"] == 1.0  # the two modes compute the same function at init
+    text = format_report(r)
+    assert "sgemm peak" in text and "GFLOP/s" in text and "FTZ" in text
+
+
+def test_cli_prints_json(capsys):
+    assert main(["bench", "--quick", "--nets", "6,8,4", "--pops", "2", "--batches", "2",
+                 "--min-time", "0", "--peak-n", "32", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["settings"]["nets"] == ["6,8,4"] and len(r["rows"]) == 2
+
+
+def test_cli_bad_input_exits_2(capsys):
+    assert main(["bench", "--pops", "3"]) == 2
+    assert "even" in capsys.readouterr().err

@@ -1,0 +1,152 @@
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from deeplinear.arithmetic import PRESETS
+from deeplinear.cli import main
+
+TINY = ["--dataset", "rings", "--sizes", "2,16,16,2", "--lr", "0.01", "--quiet"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny nets gain nothing from threads, and on a loaded machine idle OpenMP workers cost 10x;
+    the killed subprocess and the in-process runs also agree on the thread count this way."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def train(tmp_path, *extra, name="run"):
+    out = tmp_path / name
+    return main(["train", *TINY, "--out", str(out), *extra]), out
+
+
+@pytest.fixture(scope="module")
+def float_aware_run(tmp_path_factory):
+    rc, out = train(tmp_path_factory.mktemp("fa"), "--steps", "150", "--eval-every", "50")
+    assert rc == 0
+    return out
+
+
+def test_train_writes_a_complete_run_directory(float_aware_run, capsys):
+    out = float_aware_run
+    assert {p.name for p in out.iterdir()} >= {"config.json", "metrics.jsonl", "checkpoint.pt",
+                                               "final.pt"}
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["method"] == "float-aware" and cfg["trainer"]["surrogate"] == "smooth"
+    rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [50, 100, 150]
+    final = torch.load(out / "final.pt", weights_only=False)
+    assert final["model"] == {"kind": "deeplinear", "sizes": [2, 16, 16, 2], "scale_exp": 125}
+    assert final["semantics"]["underflow"] == "ftz" and final["method"] == "float-aware"
+    assert set(final["results"]["test_acc"]) == {*PRESETS, "collapsed"}
+
+
+def test_eval_reproduces_the_final_accuracies(float_aware_run, capsys):
+    final = torch.load(float_aware_run / "final.pt", weights_only=False)
+    capsys.readouterr()
+    assert main(["eval", str(float_aware_run / "final.pt"), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["test_acc"] == final["results"]["test_acc"]
+    assert main(["eval", str(float_aware_run), "--semantics", "IEEE"]) == 0
+    out = capsys.readouterr().out
+    ieee = final["results"]["test_acc"]["IEEE"]
+    assert "IEEE" in out and f"{100 * ieee:.2f}%" in out
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--method", "es", "--model", "mlp"], "needs --model deeplinear"),
+    (["--method", "float-aware", "--model", "softmax", "--sizes", "2,2"], "needs --model deep"),
+    (["--sizes", "3,8,2"], "must start with 2"),
+    (["--sizes", "2,8,3"], "end with 2"),
+    (["--model", "softmax", "--method", "backprop", "--sizes", "2,8,2"], "no hidden layer"),
+    (["--method", "backprop", "--surrogate", "exact"], "--surrogate applies to"),
+    (["--method", "backprop", "--pop", "10"], "--pop does not apply"),
+    (["--steps", "0"], ">= 1"),
+    (["--resume"], "no checkpoint"),
+])
+def test_impossible_configs_exit_2_with_one_line(tmp_path, capsys, argv, message):
+    rc = main(["train", "--dataset", "rings", "--quiet", "--out", str(tmp_path / "x"), *argv])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and message in err
+
+
+def test_existing_run_is_not_overwritten(float_aware_run, capsys):
+    assert main(["train", *TINY, "--steps", "150", "--out", str(float_aware_run)]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_eval_errors(tmp_path, float_aware_run, capsys):
+    assert main(["eval", str(tmp_path / "missing.pt")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    assert main(["eval", str(tmp_path / "junk.pt")]) == 2
+    assert "corrupt" in capsys.readouterr().err
+    payload = torch.load(float_aware_run / "final.pt", weights_only=False)
+    next(iter(payload["state_dict"].values()))[0] = float("nan")
+    torch.save(payload, tmp_path / "nan.pt")
+    assert main(["eval", str(tmp_path / "nan.pt")]) == 2
+    assert "non-finite" in capsys.readouterr().err
+    assert main(["eval", str(float_aware_run), "--semantics", "FP8"]) == 2
+    assert "unknown semantics" in capsys.readouterr().err
+
+
+def test_baselines_train_and_evaluate(tmp_path, capsys):
+    for model, sizes in (("mlp", "2,16,2"), ("softmax", "2,2")):
+        rc, out = train(tmp_path, "--model", model, "--method", "backprop", "--sizes", sizes,
+                        "--steps", "30", name=model)
+        final = torch.load(out / "final.pt", weights_only=False)
+        capsys.readouterr()
+        assert rc == 0 and main(["eval", str(out), "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["test_acc"] == final["results"]["test_acc"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deeplinear.train.es") is None,
+                    reason="deeplinear.train.es is not there yet")
+def test_es_method_dispatches(tmp_path, capsys):
+    rc, out = train(tmp_path, "--method", "es", "--steps", "3", "--pop", "8", "--batch-size", "32")
+    assert rc == 0
+    final = torch.load(out / "final.pt", weights_only=False)
+    assert final["method"] == "es" and "TF_GPU" in final["results"]["test_acc"]
+    assert json.loads((out / "config.json").read_text())["trainer"]["pop"] == 8
+
+
+def test_sigkill_then_resume_is_bit_identical(tmp_path):
+    """A real kill: a subprocess runs the CLI and gets SIGKILL once its first checkpoint is on
+    disk; ``--resume`` then finishes the run, which must equal an uninterrupted one bit for bit."""
+    args = [*TINY, "--steps", "400", "--checkpoint-every", "20", "--eval-every", "150"]
+    killed = tmp_path / "killed"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "deeplinear", "train", *args, "--out",
+                             str(killed)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not (killed / "checkpoint.pt").exists():
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "no checkpoint after 120 s"
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (killed / "final.pt").exists(), "the run finished before the kill"
+    step = torch.load(killed / "checkpoint.pt", weights_only=False)["step"]
+    assert 20 <= step < 400
+    assert main(["train", *args, "--out", str(killed), "--resume"]) == 0
+    assert main(["train", *args, "--out", str(tmp_path / "whole")]) == 0
+    a = torch.load(killed / "final.pt", weights_only=False)["state_dict"]
+    b = torch.load(tmp_path / "whole" / "final.pt", weights_only=False)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows = lambda d: [{k: v for k, v in json.loads(r).items() if k != "wall_s"}  # noqa: E731
+                      for r in (d / "metrics.jsonl").read_text().splitlines()]
+    assert rows(killed) == rows(tmp_path / "whole")

@@ -1,0 +1,130 @@
+import contextlib
+import copy
+
+import pytest
+import torch
+
+from deeplinear import es
+from deeplinear.arithmetic import CPU_FTZ_DAZ, IEEE, TF_GPU
+from deeplinear.engine import Engine, inplace_rule, member_losses
+from deeplinear.nets import DeepLinear
+
+SIZES = [24, 40, 32, 5]
+BATCH = 19
+
+
+@contextlib.contextmanager
+def one_thread():
+    """The reference kernel: bmm runs every product single-threaded (see deeplinear.engine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def setup(semantics=TF_GPU, rank=0, pop=10, sigma=0.3, sizes=SIZES, table_size=1 << 16):
+    net = DeepLinear(sizes, semantics=semantics, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # biases large enough that hidden ones survive their own flush
+        for b in net.biases:
+            b.normal_(0, 0.8, generator=torch.Generator().manual_seed(1))
+    layout = es.Layout.of(sizes)
+    s = es.Strategy(layout, pop=pop, sigma=sigma, rank=rank, table_size=table_size)
+    pop_ = es.ask(s, es.init(s, layout.flatten(net)))
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(BATCH, sizes[0], generator=g) * 2
+    y = torch.randint(0, sizes[-1], (BATCH,), generator=g)
+    return net, s, pop_, x, y
+
+
+def one_by_one(net, pop, x):
+    """Reference: load each member into a copy of the net and run its scaled forward pass."""
+    m = copy.deepcopy(net)
+    outs = []
+    for j in range(pop.size):
+        pop.strategy.layout.load(pop.member(j), m)
+        outs.append(m(x, mode="scaled"))
+    return torch.stack(outs)
+
+
+@pytest.mark.parametrize("semantics", [TF_GPU, IEEE, CPU_FTZ_DAZ], ids=["tf_gpu", "ieee", "daz"])
+def test_full_rank_is_bit_identical_to_the_net_member_by_member(semantics):
+    net, s, pop, x, y = setup(semantics)
+    engine = Engine(net, s)
+    out = engine.logits(pop, x)
+    with one_thread():
+        ref = one_by_one(net, pop, x)
+    assert torch.equal(out, ref)
+    if semantics.flushes:
+        assert (out == 0).any() and (out != 0).any()  # the rule really acted
+    assert torch.equal(engine.losses(pop, x, y), member_losses(ref, y))
+
+
+def test_full_rank_2017_shapes_are_bit_identical_to_the_net():
+    net, s, pop, x, _y = setup(sizes=[784, 512, 10], pop=4, sigma=0.1, table_size=1 << 20)
+    x = torch.rand(100, 784, generator=torch.Generator().manual_seed(3))
+    with one_thread():
+        ref = one_by_one(net, pop, x)
+    assert torch.equal(Engine(net, s).logits(pop, x), ref)
+
+
+@pytest.mark.parametrize("rank", [0, 2])
+def test_chunking_does_not_change_a_bit(rank):
+    net, s, pop, x, y = setup(rank=rank, pop=14)
+    whole = Engine(net, s).losses(pop, x, y, with_accuracy=True)
+    for chunk in (2, 4, 6):
+        parts = Engine(net, s, chunk=chunk).losses(pop, x, y, with_accuracy=True)
+        assert all(torch.equal(a, b) for a, b in zip(whole, parts, strict=True))
+    assert Engine(net, s, max_bytes=1).members_per_chunk(BATCH) == 2
+
+
+@pytest.mark.parametrize("semantics", [TF_GPU, CPU_FTZ_DAZ], ids=["tf_gpu", "daz"])
+def test_lowrank_is_exactly_its_claimed_formulation(semantics):
+    """``h @ W +- (h @ A) @ Bs.T``, then bias and rule as in the net's scaled mode."""
+    net, s, pop, x, _y = setup(semantics, rank=3)
+    rule, layout = net.under(), s.layout
+    factors = pop.lowrank_factors(range(s.pairs))
+    refs = []
+    with one_thread():
+        for j in range(pop.size):
+            p, sign = j // 2, 1 - 2 * (j % 2)
+            h = x
+            for i, (a, bs, db) in enumerate(factors):
+                w, b = layout.layer(pop.theta, i)
+                m = h @ w
+                m = m + (h @ a[p]) @ bs[p].T if sign > 0 else m - (h @ a[p]) @ bs[p].T
+                bj = b + db[p] if sign > 0 else b - db[p]
+                u = m + bj if i == 0 else (rule(m) if semantics is CPU_FTZ_DAZ else m) + rule(bj)
+                h = rule(u)
+            refs.append(h)
+    assert torch.equal(Engine(net, s).logits(pop, x), torch.stack(refs))
+
+
+def test_lowrank_matches_the_explicit_perturbed_net_to_float_tolerance():
+    net, s, pop, x, _y = setup(IEEE, rank=2)  # IEEE: no threshold a rounding error could cross
+    out = Engine(net, s).logits(pop, x)
+    ref = one_by_one(net, pop, x)  # x @ (W + A @ Bs.T), materialised
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(out, one_by_one(net, es.ask(s, es.init(s, pop.theta * 1.01)), x))
+
+
+def test_inplace_rule_is_the_dead_zone():
+    net = DeepLinear([2, 3, 2])
+    t = net.threshold
+    below = torch.nextafter(torch.tensor(t), torch.tensor(0.0)).item()
+    u = torch.tensor([0.0, -0.0, t, -t, below, -below, 2 * t, float("nan"), float("inf"),
+                      -float("inf"), 1e-30, -3.0])
+    expected = net.under()(u)
+    got = inplace_rule(net)(u.clone())
+    assert torch.equal(got.nan_to_num(7.0), expected.nan_to_num(7.0))
+
+
+def test_engine_refuses_mismatched_inputs():
+    net, s, pop, x, y = setup()
+    with pytest.raises(ValueError, match="do not match"):
+        Engine(DeepLinear([24, 8, 5]), s)
+    with pytest.raises(ValueError, match="batch, 24"):
+        Engine(net, s).losses(pop, x[:, :3], y)
+    with pytest.raises(ValueError, match="even"):
+        Engine(net, s, chunk=3)

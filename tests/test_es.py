@@ -1,0 +1,186 @@
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from deeplinear import es
+from deeplinear.nets import DeepLinear
+
+TABLE = 1 << 16
+
+
+def strategy(sizes=(3, 5, 4, 2), **kw) -> es.Strategy:
+    kw.setdefault("table_size", TABLE)
+    kw.setdefault("pop", 8)
+    return es.Strategy(es.Layout.of(sizes), **kw)
+
+
+# --- fitness shaping --------------------------------------------------------------------------
+
+finite = st.floats(-1e6, 1e6, allow_nan=False, width=32)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(finite, min_size=2, max_size=40))
+def test_centered_ranks_sum_to_zero_lie_in_range_and_keep_order(values):
+    x = torch.tensor(values)
+    r = es.centered_ranks(x)
+    assert abs(float(r.double().sum())) < 1e-4
+    assert float(r.min()) >= -0.5 and float(r.max()) <= 0.5
+    for i in range(len(values)):
+        for j in range(len(values)):
+            if values[i] < values[j]:
+                assert r[i] < r[j]
+            elif values[i] == values[j]:
+                assert r[i] == r[j]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(-1000, 1000), min_size=2, max_size=30, unique=True))
+def test_centered_ranks_ignore_monotone_transforms_and_span_the_range(values):
+    x = torch.tensor(values, dtype=torch.float64)
+    r = es.centered_ranks(x)
+    assert torch.equal(r, es.centered_ranks(torch.exp(x / 100) * 3 - 7))
+    assert float(r.min()) == -0.5 and float(r.max()) == 0.5
+
+
+def test_non_finite_losses_rank_worst_and_all_non_finite_is_an_error():
+    r = es.shaped_fitness(torch.tensor([1.0, float("nan"), 0.5, float("inf"), 2.0]))
+    assert r[1] == r[3] == r.max() and r[2] == r.min()
+    with pytest.raises(es.DivergedError, match="generation 7"):
+        es.shaped_fitness(torch.tensor([float("nan"), float("inf")]), generation=7)
+
+
+# --- layout -----------------------------------------------------------------------------------
+
+
+def test_layout_round_trips_a_net_and_scales_by_fan_in():
+    net = DeepLinear([3, 5, 2], generator=torch.Generator().manual_seed(0))
+    layout = es.Layout.of(net.sizes)
+    flat = layout.flatten(net)
+    assert flat.shape == (3 * 5 + 5 + 5 * 2 + 2,)
+    w, b = layout.layer(flat, 1)
+    assert torch.equal(w, net.weights[1].detach()) and torch.equal(b, net.biases[1].detach())
+    other = DeepLinear([3, 5, 2], generator=torch.Generator().manual_seed(1))
+    layout.load(flat, other)
+    assert torch.equal(layout.flatten(other), flat)
+    s = layout.scale("fan_in")
+    assert torch.equal(layout.layer(s, 0)[0], torch.full((3, 5), 1 / math.sqrt(3)))
+    assert torch.equal(layout.layer(s, 1)[1], torch.ones(2))
+    with pytest.raises(ValueError, match="does not match"):
+        es.Layout.of([3, 4, 2]).flatten(net)
+
+
+# --- noise ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rank", [0, 2])
+def test_antithetic_members_are_centre_plus_minus_one_draw(rank):
+    s = strategy(rank=rank, sigma=0.3)
+    state = es.init(s, torch.randn(s.layout.n))
+    pop = es.ask(s, state)
+    for p in range(s.pairs):
+        d = pop.delta(p)
+        assert torch.equal(pop.member(2 * p), state.theta + d)
+        assert torch.equal(pop.member(2 * p + 1), state.theta - d)
+        assert d.abs().max() > 0
+
+
+@pytest.mark.parametrize("rank", [0, 2])
+def test_noise_is_a_pure_function_of_seed_generation_and_pair(rank):
+    s = strategy(rank=rank, pop=6, seed=3)
+    theta = torch.randn(s.layout.n)
+    first = [es.ask(s, es.init(s, theta)).member(j) for j in range(6)]
+    es.noise_table.cache_clear()  # the table itself is regenerated from the seed
+    fresh = strategy(rank=rank, pop=10, seed=3)  # more pairs: the first ones do not change
+    again = es.ask(fresh, es.init(fresh, theta))
+    assert all(torch.equal(m, again.member(j)) for j, m in enumerate(first))
+    later = es.init(s, theta)
+    later.generation = 1
+    assert es.ask(s, later).offsets != es.ask(s, es.init(s, theta)).offsets
+    assert strategy(rank=rank, pop=6, seed=4).offsets(0) != s.offsets(0)
+
+
+def test_lowrank_perturbation_is_a_scaled_outer_product():
+    s = strategy(sizes=(6, 7, 3), rank=2, sigma=0.5)
+    pop = es.ask(s, es.init(s, torch.zeros(s.layout.n)))
+    a, _bs, _ = pop.lowrank_factors([1])[0]
+    noise = pop.noise([1])[0]
+    b = noise[6 * 2:(6 + 7) * 2].view(7, 2)
+    expected = a[0] @ b.T * (0.5 / math.sqrt(6) / math.sqrt(2))
+    w, _ = s.layout.layer(pop.delta(1), 0)
+    torch.testing.assert_close(w, expected)
+
+
+# --- gradient and tell ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rank", [0, 1, 3])
+def test_gradient_is_the_rank_weighted_sum_of_the_perturbations(rank):
+    s = strategy(rank=rank, pop=12, sigma=0.2)
+    pop = es.ask(s, es.init(s, torch.randn(s.layout.n)))
+    losses = torch.randn(pop.size)
+    r = es.shaped_fitness(losses)
+    expected = sum((r[2 * p] - r[2 * p + 1]) * pop.delta(p) for p in range(s.pairs))
+    expected = expected / (s.scale * pop.sigma) / (pop.size * pop.sigma)
+    torch.testing.assert_close(es.gradient(pop, losses), expected, rtol=1e-4, atol=1e-5)
+    swapped = losses.view(-1, 2).flip(1).reshape(-1)  # antithetic symmetry: the sign flips
+    torch.testing.assert_close(es.gradient(pop, swapped), -es.gradient(pop, losses))
+    assert torch.equal(es.gradient(pop, torch.ones(pop.size)), torch.zeros(s.layout.n))
+
+
+@pytest.mark.parametrize("rank", [0, 2])
+def test_tell_minimises_the_sphere_function(rank):
+    s = strategy(sizes=(8, 8, 4), rank=rank, pop=40, sigma=0.1, lr=0.05, sigma_scale="none")
+    target = torch.linspace(-1, 1, s.layout.n)
+    state = es.init(s, torch.zeros(s.layout.n))
+
+    def sphere(theta):
+        return float(((theta - target) ** 2).sum())
+
+    before = sphere(state.theta)
+    for _ in range(150):
+        pop = es.ask(s, state)
+        es.tell(s, state, pop, torch.tensor([sphere(pop.member(j)) for j in range(pop.size)]))
+    assert sphere(state.theta) < 0.1 * before
+    assert state.generation == 150
+
+
+def test_tell_survives_nan_members_and_refuses_a_stale_population():
+    s = strategy(pop=8)
+    state = es.init(s, torch.zeros(s.layout.n))
+    pop = es.ask(s, state)
+    losses = torch.arange(8.0)
+    losses[[1, 4]] = float("nan")
+    es.tell(s, state, pop, losses)
+    assert torch.isfinite(state.theta).all() and state.theta.abs().max() > 0
+    with pytest.raises(ValueError, match="ask again"):
+        es.tell(s, state, pop, losses)
+
+
+def test_weight_decay_pulls_towards_zero_when_the_loss_is_flat():
+    s = strategy(pop=4, weight_decay=1.0, lr=0.1)
+    state = es.init(s, torch.ones(s.layout.n))
+    for _ in range(5):
+        es.tell(s, state, es.ask(s, state), torch.zeros(4))
+    assert (state.theta < 1).all()
+
+
+def test_sigma_schedule_decays_to_a_floor_and_state_round_trips():
+    s = strategy(sigma=1.0, sigma_decay=0.5, sigma_min=0.2)
+    assert [s.sigma_at(g) for g in range(4)] == [1.0, 0.5, 0.25, 0.2]
+    state = es.init(s, torch.randn(s.layout.n))
+    es.tell(s, state, es.ask(s, state), torch.randn(s.pop))
+    back = es.State.from_state_dict(state.state_dict())
+    assert back.generation == 1 and torch.equal(back.m, state.m) and torch.equal(back.v, state.v)
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"pop": 7}, "even"), ({"sigma": 0.0}, "sigma"), ({"lr": -1.0}, "lr"),
+    ({"rank": -1}, "rank"), ({"sigma_scale": "x"}, "sigma_scale"), ({"table_size": 10}, "small"),
+])
+def test_bad_hyperparameters_are_clear_errors(kw, match):
+    with pytest.raises(ValueError, match=match):
+        strategy(**kw)

@@ -1,0 +1,67 @@
+import pytest
+import torch
+
+from deeplinear import evaluate
+from deeplinear.arithmetic import IEEE, PRESETS, TF_GPU, Semantics
+from deeplinear.collapse import collapse
+from deeplinear.data import Dataset
+from deeplinear.nets import MLP, DeepLinear
+
+
+def toy_data(n: int = 300, d: int = 6, k: int = 3, seed: int = 0) -> Dataset:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2 * n, d, generator=g)
+    y = torch.randint(0, k, (2 * n,), generator=g)
+    return Dataset("toy", x[:n], y[:n], x[n:], y[n:], k, (d,))
+
+
+def net(seed: int = 0, sem: Semantics = TF_GPU) -> DeepLinear:
+    return DeepLinear([6, 32, 32, 3], semantics=sem, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("mode", ["scaled", "exact"])
+def test_batched_accuracy_equals_one_batch(mode):
+    data, model = toy_data(), net()
+    whole = evaluate.accuracy(model, data.x_test, data.y_test, mode, batch_size=10_000)
+    pred = model(data.x_test, mode=mode).argmax(1)
+    assert whole == float((pred == data.y_test).double().mean())
+    assert evaluate.accuracy(model, data.x_test, data.y_test, mode, batch_size=7) == whole
+
+
+def test_accuracy_of_a_baseline_ignores_mode():
+    data = toy_data()
+    torch.manual_seed(0)
+    mlp = MLP([6, 16, 3])
+    a = evaluate.accuracy(mlp, data.x_test, data.y_test)
+    assert a == evaluate.accuracy(mlp, data.x_test, data.y_test, "exact", batch_size=11)
+
+
+def test_accuracy_of_nothing_is_an_error():
+    with pytest.raises(ValueError, match="empty"):
+        evaluate.accuracy(net(), torch.empty(0, 6), torch.empty(0, dtype=torch.long))
+
+
+def test_portability_covers_every_preset_and_the_collapse_without_touching_the_net():
+    data, model = toy_data(), net()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    res = evaluate.portability(model, data)
+    assert res["own"] == "TF_GPU"
+    assert set(res["test_acc"]) == {*PRESETS, "collapsed"}
+    assert res["test_acc"]["TF_GPU"] == evaluate.accuracy(model, data.x_test, data.y_test, "exact")
+    assert model.semantics == TF_GPU
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # under IEEE at k=125 the net is its collapse up to rounding: same predictions, nearly always
+    w, b = collapse(model)
+    ieee = DeepLinear([6, 32, 32, 3], semantics=IEEE)
+    ieee.load_state_dict(model.state_dict())
+    agree = (ieee(data.x_test, mode="exact").argmax(1)
+             == (data.x_test.double() @ w + b).argmax(1)).double().mean()
+    assert agree > 0.99
+    assert abs(res["test_acc"]["IEEE"] - res["test_acc"]["collapsed"]) <= 1 - agree + 1e-12
+
+
+def test_portability_names_a_custom_semantics():
+    sem = Semantics("float32", "ftz", "all")
+    assert sem not in PRESETS.values()
+    res = evaluate.portability(net(sem=sem), toy_data())
+    assert res["own"] == "custom" and set(res["test_acc"]) == {"custom", *PRESETS, "collapsed"}

@@ -1,0 +1,48 @@
+import json
+
+import pytest
+
+from deeplinear.cli import main
+from deeplinear.reproduce import Budget, reproduce
+
+TINY = Budget(backprop_steps=30, es_steps=4, es_pop=8)
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reproduce")
+    reproduce(("checkerboard",), TINY, out, seed=0)
+    return out
+
+
+def test_writes_results_report_and_plots(out):
+    results = json.loads((out / "results.json").read_text())
+    task = results["tasks"][0]
+    assert set(task["methods"]) == {
+        "softmax regression", "deep linear, float-blind backprop", "deep linear, OpenAI-ES",
+        "deep linear, float-aware backprop", "ReLU MLP"}
+    aware = task["methods"]["deep linear, float-aware backprop"]
+    assert aware["evaluated_in"].startswith("exact")
+    assert set(aware["portability"]["test_acc"]) >= {"TF_GPU", "IEEE", "CPU_FTZ_DAZ", "collapsed"}
+    assert aware["test_acc"] == aware["portability"]["test_acc"]["TF_GPU"]
+    for plot in task["plots"]:
+        assert (out / plot).read_bytes().startswith(b"\x89PNG")
+    assert any(p.endswith("_regions.png") for p in task["plots"])
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == len(task["plots"])
+    assert "Portability" in (out / "report.md").read_text()
+
+
+def test_resume_reuses_finished_methods(out):
+    final = out / "checkerboard" / "softmax-regression" / "final.pt"
+    before = final.stat().st_mtime_ns
+    again = reproduce(("checkerboard",), TINY, out, seed=0, resume=True)
+    assert final.stat().st_mtime_ns == before
+    first = json.loads((out / "results.json").read_text())["tasks"][0]["methods"]
+    assert again["tasks"][0]["methods"]["ReLU MLP"]["test_acc"] == first["ReLU MLP"]["test_acc"]
+
+
+def test_cli_rejects_unknown_dataset(capsys):
+    assert main(["reproduce", "--dataset", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown dataset nope" in err

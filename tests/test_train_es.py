@@ -1,0 +1,131 @@
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from sklearn.linear_model import LogisticRegression
+
+from deeplinear import es
+from deeplinear.data import load_dataset
+from deeplinear.nets import DeepLinear, SoftmaxRegression
+from deeplinear.runs import Run
+from deeplinear.train.es import Config, train
+
+SIZES = [2, 16, 16, 2]
+# one thread: a tiny net gains nothing from two, and on a busy 2-core machine OpenMP's waits
+# for a descheduled second thread made these runs 20x slower
+FAST = {"pop": 40, "batch_size": 256, "sigma": 0.03, "lr": 0.03, "table_size": 1 << 16,
+        "threads": 1}
+
+
+@pytest.fixture(autouse=True)
+def restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def rings():
+    return load_dataset("rings", seed=0)
+
+
+def net(seed=0):
+    return DeepLinear(SIZES, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("perturbation", ["full", "lowrank"])
+def test_es_learns_rings_far_beyond_the_best_linear_model(perturbation):
+    data = rings()
+    linear = LogisticRegression().fit(data.x_train.numpy(), data.y_train.numpy())
+    linear_acc = linear.score(data.x_test.numpy(), data.y_test.numpy())
+    model = net()
+    cfg = Config(steps=200, eval_every=100, perturbation=perturbation, **FAST)
+    rows = train(model, data, cfg, progress=False)
+    assert [r["step"] for r in rows] == [100, 200]
+    assert rows[-1]["test_acc"] > linear_acc + 0.2
+    exact = (model(data.x_test, mode="exact").argmax(1) == data.y_test).double().mean()
+    assert float(exact) > linear_acc + 0.2  # the ground truth agrees: the weights are in model
+
+
+CHILD = """
+import json, sys, torch
+from deeplinear.data import load_dataset
+from deeplinear.nets import DeepLinear
+from deeplinear.runs import Run
+from deeplinear.train.es import Config, train
+cfg = Config(**json.loads(sys.argv[1]))
+net = DeepLinear({sizes}, generator=torch.Generator().manual_seed(0))
+run = Run.open(sys.argv[2], json.loads(sys.argv[1]))
+train(net, load_dataset("rings", seed=0), cfg, run, progress=False)
+"""
+
+
+def test_resume_after_sigkill_is_bit_identical(tmp_path):
+    cfg = Config(steps=400, eval_every=5, checkpoint_every=5, **FAST)
+    config = dataclasses.asdict(cfg)
+    ref_net = net()
+    ref_rows = train(ref_net, rings(), cfg, Run.open(tmp_path / "ref", config), progress=False)
+
+    out = tmp_path / "killed"
+    script = CHILD.format(sizes=SIZES)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    child = subprocess.Popen([sys.executable, "-c", script, json.dumps(config), str(out)],
+                             env=env, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not (out / "checkpoint.pt").exists():
+        assert child.poll() is None, child.stderr.read().decode()
+        assert time.monotonic() < deadline, "no checkpoint within 60 s"
+        time.sleep(0.002)
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+
+    run = Run.open(out, config, resume=True)
+    assert 0 < run.resumed_state["step"] < cfg.steps  # really interrupted mid-run
+    resumed_net = net(seed=1)  # its initial weights must not matter
+    rows = train(resumed_net, rings(), cfg, run, progress=False)
+    assert all(torch.equal(a, b) for a, b in
+               zip(ref_net.state_dict().values(), resumed_net.state_dict().values(), strict=True))
+
+    def strip(rs):
+        return [{k: v for k, v in r.items() if k != "wall_s"} for r in rs]
+
+    assert strip(rows) == strip(ref_rows)
+    assert strip(run.metrics()) == strip(ref_rows)
+    final = Run.open(out, config, resume=True)  # a finished run resumes to the same end
+    assert strip(train(net(seed=2), rings(), cfg, final, progress=False)) == strip(ref_rows)
+
+
+def test_a_generation_with_no_finite_loss_stops_with_a_clear_error():
+    data = rings()
+    data.x_train[:] = float("nan")
+    with pytest.raises(es.DivergedError, match="generation 0"):
+        train(net(), data, Config(steps=3, init_gain=None, **FAST), progress=False)
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({"perturbation": "sparse"}, "perturbation"), ({"fitness": "reward"}, "fitness"),
+    ({"pop": 9}, "even"), ({"steps": 0}, "steps"), ({"init_gain": 0.0}, "init_gain"),
+    ({"batch_size": 10_000}, "batch_size"),
+])
+def test_bad_config_is_a_clear_error(changes, match):
+    with pytest.raises(ValueError, match=match):
+        train(net(), rings(), Config(**{**FAST, **changes}), progress=False)
+
+
+def test_refuses_models_it_cannot_train():
+    with pytest.raises(ValueError, match="deep linear"):
+        train(SoftmaxRegression(2, 2), rings(), Config(**FAST), progress=False)
+    with pytest.raises(ValueError, match="fix the sizes"):
+        train(DeepLinear([3, 8, 2]), rings(), Config(**FAST), progress=False)
+
+
+def test_fitness_error_and_progress_line(capsys):
+    cfg = Config(steps=20, eval_every=10, fitness="error", **FAST)
+    rows = train(net(), rings(), cfg, progress=True)
+    assert rows[-1]["step"] == 20 and 0 <= rows[-1]["test_acc"] <= 1
+    assert "es 20/20" in capsys.readouterr().err
