@@ -1,4 +1,3 @@
-import importlib.util
 import json
 import os
 import signal
@@ -72,10 +71,15 @@ def test_eval_reproduces_the_final_accuracies(float_aware_run, capsys):
     (["--method", "backprop", "--surrogate", "exact"], "--surrogate applies to"),
     (["--method", "backprop", "--pop", "10"], "--pop does not apply"),
     (["--steps", "0"], ">= 1"),
+    (["--init-gain", "big"], "expected a number or 'he'"),
+    (["--method", "float-aware", "--sigma-scale", "none"], "--sigma-scale does not apply"),
     (["--resume"], "no checkpoint"),
 ])
 def test_impossible_configs_exit_2_with_one_line(tmp_path, capsys, argv, message):
-    rc = main(["train", "--dataset", "rings", "--quiet", "--out", str(tmp_path / "x"), *argv])
+    try:
+        rc = main(["train", "--dataset", "rings", "--quiet", "--out", str(tmp_path / "x"), *argv])
+    except SystemExit as e:  # argparse's own checks
+        rc = e.code
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and message in err
 
@@ -110,14 +114,15 @@ def test_baselines_train_and_evaluate(tmp_path, capsys):
         assert json.loads(capsys.readouterr().out)["test_acc"] == final["results"]["test_acc"]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("deeplinear.train.es") is None,
-                    reason="deeplinear.train.es is not there yet")
 def test_es_method_dispatches(tmp_path, capsys):
-    rc, out = train(tmp_path, "--method", "es", "--steps", "3", "--pop", "8", "--batch-size", "32")
+    rc, out = train(tmp_path, "--method", "es", "--steps", "3", "--pop", "8", "--batch-size", "32",
+                    "--init-gain", "he", "--sigma-scale", "none", "--lr-decay", "0.99")
     assert rc == 0
     final = torch.load(out / "final.pt", weights_only=False)
     assert final["method"] == "es" and "TF_GPU" in final["results"]["test_acc"]
-    assert json.loads((out / "config.json").read_text())["trainer"]["pop"] == 8
+    trainer = json.loads((out / "config.json").read_text())["trainer"]
+    assert (trainer["pop"], trainer["init_gain"], trainer["sigma_scale"]) == (8, None, "none")
+    assert trainer["lr_decay"] == 0.99
 
 
 def test_sigkill_then_resume_is_bit_identical(tmp_path):

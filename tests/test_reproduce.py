@@ -5,7 +5,7 @@ import pytest
 from deeplinear.cli import main
 from deeplinear.reproduce import Budget, reproduce
 
-TINY = Budget(backprop_steps=30, es_steps=4, es_pop=8)
+TINY = Budget(backprop_steps=30, es={"steps": 4, "pop": 8})
 
 
 @pytest.fixture(scope="module")

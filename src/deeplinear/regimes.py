@@ -661,10 +661,13 @@ def study(dataset: str = "spirals", regimes: Sequence[Regime] = STUDY_REGIMES,
             gain = 2 * r.threshold / net.threshold
             t0 = time.perf_counter()
             if method == "OpenAI-ES":
-                cfg: Any = es.Config(seed=seed, steps=b.es_steps, pop=b.es_pop, init_gain=gain,
-                                     eval_every=b.es_steps)
+                steps, pop = b.es["steps"], b.es["pop"]
+                # sigma/lr from the spirals grid (fan-in-scaled sigma at init gain 2: 93% in
+                # 2000 generations); the gain is relative to each regime's own threshold
+                cfg: Any = es.Config(seed=seed, steps=steps, pop=pop, batch_size=256, sigma=0.03,
+                                     lr=0.03, init_gain=gain, eval_every=steps)
                 es.train(net, data, cfg, progress=progress)
-                detail = f"pop {b.es_pop}, {b.es_steps} generations"
+                detail = f"pop {pop}, {steps} generations"
             else:
                 kind = float_aware_surrogate(r)
                 cfg = backprop.Config(seed=seed, steps=b.backprop_steps, surrogate=kind,

@@ -42,17 +42,25 @@ DEFAULT_DATASETS = ("spirals", "digits")
 
 @dataclass(frozen=True)
 class Budget:
-    """Steps per method. ``quick`` keeps the default reproduction under 10 minutes on 2 cores."""
+    """Steps per method, and the ES settings that fit them.
+
+    ``quick`` keeps the default reproduction (spirals + digits) under 10 minutes on 2 cores. Its
+    ES settings (He init, unscaled sigma 0.02, Adam lr 0.003, pop 100, batch 256) reached 95.6%
+    on spirals in 4000 generations (25 s here); ``full`` is the setting measured on
+    Fashion-MNIST 784-512-512-10 (low-rank noise, pop 300: ~6 generations/s on one core).
+    """
 
     backprop_steps: int
-    es_steps: int
-    es_pop: int
+    es: dict[str, Any]
 
 
+_ES_SMALL = {"batch_size": 256, "sigma": 0.02, "sigma_scale": "none", "init_gain": None,
+             "lr": 0.003}
 BUDGETS = {
-    "smoke": Budget(backprop_steps=20, es_steps=4, es_pop=8),  # plumbing checks, not results
-    "quick": Budget(backprop_steps=1500, es_steps=400, es_pop=200),
-    "full": Budget(backprop_steps=20000, es_steps=3000, es_pop=500),
+    "smoke": Budget(20, {**_ES_SMALL, "steps": 4, "pop": 8}),  # plumbing checks, not results
+    "quick": Budget(10000, {**_ES_SMALL, "steps": 4000, "pop": 100}),
+    "full": Budget(20000, {"steps": 20000, "pop": 300, "perturbation": "lowrank", "rank": 1,
+                           "sigma": 0.03, "lr": 0.01}),
 }
 
 
@@ -77,9 +85,8 @@ def methods(budget: Budget, semantics: Semantics) -> list[Method]:
     return [
         Method("softmax regression", lambda s, g: SoftmaxRegression(s[0], s[-1]), backprop, bp),
         Method("deep linear, float-blind backprop", deep, backprop, {**bp, "surrogate": "blind"}),
-        Method("deep linear, OpenAI-ES", deep, es,
-               {"steps": budget.es_steps, "pop": budget.es_pop}),
-        Method("deep linear, float-aware backprop", deep, backprop, {**bp, "surrogate": "exact"}),
+        Method("deep linear, OpenAI-ES", deep, es, budget.es),
+        Method("deep linear, float-aware backprop", deep, backprop, {**bp, "surrogate": "smooth"}),
         Method("ReLU MLP", lambda s, g: MLP(s, "relu"), backprop, bp),
     ]
 

@@ -11,24 +11,26 @@ import argparse
 import importlib
 import os
 import sys
+from typing import NoReturn
 
 COMMANDS = ("probe", "train", "eval", "reproduce", "bench")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (with the fix: ``--help``), not a usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="deeplinear",
         description="Nonlinear computation in deep linear networks, through float underflow.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"deeplinear.cli.{name}")
-        except ModuleNotFoundError as e:
-            if e.name != f"deeplinear.cli.{name}":
-                raise
-            continue
-        module.add_parser(sub)
+        importlib.import_module(f"deeplinear.cli.{name}").add_parser(sub)
     return parser
 
 

@@ -34,7 +34,18 @@ TRAINER_FLAGS = {
     "schedule": "schedule", "init_gain": "init_gain", "tau": "tau", "eval_every": "eval_every",
     "checkpoint_every": "checkpoint_every", "eval_n": "eval_n", "pop": "pop", "sigma": "sigma",
     "perturbation": "perturbation", "rank": "rank", "threads": "threads",
+    "sigma_scale": "sigma_scale", "lr_decay": "lr_decay",
 }
+
+
+def init_gain(text: str) -> float | str:
+    """``--init-gain``: a positive number of thresholds, or ``he`` for plain He init."""
+    if text == "he":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'he', got {text!r}") from None
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -69,8 +80,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--lr", type=float)
     t.add_argument("--weight-decay", type=float, help="backprop only (decoupled, AdamW)")
     t.add_argument("--schedule", help="backprop only: cosine | step | constant")
-    t.add_argument("--init-gain", type=float,
-                   help="deep linear: pre-activation std at init, in dead-zone half-widths")
+    t.add_argument("--init-gain", type=init_gain,
+                   help="deep linear: pre-activation std at init, in dead-zone half-widths, "
+                   "or 'he' (He init, no calibration)")
     t.add_argument("--tau", type=float, help="smooth surrogate width, in half-widths")
     t.add_argument("--eval-every", type=int)
     t.add_argument("--checkpoint-every", type=int)
@@ -80,6 +92,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--perturbation", help="es only: full | lowrank")
     t.add_argument("--rank", type=int, help="es only: rank of lowrank perturbations")
     t.add_argument("--threads", type=int, help="es only: torch threads")
+    t.add_argument("--sigma-scale", choices=("fan_in", "none"),
+                   help="es only: divide sigma by sqrt(fan-in) per layer (default) or not")
+    t.add_argument("--lr-decay", type=float, help="es only: lr *= this every generation")
     d = p.add_argument_group("where es evaluates its population (deeplinear.distributed)")
     d.add_argument("--backend", default="local", help="local (default) | ray: Ray workers")
     d.add_argument("--ray-address", default=None, metavar="auto|HOST:PORT",
@@ -124,7 +139,7 @@ def make_config(trainer: ModuleType, args: argparse.Namespace, surrogate: str) -
         if field not in fields:
             raise ValueError(f"--{dest.replace('_', '-')} does not apply to --method "
                              f"{args.method}; drop it")
-        values[field] = value
+        values[field] = None if value == "he" else value
     if "surrogate" in fields:
         values["surrogate"] = surrogate
     cfg = trainer.Config(**values)
