@@ -155,3 +155,29 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
     rows = lambda d: [{k: v for k, v in json.loads(r).items() if k != "wall_s"}  # noqa: E731
                       for r in (d / "metrics.jsonl").read_text().splitlines()]
     assert rows(killed) == rows(tmp_path / "whole")
+
+
+def test_es_can_start_from_a_finished_run(float_aware_run, tmp_path, capsys):
+    """--init-from loads the weights as they are (no calibration): with a negligible lr the ES
+    run ends where the source run ended."""
+    rc, out = train(tmp_path, "--method", "es", "--steps", "2", "--pop", "8", "--lr", "1e-12",
+                    "--init-from", str(float_aware_run))
+    assert rc == 0
+    source = torch.load(float_aware_run / "final.pt", weights_only=False)["state_dict"]
+    final = torch.load(out / "final.pt", weights_only=False)["state_dict"]
+    for k, v in source.items():
+        torch.testing.assert_close(final[k], v, rtol=1e-6, atol=0)
+    config = json.loads((out / "config.json").read_text())
+    assert config["init_from"] == str(float_aware_run) and config["trainer"]["init_gain"] is None
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--sizes", "2,8,8,2"], "holds a deeplinear [2, 16, 16, 2]"),
+    (["--init-gain", "2"], "drop --init-gain"),
+])
+def test_init_from_refuses_what_it_cannot_use(float_aware_run, tmp_path, capsys, argv, message):
+    argv = ["train", *TINY, "--out", str(tmp_path / "x"), "--init-from", str(float_aware_run),
+            *argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err

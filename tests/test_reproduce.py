@@ -1,9 +1,10 @@
 import json
 
 import pytest
+import torch
 
 from deeplinear.cli import main
-from deeplinear.reproduce import Budget, reproduce
+from deeplinear.reproduce import Budget, default_threads, reproduce
 
 TINY = Budget(backprop_steps=30, es={"steps": 4, "pop": 8})
 
@@ -46,3 +47,8 @@ def test_cli_rejects_unknown_dataset(capsys):
     assert main(["reproduce", "--dataset", "nope"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "unknown dataset nope" in err
+
+
+def test_small_nets_run_on_one_thread():
+    assert default_threads([[2, 64, 64, 2], [64, 256, 256, 10]]) == 1
+    assert default_threads([[2, 64, 64, 2], [784, 512, 512, 10]]) == torch.get_num_threads()

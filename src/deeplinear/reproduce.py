@@ -152,48 +152,70 @@ def decision_grid(model: nn.Module, data: Dataset, n: int = 200) -> tuple[Any, A
     return xx.numpy(), yy.numpy(), zz.numpy()
 
 
+def run_task(name: str, data: Dataset, steps: Budget, semantics: Semantics, seed: int, out: Path,
+             resume: bool) -> dict[str, Any]:
+    """Every method on one dataset, then the task's plots."""
+    sizes = default_sizes(data)
+    task: dict[str, Any] = {
+        "dataset": name, "sizes": sizes,
+        "description": (f"{data.n_features} features, {data.n_classes} classes, "
+                        f"{len(data.y_train)} train / {len(data.y_test)} test; deep linear "
+                        f"sizes {'-'.join(map(str, sizes))}, scale 2^125."),
+        "methods": {},
+    }
+    models = {}
+    for m in methods(steps, semantics):
+        print(f"[{name}] {m.name}", flush=True)
+        models[m.name], task["methods"][m.name] = run_method(
+            m, data, sizes, seed, out / name / _slug(m.name), resume)
+    task["plots"] = [
+        plot_learning_curves(task, out / f"{name}_curves.png").name,
+        plot_occupancy(task, out / f"{name}_occupancy.png").name,
+    ]
+    aware = models["deep linear, float-aware backprop"]
+    task["plots"].append(probes.plot_implicit_activation(
+        out / f"{name}_activation.png", same_weights_under_presets(aware)).name)
+    if data.n_features == 2:
+        panels = {n: decision_grid(m, data) for n, m in models.items()}
+        task["plots"].append(plot_decision_regions(
+            panels, data.x_test.numpy(), data.y_test.numpy(),
+            out / f"{name}_regions.png").name)
+    return task
+
+
+def default_threads(sizes: list[list[int]]) -> int:
+    """One torch thread for nets up to 256 wide, torch's default for wider ones.
+
+    Why: the small nets' GEMMs gain nothing from a second thread, and each op's OpenMP barrier
+    stalls whenever another process holds a core. Measured here with one other job running:
+    float-aware backprop on 2-64-64-2 ran 54 steps/s with 2 threads and 520 with 1.
+    """
+    return 1 if max(max(s[1:-1]) for s in sizes) <= 256 else torch.get_num_threads()
+
+
 def reproduce(datasets: tuple[str, ...] = DEFAULT_DATASETS, budget: str | Budget = "quick",
               out: str | Path = "runs/reproduce", seed: int = 0, data_dir: str | None = None,
-              resume: bool = False, semantics: Semantics = TF_GPU) -> dict[str, Any]:
+              resume: bool = False, semantics: Semantics = TF_GPU,
+              threads: int | None = None) -> dict[str, Any]:
     if isinstance(budget, str) and budget not in BUDGETS:
         raise ValueError(f"unknown budget {budget!r}; use {' or '.join(BUDGETS)}")
     steps = BUDGETS[budget] if isinstance(budget, str) else budget
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    tasks = []
-    for name in datasets:
-        data = load_dataset(name, data_dir=data_dir, seed=seed)
-        sizes = default_sizes(data)
-        task: dict[str, Any] = {
-            "dataset": name, "sizes": sizes,
-            "description": (f"{data.n_features} features, {data.n_classes} classes, "
-                            f"{len(data.y_train)} train / {len(data.y_test)} test; deep linear "
-                            f"sizes {'-'.join(map(str, sizes))}, scale 2^125."),
-            "methods": {},
-        }
-        models = {}
-        for m in methods(steps, semantics):
-            print(f"[{name}] {m.name}", flush=True)
-            models[m.name], task["methods"][m.name] = run_method(
-                m, data, sizes, seed, out / name / _slug(m.name), resume)
-        task["plots"] = [
-            plot_learning_curves(task, out / f"{name}_curves.png").name,
-            plot_occupancy(task, out / f"{name}_occupancy.png").name,
-        ]
-        aware = models["deep linear, float-aware backprop"]
-        task["plots"].append(probes.plot_implicit_activation(
-            out / f"{name}_activation.png", same_weights_under_presets(aware)).name)
-        if data.n_features == 2:
-            panels = {n: decision_grid(m, data) for n, m in models.items()}
-            task["plots"].append(plot_decision_regions(
-                panels, data.x_test.numpy(), data.y_test.numpy(),
-                out / f"{name}_regions.png").name)
-        tasks.append(task)
+    loaded = [load_dataset(name, data_dir=data_dir, seed=seed) for name in datasets]
+    threads = threads or default_threads([default_sizes(d) for d in loaded])
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)  # once, before any parallel op (see deeplinear.train.es)
+    try:
+        tasks = [run_task(name, data, steps, semantics, seed, out, resume)
+                 for name, data in zip(datasets, loaded, strict=True)]
+    finally:
+        torch.set_num_threads(before)
     results = {
         "header": (f"Command: `deeplinear reproduce --budget {budget} --seed {seed} "
                    f"--dataset {','.join(datasets)}`. Machine: {cpu_model()}, "
-                   f"{torch.get_num_threads()} threads, torch {torch.__version__}. "
+                   f"{threads} torch thread(s), torch {torch.__version__}. "
                    f"Total wall time {time.perf_counter() - t0:.0f} s."),
         "tasks": tasks,
     }

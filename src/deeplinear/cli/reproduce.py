@@ -23,6 +23,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="methods: the 2017 table (default); regimes: every float nonlinearity "
                         "(FTZ dead zone, subnormal staircase, absorption, saturation) x ES and "
                         "float-aware backprop")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: 1 for nets up to 256 wide, else torch's own)")
     p.add_argument("--resume", action="store_true",
                    help="continue a killed reproduction: reuse finished methods, resume the rest")
     p.set_defaults(func=run)
@@ -36,8 +38,10 @@ def run(args: argparse.Namespace) -> int:
                          f"choose from {', '.join(DATASETS)}")
     if args.study == "regimes":
         return run_regimes_study(datasets, args)
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
     reproduce(datasets, args.budget, args.out, args.seed, args.data_dir, args.resume,
-              get_semantics(args.semantics))
+              get_semantics(args.semantics), args.threads)
     print(f"wrote {args.out}/results.json, report.md, report.html")
     return 0
 

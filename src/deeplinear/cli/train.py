@@ -73,6 +73,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of init, batches and noise")
     p.add_argument("--out", default=None, help="run directory (default runs/train/<name>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--init-from", default=None, metavar="RUN",
+                   help="start from the weights of a finished run (its final.pt or directory) "
+                   "of the same model and sizes, e.g. ES from a float-blind backprop net")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     t = p.add_argument_group("trainer settings (default: the trainer's Config)")
     t.add_argument("--steps", type=int, help="optimisation steps (es: generations)")
@@ -187,6 +190,18 @@ def build_model(kind: str, sizes: list[int], scale_exp: int = 125, semantics: An
     raise ValueError(f"unknown model {kind!r}; use {', '.join(MODELS)}")
 
 
+def load_weights(model: nn.Module, source: str, kind: str, sizes: list[int]) -> None:
+    """Copy a finished run's weights into ``model`` (``--init-from``); same model and sizes."""
+    from deeplinear.cli.eval import load_final
+
+    payload = load_final(source)
+    spec = payload["model"]
+    if spec["kind"] != kind or list(spec["sizes"]) != sizes:
+        raise ValueError(f"{source} holds a {spec['kind']} {spec['sizes']}, not a {kind} {sizes}; "
+                         "pass a run of the same model and --sizes")
+    model.load_state_dict(payload["state_dict"])
+
+
 def final_results(model: nn.Module, data: Any) -> dict[str, Any]:
     """Exact-mode accuracies of the trained model (portability table for a deep linear net)."""
     from deeplinear import evaluate
@@ -212,17 +227,23 @@ def run(args: argparse.Namespace) -> int:
 
     surrogate = check_method(args.model, args.method, args.surrogate)
     trainer = trainer_module(args.method)
+    if args.init_from is not None and args.init_gain is not None:
+        raise ValueError("--init-from starts from trained weights: drop --init-gain")
+    if args.init_from is not None:
+        args.init_gain = "he"  # no calibration: keep the loaded weights as they are
     cfg = make_config(trainer, args, surrogate)
     semantics = get_semantics(args.semantics)
     data = load_dataset(args.dataset, data_dir=args.data_dir, seed=args.data_seed,
                         n_train=args.n_train, n_test=args.n_test)
     sizes = resolve_sizes(args, data.n_features, data.n_classes, args.dataset)
     model = build_model(args.model, sizes, args.scale_exp, semantics, args.seed)
+    if args.init_from is not None:
+        load_weights(model, args.init_from, args.model, sizes)
     data_spec = {"name": args.dataset, "data_dir": args.data_dir, "seed": args.data_seed,
                  "n_train": args.n_train, "n_test": args.n_test}
     config = {"model": {"kind": args.model, "sizes": sizes, "scale_exp": args.scale_exp},
               "semantics": args.semantics, "method": args.method, "data": data_spec,
-              "trainer": dataclasses.asdict(cfg)}
+              "trainer": dataclasses.asdict(cfg), "init_from": args.init_from}
     out = Path(args.out) if args.out else Path(
         "runs", "train", f"{args.dataset}_{args.model}_{args.method}_seed{args.seed}")
     run_dir = Run.open(out, config, resume=args.resume)
