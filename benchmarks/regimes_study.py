@@ -3,8 +3,8 @@ shape under each regime, scored in the regime's exact arithmetic, against softma
 a ReLU MLP (:func:`deeplinear.regimes.study`).
 
     python benchmarks/regimes_study.py                          # spirals, quick budget (minutes)
-    python benchmarks/regimes_study.py --dataset fashion-mnist --sizes 784,256,256,10 \\
-        --n-train 10000 --n-test 2000                            # slow, optional
+    python benchmarks/regimes_study.py --dataset fashion-mnist --sizes 784,512,512,10 \\
+        --methods float-aware                                    # ES there: hours per regime
 
 Writes the JSON result next to ``--out`` and prints the table as Markdown.
 """
@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from deeplinear.nets import parse_sizes
-from deeplinear.regimes import STUDY_REGIMES, Regime, format_study, study
+from deeplinear.regimes import STUDY_METHODS, STUDY_REGIMES, Regime, format_study, study
 from deeplinear.reproduce import BUDGETS
 
 
@@ -31,6 +31,8 @@ def main() -> None:
     p.add_argument("--regimes", default=None,
                    help="comma-separated KIND:PARAM[@FORMAT] (default: "
                         + ", ".join(f"{r.kind}:{r.param}@{r.format}" for r in STUDY_REGIMES) + ")")
+    p.add_argument("--methods", default="es,float-aware",
+                   help="es and/or float-aware (comma-separated)")
     p.add_argument("--n-train", type=int, default=None)
     p.add_argument("--n-test", type=int, default=None)
     p.add_argument("--data-dir", default=None)
@@ -39,10 +41,14 @@ def main() -> None:
     regimes = STUDY_REGIMES
     if args.regimes:
         regimes = tuple(Regime.parse(*spec.split("@")) for spec in args.regimes.split(","))
+    names = dict(zip(("es", "float-aware"), STUDY_METHODS, strict=True))
+    if any(m not in names for m in args.methods.split(",")):
+        raise SystemExit(f"--methods: choose from {', '.join(names)}")
     t0 = time.perf_counter()
     result = study(args.dataset, regimes, args.budget, args.seed,
                    parse_sizes(args.sizes) if args.sizes else None, args.data_dir,
-                   args.n_train, args.n_test, progress=True)
+                   args.n_train, args.n_test, progress=True,
+                   methods=[names[m] for m in args.methods.split(",")])
     result["wall_s"] = time.perf_counter() - t0
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

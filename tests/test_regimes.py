@@ -237,7 +237,16 @@ def test_study_smoke() -> None:
         assert row["test_acc"] == row["scaled_acc"] or row["regime"].startswith("ftz")
     table = rg.format_study(r)
     assert all(f"| {reg.label} |" in table for reg in regimes)
-    assert rg.float_aware_surrogate(regimes[0]) == "exact"
+    assert rg.float_aware_surrogate(regimes[0]) == "smooth"
+    assert rg.float_aware_surrogate(Regime("saturation", 127)) == "exact"
     assert rg.float_aware_surrogate(regimes[1]) == "ste"
     with pytest.raises(ValueError, match="unknown budget"):
         rg.study("spirals", regimes, budget="huge")
+    with pytest.raises(ValueError, match="unknown methods"):
+        rg.study("spirals", regimes, budget="smoke", methods=("SGD",))
+
+
+def test_study_runs_only_the_methods_asked() -> None:
+    r = rg.study("spirals", (Regime("ftz-deadzone", 125),), budget="smoke", n_train=200,
+                 n_test=100, methods=("float-aware backprop",))
+    assert [row["method"] for row in r["rows"]] == ["float-aware backprop"]

@@ -601,11 +601,17 @@ STUDY_REGIMES: tuple[Regime, ...] = (
 
 
 
+STUDY_METHODS = ("OpenAI-ES", "float-aware backprop")
+
+
 def float_aware_surrogate(regime: Regime) -> str:
-    """The backprop surrogate that exploits ``regime``: the exact derivative where it carries
-    information (float32 dead zone and clamp: 1 or 0), straight-through across roundings (whose
-    derivative is 0 almost everywhere)."""
-    if regime.format == "float32" and regime.kind in ("ftz-deadzone", "saturation"):
+    """The backprop surrogate that exploits ``regime``: for the float32 dead zone the smooth
+    relaxation (it sees the jump at the threshold; the best on spirals and Fashion-MNIST, see
+    :mod:`deeplinear.train.backprop`), for the clamp its exact derivative (1 inside, 0 beyond),
+    straight-through across roundings (whose derivative is 0 almost everywhere)."""
+    if regime.format == "float32" and regime.kind == "ftz-deadzone":
+        return "smooth"
+    if regime.format == "float32" and regime.kind == "saturation":
         return "exact"
     return "ste"
 
@@ -613,7 +619,7 @@ def float_aware_surrogate(regime: Regime) -> str:
 def study(dataset: str = "spirals", regimes: Sequence[Regime] = STUDY_REGIMES,
           budget: str = "quick", seed: int = 0, sizes: Sequence[int] | None = None,
           data_dir: str | None = None, n_train: int | None = None, n_test: int | None = None,
-          progress: bool = False) -> dict[str, Any]:
+          progress: bool = False, methods: Sequence[str] = STUDY_METHODS) -> dict[str, Any]:
     """Train the same deep linear shape under each regime by OpenAI-ES and by float-aware
     backprop, against softmax regression (the best linear model) and a ReLU MLP.
 
@@ -632,6 +638,9 @@ def study(dataset: str = "spirals", regimes: Sequence[Regime] = STUDY_REGIMES,
 
     if budget not in BUDGETS:
         raise ValueError(f"unknown budget {budget!r}; use {', '.join(BUDGETS)}")
+    unknown = [m for m in methods if m not in STUDY_METHODS]
+    if unknown or not methods:
+        raise ValueError(f"unknown methods {unknown or '(none)'}; use {', '.join(STUDY_METHODS)}")
     b = BUDGETS[budget]
     data = load_dataset(dataset, data_dir=data_dir, seed=seed, n_train=n_train, n_test=n_test)
     width = 256 if data.n_features >= 64 else 64
@@ -656,7 +665,7 @@ def study(dataset: str = "spirals", regimes: Sequence[Regime] = STUDY_REGIMES,
 
     rows = []
     for r in regimes:
-        for method in ("OpenAI-ES", "float-aware backprop"):
+        for method in methods:
             net = DeepLinear(sizes, regime=r, generator=gen())
             gain = 2 * r.threshold / net.threshold
             t0 = time.perf_counter()
@@ -664,7 +673,8 @@ def study(dataset: str = "spirals", regimes: Sequence[Regime] = STUDY_REGIMES,
                 steps, pop = b.es["steps"], b.es["pop"]
                 # sigma/lr from the spirals grid (fan-in-scaled sigma at init gain 2: 93% in
                 # 2000 generations); the gain is relative to each regime's own threshold
-                cfg: Any = es.Config(seed=seed, steps=steps, pop=pop, batch_size=256, sigma=0.03,
+                cfg: Any = es.Config(seed=seed, steps=steps, pop=pop, sigma=0.03,
+                                     batch_size=min(256, len(data.y_train)),
                                      lr=0.03, init_gain=gain, eval_every=steps)
                 es.train(net, data, cfg, progress=progress)
                 detail = f"pop {pop}, {steps} generations"
