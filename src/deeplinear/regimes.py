@@ -602,6 +602,10 @@ STUDY_REGIMES: tuple[Regime, ...] = (
 
 
 STUDY_METHODS = ("OpenAI-ES", "float-aware backprop")
+# ES in the study: sigma/lr from the spirals grid (fan-in-scaled sigma at init gain 2 reached 93%
+# in 2000 generations); the init gain is relative to each regime's own threshold
+STUDY_ES = {"batch_size": 256, "sigma": 0.03, "lr": 0.03}
+STUDY_INIT_GAIN = 2.0
 
 
 def float_aware_surrogate(regime: Regime) -> str:
@@ -667,15 +671,14 @@ def study(dataset: str = "spirals", regimes: Sequence[Regime] = STUDY_REGIMES,
     for r in regimes:
         for method in methods:
             net = DeepLinear(sizes, regime=r, generator=gen())
-            gain = 2 * r.threshold / net.threshold
+            gain = STUDY_INIT_GAIN * r.threshold / net.threshold
             t0 = time.perf_counter()
             if method == "OpenAI-ES":
                 steps, pop = b.es["steps"], b.es["pop"]
-                # sigma/lr from the spirals grid (fan-in-scaled sigma at init gain 2: 93% in
-                # 2000 generations); the gain is relative to each regime's own threshold
-                cfg: Any = es.Config(seed=seed, steps=steps, pop=pop, sigma=0.03,
-                                     batch_size=min(256, len(data.y_train)),
-                                     lr=0.03, init_gain=gain, eval_every=steps)
+                cfg: Any = es.Config(**{**STUDY_ES, "seed": seed, "steps": steps, "pop": pop,
+                                        "init_gain": gain, "eval_every": steps,
+                                        "batch_size": min(STUDY_ES["batch_size"],
+                                                          len(data.y_train))})
                 es.train(net, data, cfg, progress=progress)
                 detail = f"pop {pop}, {steps} generations"
             else:
@@ -695,7 +698,10 @@ def study(dataset: str = "spirals", regimes: Sequence[Regime] = STUDY_REGIMES,
             rows.append(row)
             say(f"{r.label} {method}: exact {row['test_acc']:.4f}, collapsed "
                 f"{row['collapsed_acc']:.4f} ({wall:.0f} s)")
-    return {"dataset": dataset, "sizes": sizes, "budget": asdict(b), "seed": seed,
+    settings = {"budget": budget, "backprop_steps": b.backprop_steps,
+                "es": {**STUDY_ES, "generations": b.es["steps"], "pop": b.es["pop"],
+                       "init_gain": STUDY_INIT_GAIN}}
+    return {"dataset": dataset, "sizes": sizes, "budget": settings, "seed": seed,
             "n_train": len(data.y_train), "n_test": len(yt), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "baselines": baselines, "rows": rows}
 
