@@ -714,12 +714,12 @@ def format_study(result: Mapping[str, Any]) -> str:
     lines = [f"{result['dataset']}, deep linear {'-'.join(map(str, result['sizes']))}, "
              f"{result['n_train']} train / {result['n_test']} test, seed {result['seed']}, "
              f"budget {result['budget']}. Test accuracy in the regime's exact float arithmetic "
-             "(in brackets: in the scaled model trained | of the affine map the same weights "
+             "(in brackets: in the scaled model trained / of the affine map the same weights "
              "collapse to).", "",
              "| regime | " + " | ".join(methods) + " |",
              "|---|" + "---|" * len(methods)]
     for reg in regimes:
-        cells = [f"{100 * c['test_acc']:.1f}% ({100 * c['scaled_acc']:.1f}% | "
+        cells = [f"{100 * c['test_acc']:.1f}% ({100 * c['scaled_acc']:.1f}% / "
                  f"{100 * c['collapsed_acc']:.1f}%)" for c in (cell[reg, m] for m in methods)]
         lines.append(f"| {reg} | " + " | ".join(cells) + " |")
     lines.append("")
