@@ -181,3 +181,20 @@ def test_init_from_refuses_what_it_cannot_use(float_aware_run, tmp_path, capsys,
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err
+
+
+def test_eval_measures_a_run_that_has_no_final_yet(tmp_path, capsys):
+    """A killed run is measured at its last checkpoint (here: the last step, = the final)."""
+    rc, out = train(tmp_path, "--steps", "20", "--checkpoint-every", "10")
+    assert rc == 0
+    final = torch.load(out / "final.pt", weights_only=False)
+    (out / "final.pt").unlink()
+    capsys.readouterr()
+    assert main(["eval", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["test_acc"] == final["results"]["test_acc"]
+    assert main(["eval", str(out)]) == 0
+    assert "checkpoint at step 20" in capsys.readouterr().out
+    (out / "config.json").unlink()
+    assert main(["eval", str(out / "checkpoint.pt")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "needs its run's config.json" in err

@@ -7,6 +7,7 @@ every preset and the collapsed affine map). Baselines (softmax, MLP) run in plai
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import pickle
 import zipfile
@@ -35,10 +36,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def load_final(path: str | Path) -> dict[str, Any]:
-    """A ``final.pt`` payload, checked: readable, complete, finite weights."""
+    """A ``final.pt`` payload, checked: readable, complete, finite weights.
+
+    A run's ``checkpoint.pt`` works too (with the run's ``config.json`` beside it), so an
+    unfinished or killed run can be measured at its last checkpoint; a run directory without a
+    ``final.pt`` falls back to its checkpoint.
+    """
     path = Path(path)
     if path.is_dir():
-        path = path / "final.pt"
+        path = path / "final.pt" if (path / "final.pt").exists() else path / "checkpoint.pt"
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file; pass a run's final.pt (train it first)")
     try:
@@ -48,6 +54,8 @@ def load_final(path: str | Path) -> dict[str, Any]:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"{path}: corrupt or not a deeplinear final.pt ({first}); "
                          "retrain or pass the right file") from None
+    if isinstance(payload, dict) and "state_dict" not in payload and "step" in payload:
+        payload = from_checkpoint(payload, path)
     missing = [k for k in ("state_dict", "model")
                if not isinstance(payload, dict) or k not in payload]
     if missing:
@@ -59,6 +67,19 @@ def load_final(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"{path}: non-finite weights in {', '.join(bad)}; the run diverged, "
                          "retrain with a lower --lr")
     return payload
+
+
+def from_checkpoint(ckpt: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The parts of a final.pt that a checkpoint and its run's ``config.json`` hold."""
+    try:
+        config = json.loads((path.parent / "config.json").read_text())
+        semantics = get_semantics(config["semantics"])
+        return {"state_dict": ckpt["model"], "model": config["model"], "data": config["data"],
+                "semantics": dataclasses.asdict(semantics), "method": config["method"],
+                "step": ckpt["step"]}
+    except (OSError, KeyError, TypeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: a checkpoint needs its run's config.json beside it "
+                         f"({type(e).__name__}: {e}); pass the run directory") from None
 
 
 def rebuild(payload: dict[str, Any]) -> torch.nn.Module:
@@ -117,7 +138,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         spec = payload["model"]
         print(f"{spec['kind']} {'-'.join(map(str, spec['sizes']))} trained by "
-              f"{payload.get('method', '?')}; {res['dataset']} test set ({res['n_test']}), "
-              "exact mode")
+              f"{payload.get('method', '?')}"
+              + (f" (checkpoint at step {payload['step']})" if "step" in payload else "")
+              + f"; {res['dataset']} test set ({res['n_test']}), exact mode")
         print(format_results(res))
     return 0
