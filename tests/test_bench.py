@@ -59,12 +59,14 @@ def test_bad_config_is_a_value_error(bad):
 
 
 def test_peak_memory_sees_a_fresh_allocation():
+    # 512 MiB, every page touched: larger than any block an earlier test freed, so the allocator
+    # cannot hand back pages that are already resident (a 64 MiB block sometimes was, in CI)
     with peak_memory("cpu") as mem:
-        x = torch.ones(16 << 20)  # 64 MiB, every page touched
+        x = torch.ones(128 << 20)
     del x
     if mem["bytes"] is None:
         pytest.skip("no /proc/self/clear_refs here")
-    assert mem["bytes"] >= 60 * 2**20
+    assert mem["bytes"] >= 500 * 2**20
 
 
 def _positive_finite(d, keys):
