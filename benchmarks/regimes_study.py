@@ -33,6 +33,9 @@ def main() -> None:
                         + ", ".join(f"{r.kind}:{r.param}@{r.format}" for r in STUDY_REGIMES) + ")")
     p.add_argument("--methods", default="es,float-aware",
                    help="es and/or float-aware (comma-separated)")
+    p.add_argument("--es", default=None, metavar="JSON",
+                   help='ES settings over the study\'s, e.g. \'{"steps": 1000, "pop": 300, '
+                        '"perturbation": "lowrank"}\'')
     p.add_argument("--n-train", type=int, default=None)
     p.add_argument("--n-test", type=int, default=None)
     p.add_argument("--data-dir", default=None)
@@ -48,7 +51,8 @@ def main() -> None:
     result = study(args.dataset, regimes, args.budget, args.seed,
                    parse_sizes(args.sizes) if args.sizes else None, args.data_dir,
                    args.n_train, args.n_test, progress=True,
-                   methods=[names[m] for m in args.methods.split(",")])
+                   methods=[names[m] for m in args.methods.split(",")],
+                   es_overrides=json.loads(args.es) if args.es else None)
     result["wall_s"] = time.perf_counter() - t0
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -250,3 +250,11 @@ def test_study_runs_only_the_methods_asked() -> None:
     r = rg.study("spirals", (Regime("ftz-deadzone", 125),), budget="smoke", n_train=200,
                  n_test=100, methods=("float-aware backprop",))
     assert [row["method"] for row in r["rows"]] == ["float-aware backprop"]
+
+
+def test_study_es_settings_can_be_overridden_and_are_recorded() -> None:
+    r = rg.study("spirals", (Regime("ftz-deadzone", 125),), budget="smoke", n_train=200,
+                 n_test=100, methods=("OpenAI-ES",),
+                 es_overrides={"steps": 3, "pop": 4, "perturbation": "lowrank"})
+    assert r["rows"][0]["detail"] == "pop 4, 3 generations, lowrank noise"
+    assert r["budget"]["es"]["perturbation"] == "lowrank" and r["budget"]["es"]["steps"] == 3

@@ -623,7 +623,8 @@ def float_aware_surrogate(regime: Regime) -> str:
 def study(dataset: str = "spirals", regimes: Sequence[Regime] = STUDY_REGIMES,
           budget: str = "quick", seed: int = 0, sizes: Sequence[int] | None = None,
           data_dir: str | None = None, n_train: int | None = None, n_test: int | None = None,
-          progress: bool = False, methods: Sequence[str] = STUDY_METHODS) -> dict[str, Any]:
+          progress: bool = False, methods: Sequence[str] = STUDY_METHODS,
+          es_overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Train the same deep linear shape under each regime by OpenAI-ES and by float-aware
     backprop, against softmax regression (the best linear model) and a ReLU MLP.
 
@@ -646,6 +647,7 @@ def study(dataset: str = "spirals", regimes: Sequence[Regime] = STUDY_REGIMES,
     if unknown or not methods:
         raise ValueError(f"unknown methods {unknown or '(none)'}; use {', '.join(STUDY_METHODS)}")
     b = BUDGETS[budget]
+    es_settings = {**STUDY_ES, "steps": b.es["steps"], "pop": b.es["pop"], **(es_overrides or {})}
     data = load_dataset(dataset, data_dir=data_dir, seed=seed, n_train=n_train, n_test=n_test)
     width = 256 if data.n_features >= 64 else 64
     sizes = list(sizes) if sizes else [data.n_features, width, width, data.n_classes]
@@ -674,13 +676,12 @@ def study(dataset: str = "spirals", regimes: Sequence[Regime] = STUDY_REGIMES,
             gain = STUDY_INIT_GAIN * r.threshold / net.threshold
             t0 = time.perf_counter()
             if method == "OpenAI-ES":
-                steps, pop = b.es["steps"], b.es["pop"]
-                cfg: Any = es.Config(**{**STUDY_ES, "seed": seed, "steps": steps, "pop": pop,
-                                        "init_gain": gain, "eval_every": steps,
-                                        "batch_size": min(STUDY_ES["batch_size"],
+                cfg: Any = es.Config(**{**es_settings, "seed": seed, "init_gain": gain,
+                                        "eval_every": es_settings["steps"],
+                                        "batch_size": min(es_settings["batch_size"],
                                                           len(data.y_train))})
                 es.train(net, data, cfg, progress=progress)
-                detail = f"pop {pop}, {steps} generations"
+                detail = f"pop {cfg.pop}, {cfg.steps} generations, {cfg.perturbation} noise"
             else:
                 kind = float_aware_surrogate(r)
                 cfg = backprop.Config(seed=seed, steps=b.backprop_steps, surrogate=kind,
@@ -699,8 +700,7 @@ def study(dataset: str = "spirals", regimes: Sequence[Regime] = STUDY_REGIMES,
             say(f"{r.label} {method}: exact {row['test_acc']:.4f}, collapsed "
                 f"{row['collapsed_acc']:.4f} ({wall:.0f} s)")
     settings = {"budget": budget, "backprop_steps": b.backprop_steps,
-                "es": {**STUDY_ES, "generations": b.es["steps"], "pop": b.es["pop"],
-                       "init_gain": STUDY_INIT_GAIN}}
+                "es": {**es_settings, "init_gain": STUDY_INIT_GAIN}}
     return {"dataset": dataset, "sizes": sizes, "budget": settings, "seed": seed,
             "n_train": len(data.y_train), "n_test": len(yt), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "baselines": baselines, "rows": rows}
