@@ -56,3 +56,6 @@ def test_progress_prints_rate_and_eta(capsys):
     p.update(5, loss=1.5)
     out = capsys.readouterr().out
     assert out.startswith("es 5/10") and "eta" in out and "loss=1.5" in out
+    p.update(6, loss=1.25, test_acc=float("nan"))  # no evaluation yet: not shown
+    out = capsys.readouterr().out
+    assert "loss=1.25" in out and "test_acc" not in out

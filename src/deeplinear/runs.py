@@ -131,7 +131,7 @@ class Progress:
         done = step - self.start_step
         rate = done / max(now - self._t0, 1e-9)
         eta = (self.total - step) / rate if rate > 0 else math.inf
-        shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+        shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if not math.isnan(v))
         eta_s = f"{eta:5.0f}s" if math.isfinite(eta) else "    ?"
         print(f"{self.desc} {step}/{self.total} {rate:6.2f}/s eta {eta_s} {shown}",
               file=self.stream, flush=True)
