@@ -52,3 +52,12 @@ def test_cli_rejects_unknown_dataset(capsys):
 def test_small_nets_run_on_one_thread():
     assert default_threads([[2, 64, 64, 2], [64, 256, 256, 10]]) == 1
     assert default_threads([[2, 64, 64, 2], [784, 512, 512, 10]]) == torch.get_num_threads()
+
+
+def test_a_second_run_gives_the_same_numbers(out, tmp_path):
+    """Seeds fix everything, baselines included (their nn.Linear init uses the global RNG)."""
+    torch.rand(7)  # whatever ran before must not matter
+    again = reproduce(("checkerboard",), TINY, tmp_path, seed=0)["tasks"][0]["methods"]
+    first = json.loads((out / "results.json").read_text())["tasks"][0]["methods"]
+    assert {k: v["test_acc"] for k, v in again.items()} == {
+        k: v["test_acc"] for k, v in first.items()}

@@ -100,6 +100,7 @@ def make_config(trainer: Any, seed: int, overrides: dict[str, Any]) -> Any:
 def run_method(method: Method, data: Dataset, sizes: list[int], seed: int, out: Path,
                resume: bool) -> tuple[nn.Module, dict[str, Any]]:
     """Train (or load a finished run of) one method and measure it."""
+    torch.manual_seed(seed)  # the baselines' nn.Linear init draws from the global generator
     model = method.make(sizes, torch.Generator().manual_seed(seed))
     cfg = make_config(method.trainer, seed, method.overrides)
     config = {"method": method.name, "dataset": data.name, "sizes": sizes,
