@@ -661,9 +661,10 @@ def study(dataset: str = "spirals", regimes: Sequence[Regime] = STUDY_REGIMES,
         return torch.Generator().manual_seed(seed)
 
     baselines: dict[str, float] = {}
-    for name, model in (("softmax regression", SoftmaxRegression(sizes[0], sizes[-1])),
-                        ("ReLU MLP", MLP(sizes, "relu"))):
-        torch.manual_seed(seed)
+    for name, make in (("softmax regression", lambda: SoftmaxRegression(sizes[0], sizes[-1])),
+                       ("ReLU MLP", lambda: MLP(sizes, "relu"))):
+        torch.manual_seed(seed)  # nn.Linear's init draws from the global generator
+        model = make()
         backprop.train(model, data, backprop.Config(seed=seed, steps=b.backprop_steps),
                        progress=progress)
         baselines[name] = evaluate.accuracy(model, xt, yt)
