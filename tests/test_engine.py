@@ -6,7 +6,7 @@ import torch
 
 from deeplinear import es
 from deeplinear.arithmetic import CPU_FTZ_DAZ, IEEE, TF_GPU
-from deeplinear.engine import Engine, inplace_rule, member_losses
+from deeplinear.engine import FULL_RANK_WEIGHT_BYTES, Engine, inplace_rule, member_losses
 from deeplinear.nets import DeepLinear
 
 SIZES = [24, 40, 32, 5]
@@ -77,6 +77,16 @@ def test_chunking_does_not_change_a_bit(rank):
         parts = Engine(net, s, chunk=chunk).losses(pop, x, y, with_accuracy=True)
         assert all(torch.equal(a, b) for a, b in zip(whole, parts, strict=True))
     assert Engine(net, s, max_bytes=1).members_per_chunk(BATCH) == 2
+
+
+def test_full_rank_chunks_keep_the_2017_weights_cache_sized_and_low_rank_ones_large():
+    sizes = [784, 512, 512, 10]
+    net = DeepLinear(sizes)
+    full, low = (es.Strategy(es.Layout.of(sizes), pop=1000, rank=r) for r in (0, 1))
+    c = Engine(net, full).members_per_chunk(100)
+    assert c % 2 == 0 and c >= 2 and c * 4 * full.layout.n <= FULL_RANK_WEIGHT_BYTES
+    assert (c + 2) * 4 * full.layout.n > FULL_RANK_WEIGHT_BYTES  # the largest such chunk
+    assert Engine(net, low).members_per_chunk(100) > 10 * c  # no weights to build: budget-bound
 
 
 @pytest.mark.parametrize("semantics", [TF_GPU, CPU_FTZ_DAZ], ids=["tf_gpu", "daz"])

@@ -42,6 +42,11 @@ from deeplinear.es import Population, Strategy
 from deeplinear.nets import DeepLinear
 
 DEFAULT_MAX_BYTES = 256 << 20
+# Full rank materialises every member's weights; chunks whose weights stay within this many bytes
+# keep them in cache between the build and the bmm. Measured on the 2-core Xeon VM (2017 net, pop
+# 500, 2 threads): 8-12 members per chunk (21-32 MiB) evaluate 1.25x faster than 60 (160 MiB) at
+# batch 100 and 1.08x at batch 1000.
+FULL_RANK_WEIGHT_BYTES = 32 << 20
 
 
 def inplace_rule(net: DeepLinear):
@@ -102,9 +107,11 @@ class Engine:
         widths = sum(s.layout.sizes[1:])
         per_member = batch * widths * (1.5 if s.rank else 1.0)
         if not s.rank:
-            per_member += 1.5 * s.layout.n  # weights + half a delta
-        c = int(self.max_bytes // (4 * per_member)) // 2 * 2
-        return max(2, min(c, s.pop))
+            per_member += s.layout.n  # its weights
+        c = int(self.max_bytes // (4 * per_member))
+        if not s.rank:
+            c = min(c, FULL_RANK_WEIGHT_BYTES // (4 * s.layout.n))
+        return max(2, min(c // 2 * 2, s.pop))
 
     # -- evaluation ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -147,10 +154,10 @@ class Engine:
 
     def _chunk_full(self, pop: Population, pairs: range, x: Tensor) -> Tensor:
         layout, k, b = self.strategy.layout, len(pairs), len(x)
-        d = pop.deltas(pairs, out=self._buf("delta", k, layout.n))
         members = self._buf("members", k, 2, layout.n)
+        d = pop.deltas(pairs, out=members[:, 1])  # the minus member's slot holds the delta first
         torch.add(pop.theta, d, out=members[:, 0])
-        torch.sub(pop.theta, d, out=members[:, 1])
+        torch.sub(pop.theta, d, out=d)
         members = members.view(2 * k, layout.n)
         h = x.expand(2 * k, *x.shape)
         for i in range(len(layout.weights)):
