@@ -21,11 +21,12 @@ import copy
 import itertools
 import multiprocessing as mp
 import os
-import platform
 import time
 from dataclasses import asdict, replace
 
 import torch
+
+from deeplinear.bench import cpu_model
 
 TASKS = {  # dataset, sizes, base config (the recipe)
     "spirals": ("spirals", "2,64,64,2", {"pop": 100, "batch_size": 256, "sigma": 0.03,
@@ -60,14 +61,8 @@ SETTINGS = {  # name -> changes to the task's base config (*_factor, lr_decay_to
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     load = "{:.1f} {:.1f} {:.1f}".format(*os.getloadavg())
-    return (f"{cpu}, {os.cpu_count()} cpus, torch {torch.__version__}, "
+    return (f"{cpu_model()}, {os.cpu_count()} cpus, torch {torch.__version__}, "
             f"load average {load}")
 
 

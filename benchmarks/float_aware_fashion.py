@@ -21,7 +21,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import shlex
 import sys
 import time
@@ -31,6 +30,7 @@ from typing import Any
 import torch
 
 from deeplinear import evaluate
+from deeplinear.bench import cpu_model
 from deeplinear.data import load_dataset
 from deeplinear.nets import MLP, DeepLinear, SoftmaxRegression
 from deeplinear.runs import Run
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         results[name] = {"config": dataclasses.asdict(cfg), **result}
     total = time.perf_counter() - t0
     cmd = shlex.join([Path(sys.executable).name, *sys.argv])
-    machine = (f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs, "
+    machine = (f"{cpu_model()}, {os.cpu_count()} CPUs, "
                f"{torch.get_num_threads()} torch threads, torch {torch.__version__}")
     lines = [
         f"command: {cmd}",

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import platform
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from torch import Tensor
 
 from deeplinear import arithmetic as ar
 from deeplinear.arithmetic import CPU_FTZ_DAZ, FORMATS, run_with_hardware_ftz
+from deeplinear.bench import cpu_model
 from deeplinear.data import IDX_FILES, MNIST_LIKE, read_idx
 from deeplinear.nets import DeepLinear
 
@@ -106,15 +106,8 @@ def cases(small: bool, seed: int) -> tuple[list[tuple[str, Tensor, Tensor]], str
 
 
 def machine() -> str:
-    model = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
     blas = "MKL" if torch.backends.mkl.is_available() else "non-MKL BLAS"
-    return f"{model}; torch {torch.__version__} ({blas}), {torch.get_num_threads()} threads"
+    return f"{cpu_model()}; torch {torch.__version__} ({blas}), {torch.get_num_threads()} threads"
 
 
 def format_table(rows: list[Agreement]) -> str:

@@ -58,6 +58,13 @@ def parse_sizes(text: str | Sequence[int]) -> list[int]:
     return sizes
 
 
+def default_sizes(n_features: int, n_classes: int) -> list[int]:
+    """Two hidden layers sized for the input: the 2017 net's 512 for image-sized inputs (>= 784
+    features), 256 for digits-sized ones (>= 64), 64 for low-dimensional tasks such as spirals."""
+    hidden = 512 if n_features >= 784 else (256 if n_features >= 64 else 64)
+    return [n_features, hidden, hidden, n_classes]
+
+
 class DeepLinear(nn.Module):
     """Affine layers with no activation; weights are ``(in, out)``, so a layer is ``h @ W + b``.
 

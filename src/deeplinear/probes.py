@@ -388,10 +388,7 @@ def plot_implicit_activation(path: str | Path, nets: Mapping[str, DeepLinear],
     pixel-like ``x0`` (``Generator(seed)``), ``s`` from 0 to 2: underflow composed through a
     layer, against the float-blind line. Right, if given: dead-zone occupancy per layer.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from deeplinear.report import plt, save_figure
 
     path = Path(path)
     first = next(iter(nets.values()))
@@ -435,6 +432,4 @@ def plot_implicit_activation(path: str | Path, nets: Mapping[str, DeepLinear],
                       [f"layer {i + 1}" for i in range(layers - 1)] + ["output"])
         ax.set(title="dead-zone occupancy (fraction of values zeroed)", ylim=(0, 1))
         ax.legend(fontsize=8)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -348,13 +348,11 @@ def format_probe_report(report: Mapping[str, Any]) -> str:
 def plot_sweeps(path: str | Path, sweeps: Mapping[str, Sequence[Strength | Mapping[str, Any]]],
                 span: float = 3.0) -> Path:
     """One row per kind: the activation for each parameter on [-span, span], and its strength."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from deeplinear.report import plt, save_figure
 
     path = Path(path)
-    fig, axes = plt.subplots(len(sweeps), 2, figsize=(10, 3.2 * len(sweeps)), squeeze=False)
+    fig, axes = plt.subplots(len(sweeps), 2, figsize=(10, 3.2 * len(sweeps)), squeeze=False,
+                             layout="tight")
     u = torch.linspace(-span, span, 4001)
     for (name, rows), (left, right) in zip(sweeps.items(), axes, strict=True):
         rows = [_row(s) for s in rows]
@@ -373,10 +371,7 @@ def plot_sweeps(path: str | Path, sweeps: Mapping[str, Sequence[Strength | Mappi
         right.set_title(f"{name}: strength on N(0,1)", fontsize=9)
         right.legend(fontsize=7)
         right.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 # --- what the hardware does by default ---------------------------------------------------------

@@ -18,6 +18,15 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+DPI = 110  # every PNG of a report or probe: small files, readable when embedded in HTML
+
+
+def save_figure(fig: plt.Figure, path: Path) -> Path:
+    """Write ``fig`` as a PNG and free it (pyplot keeps every open figure alive otherwise)."""
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
 
 def _pct(x: float | None) -> str:
     return "—" if x is None else f"{100 * x:.1f}%"
@@ -25,7 +34,7 @@ def _pct(x: float | None) -> str:
 
 def plot_learning_curves(task: dict[str, Any], path: Path) -> Path:
     """Test accuracy against wall time, one line per method."""
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    fig, ax = plt.subplots(figsize=(6, 3.6), layout="tight")
     for name, res in task["methods"].items():
         rows = [r for r in res.get("curve", []) if r.get("test_acc") is not None]
         if rows:
@@ -36,15 +45,12 @@ def plot_learning_curves(task: dict[str, Any], path: Path) -> Path:
     ax.set_title(f"{task['dataset']}: learning curves")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_occupancy(task: dict[str, Any], path: Path) -> Path:
     """Fraction of each hidden layer's values the underflow flushed, per deep linear method."""
-    fig, ax = plt.subplots(figsize=(6, 3.2))
+    fig, ax = plt.subplots(figsize=(6, 3.2), layout="tight")
     items = [(n, r["occupancy"]) for n, r in task["methods"].items() if r.get("occupancy")]
     width = 0.8 / max(len(items), 1)
     for i, (name, occ) in enumerate(items):
@@ -54,10 +60,7 @@ def plot_occupancy(task: dict[str, Any], path: Path) -> Path:
     ax.set_ylabel("flushed (%)")
     ax.set_title(f"{task['dataset']}: dead-zone occupancy (exact mode, test set)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_decision_regions(panels: dict[str, Any], x: Any, y: Any, path: Path) -> Path:
@@ -66,17 +69,14 @@ def plot_decision_regions(panels: dict[str, Any], x: Any, y: Any, path: Path) ->
     ``panels`` maps a method to ``(xx, yy, zz)`` grid coordinates and predicted classes.
     """
     n = len(panels)
-    fig, axes = plt.subplots(1, n, figsize=(2.6 * n, 2.8), squeeze=False)
+    fig, axes = plt.subplots(1, n, figsize=(2.6 * n, 2.8), squeeze=False, layout="tight")
     for ax, (name, (xx, yy, zz)) in zip(axes[0], panels.items(), strict=True):
         ax.contourf(xx, yy, zz, alpha=0.35, cmap="coolwarm", levels=1)
         ax.scatter(x[:, 0], x[:, 1], c=y, s=2, cmap="coolwarm")
         ax.set_title(name, fontsize=7)
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:

@@ -23,6 +23,11 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def summary(doc: str | None) -> str | None:
+    """A subcommand's ``--help`` description: the first line of its module docstring."""
+    return doc.splitlines()[0] if doc else None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="deeplinear",

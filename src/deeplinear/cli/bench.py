@@ -13,6 +13,7 @@ from dataclasses import fields
 from typing import Any
 
 from deeplinear.bench import MODES, NETS, BenchConfig, format_report, run_bench
+from deeplinear.cli import summary
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -25,7 +26,7 @@ def _ints(text: str) -> tuple[int, ...]:
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "bench", help="ES engine throughput vs this machine's GEMM peak",
-        description=__doc__.splitlines()[0] if __doc__ else None)
+        description=summary(__doc__))
     p.add_argument("--quick", action="store_true",
                    help="a fast subset: pop 100, batch 100, short timings, no pop-1000 target")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")

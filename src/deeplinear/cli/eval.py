@@ -17,13 +17,14 @@ from typing import Any
 import torch
 
 from deeplinear.arithmetic import PRESETS, Semantics, get_semantics
+from deeplinear.cli import summary
 from deeplinear.cli.train import build_model, format_results
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "eval", help="exact-mode accuracy of trained weights under each float semantics",
-        description=__doc__.splitlines()[0] if __doc__ else None)
+        description=summary(__doc__))
     p.add_argument("weights", metavar="WEIGHTS", help="a final.pt, or the run directory holding it")
     p.add_argument("--semantics", default="all",
                    help=f"{' | '.join(PRESETS)} | all (default all: own, presets, collapsed)")

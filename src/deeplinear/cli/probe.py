@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from deeplinear.arithmetic import FORMATS, PRESETS, get_semantics
+from deeplinear.cli import summary
 from deeplinear.nets import parse_sizes
 from deeplinear.probes import make_nets, plot_implicit_activation, probe_report
 from deeplinear.regimes import KINDS, format_probe_report, plot_sweeps
@@ -25,7 +26,7 @@ from deeplinear.regimes import probe_report as regime_probe
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "probe", help="nonlinearity diagnostics of a deep linear net at init",
-        description=__doc__.splitlines()[0] if __doc__ else None)
+        description=summary(__doc__))
     p.add_argument("--sizes", default="784,512,512,10",
                    help="layer widths, input first (default: the 2017 net 784,512,512,10)")
     p.add_argument("--semantics", default="all",

@@ -23,6 +23,7 @@ from typing import Any
 from torch import nn
 
 from deeplinear.arithmetic import PRESETS, get_semantics
+from deeplinear.cli import summary
 
 MODELS = ("deeplinear", "mlp", "softmax")
 METHODS = ("backprop", "float-aware", "es")
@@ -51,7 +52,7 @@ def init_gain(text: str) -> float | str:
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "train", help="train a deep linear net (or a baseline) into a run directory",
-        description=__doc__.splitlines()[0] if __doc__ else None)
+        description=summary(__doc__))
     p.add_argument("--model", choices=MODELS, default="deeplinear")
     p.add_argument("--method", choices=METHODS, default="float-aware",
                    help="backprop (float-blind for deeplinear), float-aware, or es")
@@ -152,13 +153,12 @@ def make_config(trainer: ModuleType, args: argparse.Namespace, surrogate: str) -
 
 def resolve_sizes(args: argparse.Namespace, n_features: int, n_classes: int,
                   dataset: str) -> list[int]:
-    from deeplinear.nets import parse_sizes
+    from deeplinear.nets import default_sizes, parse_sizes
 
     if args.sizes is None:
         if args.model == "softmax":
             return [n_features, n_classes]
-        hidden = 512 if n_features >= 784 else (256 if n_features >= 64 else 64)
-        return [n_features, hidden, hidden, n_classes]
+        return default_sizes(n_features, n_classes)
     sizes = parse_sizes(args.sizes)
     if sizes[0] != n_features or sizes[-1] != n_classes:
         raise ValueError(f"--sizes {args.sizes} must start with {n_features} (the features of "
