@@ -6,7 +6,7 @@ import torch
 
 from deeplinear import es
 from deeplinear.arithmetic import CPU_FTZ_DAZ, IEEE, TF_GPU
-from deeplinear.engine import FULL_RANK_WEIGHT_BYTES, Engine, inplace_rule, member_losses
+from deeplinear.engine import CHUNK_CACHE_BYTES, Engine, inplace_rule, member_losses
 from deeplinear.nets import DeepLinear
 
 SIZES = [24, 40, 32, 5]
@@ -69,7 +69,7 @@ def test_full_rank_2017_shapes_are_bit_identical_to_the_net():
     assert torch.equal(Engine(net, s).logits(pop, x), ref)
 
 
-@pytest.mark.parametrize("rank", [0, 2])
+@pytest.mark.parametrize("rank", [0, 1, 2])
 def test_chunking_does_not_change_a_bit(rank):
     net, s, pop, x, y = setup(rank=rank, pop=14)
     whole = Engine(net, s).losses(pop, x, y, with_accuracy=True)
@@ -79,14 +79,16 @@ def test_chunking_does_not_change_a_bit(rank):
     assert Engine(net, s, max_bytes=1).members_per_chunk(BATCH) == 2
 
 
-def test_full_rank_chunks_keep_the_2017_weights_cache_sized_and_low_rank_ones_large():
+@pytest.mark.parametrize("batch", [100, 1000])
+def test_chunks_are_the_largest_whose_working_set_fits_the_cache_budget(batch):
     sizes = [784, 512, 512, 10]
     net = DeepLinear(sizes)
     full, low = (es.Strategy(es.Layout.of(sizes), pop=1000, rank=r) for r in (0, 1))
-    c = Engine(net, full).members_per_chunk(100)
-    assert c % 2 == 0 and c >= 2 and c * 4 * full.layout.n <= FULL_RANK_WEIGHT_BYTES
-    assert (c + 2) * 4 * full.layout.n > FULL_RANK_WEIGHT_BYTES  # the largest such chunk
-    assert Engine(net, low).members_per_chunk(100) > 10 * c  # no weights to build: budget-bound
+    working_set = {0: 4 * full.layout.n, 1: 4 * batch * (512 + 512 + 10) * 1.5}  # per member
+    for s in (full, low):
+        c = Engine(net, s).members_per_chunk(batch)
+        per_member = working_set[s.rank]
+        assert c % 2 == 0 and c * per_member <= CHUNK_CACHE_BYTES < (c + 2) * per_member
 
 
 @pytest.mark.parametrize("semantics", [TF_GPU, CPU_FTZ_DAZ], ids=["tf_gpu", "daz"])

@@ -31,7 +31,7 @@ real forward pass.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -42,11 +42,13 @@ from deeplinear.es import Population, Strategy
 from deeplinear.nets import DeepLinear
 
 DEFAULT_MAX_BYTES = 256 << 20
-# Full rank materialises every member's weights; chunks whose weights stay within this many bytes
-# keep them in cache between the build and the bmm. Measured on the 2-core Xeon VM (2017 net, pop
-# 500, 2 threads): 8-12 members per chunk (21-32 MiB) evaluate 1.25x faster than 60 (160 MiB) at
-# batch 100 and 1.08x at batch 1000.
-FULL_RANK_WEIGHT_BYTES = 32 << 20
+# A chunk's working set (full rank: the members' weights; low rank: their activations) stays
+# within this many bytes, so it is still in cache when the next op reads it. Measured on the
+# 2-core Xeon VM, 2017 net, results bit-identical for every chunk size: full rank (pop 500, 2
+# threads) ran 1.25x faster with 8-12 members per chunk (21-32 MiB) than with 60 (160 MiB) at
+# batch 100, 1.08x at batch 1000; low rank (pop 300, 1 thread) 1.19x with 32 members (20 MiB)
+# than with 300 at batch 100, 1.24x with 4 (25 MiB) than with 32 at batch 1000.
+CHUNK_CACHE_BYTES = 32 << 20
 
 
 def inplace_rule(net: DeepLinear):
@@ -104,13 +106,10 @@ class Engine:
         s = self.strategy
         if self.chunk is not None:
             return min(self.chunk, s.pop)
-        widths = sum(s.layout.sizes[1:])
-        per_member = batch * widths * (1.5 if s.rank else 1.0)
-        if not s.rank:
-            per_member += s.layout.n  # its weights
-        c = int(self.max_bytes // (4 * per_member))
-        if not s.rank:
-            c = min(c, FULL_RANK_WEIGHT_BYTES // (4 * s.layout.n))
+        activations = batch * sum(s.layout.sizes[1:]) * (1.5 if s.rank else 1.0)
+        weights = 0 if s.rank else s.layout.n
+        c = int(self.max_bytes // (4 * (activations + weights)))
+        c = min(c, int(CHUNK_CACHE_BYTES // (4 * (weights or activations))))
         return max(2, min(c // 2 * 2, s.pop))
 
     # -- evaluation ------------------------------------------------------------------------------
@@ -172,7 +171,13 @@ class Engine:
             h = self.rule(u)
         return h
 
-    def _chunk_lowrank(self, pop: Population, pairs: range, x: Tensor, base: Tensor) -> Tensor:
+    def _chunk_lowrank(self, pop: Population, pairs: Sequence[int], x: Tensor,
+                       base: Tensor) -> Tensor:
+        if len(pairs) == 1:
+            # A bmm over a batch of one matrix runs as a plain mm, and for rank 1 that is a gemv
+            # whose sums round differently from the batched kernel: so a lone pair would depend
+            # on the chunking. Evaluate it twice in one batch instead and keep one copy.
+            return self._chunk_lowrank(pop, [pairs[0], pairs[0]], x, base)[:2]
         layout, k, b = self.strategy.layout, len(pairs), len(x)
         factors = pop.lowrank_factors(pairs)
         h = None
