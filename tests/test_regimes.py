@@ -175,6 +175,22 @@ def test_regime_net_scaled_mode_equals_its_exact_float_ops(regime: Regime) -> No
     assert collapse_gap(net, x, "exact").relative > 1e-3  # the regime is doing real work
 
 
+def test_a_subnormal_float32_matmul_rounds_every_product_to_the_grid() -> None:
+    """Why the scaled model cannot follow the staircase inside a layer: at the true scale a float32
+    matmul (subnormals kept) returns, bit for bit, the sum of its products *each* rounded to the
+    subnormal grid 2^-149 (the grid is uniform, so the partial sums add exactly), not the sum
+    rounded once, which is what a per-layer activation models."""
+    g = torch.Generator().manual_seed(0)
+    grid = 2.0**-149
+    h = torch.randint(-40, 41, (64, 128), generator=g).double()  # staircase outputs, in grid steps
+    w = torch.randn(128, 32, generator=g) * 0.1
+    real = ((h * grid).float() @ w).double() / grid
+    per_product = torch.round(h[:, :, None] * w.double()).sum(1)  # round half to even, as IEEE
+    assert torch.equal(real, per_product)
+    rounded_sum = torch.round(h @ w.double())
+    assert (real == rounded_sum).double().mean() < 0.5
+
+
 def test_regime_and_scale_together_is_an_error() -> None:
     with pytest.raises(ValueError, match="not both"):
         DeepLinear([4, 8, 2], scale_exp=126, regime=Regime("ftz-deadzone", 125))
