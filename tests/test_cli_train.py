@@ -116,13 +116,14 @@ def test_baselines_train_and_evaluate(tmp_path, capsys):
 
 def test_es_method_dispatches(tmp_path, capsys):
     rc, out = train(tmp_path, "--method", "es", "--steps", "3", "--pop", "8", "--batch-size", "32",
-                    "--init-gain", "he", "--sigma-scale", "none", "--lr-decay", "0.99")
+                    "--init-gain", "he", "--sigma-scale", "none", "--lr-decay", "0.99",
+                    "--sigma-blocks", "weights.0=0")
     assert rc == 0
     final = torch.load(out / "final.pt", weights_only=False)
     assert final["method"] == "es" and "TF_GPU" in final["results"]["test_acc"]
     trainer = json.loads((out / "config.json").read_text())["trainer"]
     assert (trainer["pop"], trainer["init_gain"], trainer["sigma_scale"]) == (8, None, "none")
-    assert trainer["lr_decay"] == 0.99
+    assert trainer["lr_decay"] == 0.99 and trainer["sigma_blocks"] == "weights.0=0"
 
 
 def test_sigkill_then_resume_is_bit_identical(tmp_path):

@@ -177,6 +177,35 @@ def test_sigma_schedule_decays_to_a_floor_and_state_round_trips():
     assert back.generation == 1 and torch.equal(back.m, state.m) and torch.equal(back.v, state.v)
 
 
+@pytest.mark.parametrize("rank", [0, 2])
+def test_a_frozen_block_is_never_perturbed_updated_or_decayed(rank):
+    s = strategy(sizes=(6, 5, 3), rank=rank, pop=8, weight_decay=0.5,
+                 sigma_blocks="weights.0=0, biases.1=2")
+    w0, b1 = s.layout.weights[0], s.layout.biases[1]
+    free = strategy(sizes=(6, 5, 3), rank=rank, pop=8, weight_decay=0.5)
+    assert torch.equal(s.scale[w0.offset:w0.end], torch.zeros(w0.size))
+    assert torch.equal(s.scale[b1.offset:b1.end], 2 * free.scale[b1.offset:b1.end])
+    state = es.init(s, torch.randn(s.layout.n))
+    start = state.theta.clone()
+    for _ in range(3):
+        pop = es.ask(s, state)
+        assert all(torch.equal(pop.member(j)[w0.offset:w0.end], start[w0.offset:w0.end])
+                   for j in range(pop.size))
+        es.tell(s, state, pop, torch.randn(pop.size))
+    moved = state.theta != start
+    assert not moved[w0.offset:w0.end].any() and moved[w0.end:].all()
+
+
+@pytest.mark.parametrize("spec, match", [
+    ("weights.9=0", "not in this net"), ("weights.0", "NAME=FACTOR"), ("biases.0=-1", ">= 0"),
+    ("weights.0=x", "NAME=FACTOR"), ("weights.0=inf", "finite"),
+    ("weights.0=0,biases.0=0,weights.1=0,biases.1=0,weights.2=0,biases.2=0", "freeze every"),
+])
+def test_bad_sigma_blocks_are_clear_errors(spec, match):
+    with pytest.raises(ValueError, match=match):
+        strategy(sigma_blocks=spec)
+
+
 @pytest.mark.parametrize("kw, match", [
     ({"pop": 7}, "even"), ({"sigma": 0.0}, "sigma"), ({"lr": -1.0}, "lr"),
     ({"rank": -1}, "rank"), ({"sigma_scale": "x"}, "sigma_scale"), ({"table_size": 10}, "small"),

@@ -1,5 +1,8 @@
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy.stats import binomtest  # scipy comes with scikit-learn
 
 from deeplinear import evaluate
 from deeplinear.arithmetic import IEEE, PRESETS, TF_GPU, Semantics
@@ -65,3 +68,29 @@ def test_portability_names_a_custom_semantics():
     assert sem not in PRESETS.values()
     res = evaluate.portability(net(sem=sem), toy_data())
     assert res["own"] == "custom" and set(res["test_acc"]) == {"custom", *PRESETS, "collapsed"}
+
+
+def test_paired_counts_the_samples_only_one_model_gets_right():
+    a = torch.tensor([1, 1, 1, 0, 0, 1], dtype=torch.bool)
+    b = torch.tensor([1, 0, 0, 1, 0, 1], dtype=torch.bool)
+    r = evaluate.paired(a, b)
+    assert (r["a_only"], r["b_only"]) == (2, 1)
+    assert r["p_value"] == 1.0  # 2 * P(X <= 1), X ~ Bin(3, 1/2) = 2 * 4/8
+    assert evaluate.paired(a, a) == {"a_only": 0, "b_only": 0, "p_value": 1.0}
+
+
+@settings(deadline=None)
+@given(st.integers(0, 400), st.integers(0, 400))
+def test_paired_p_value_is_the_exact_two_sided_binomial_test(n10, n01):
+    a = torch.tensor([True] * n10 + [False] * n01 + [True] * 5)
+    b = torch.tensor([False] * n10 + [True] * n01 + [True] * 5)
+    r = evaluate.paired(a, b)
+    assert (r["a_only"], r["b_only"]) == (n10, n01)
+    expected = binomtest(n10, n10 + n01, 0.5).pvalue if n10 + n01 else 1.0
+    assert r["p_value"] == pytest.approx(expected, rel=1e-9, abs=1e-300)
+    assert r == {**evaluate.paired(b, a), "a_only": n10, "b_only": n01}  # symmetric p
+
+
+def test_paired_needs_the_same_samples():
+    with pytest.raises(ValueError, match="same length"):
+        evaluate.paired(torch.ones(3, dtype=torch.bool), torch.ones(4, dtype=torch.bool))

@@ -13,8 +13,8 @@ Bit-identical to ``backend=local``: a member's loss must be a pure function of (
 offset, sigma, minibatch), not of which other members share its chunk or worker. The full-rank
 engine is: each member is its own single-threaded product inside a ``bmm``, whatever the thread
 count or chunk (measured on the 2017 shapes). The low-rank engine is not in general: its shared
-``h @ W`` products are multi-threaded ``mm`` calls whose reduction split depends on the thread
-count, and a chunk of one pair turns a ``bmm`` into such an ``mm``. So for low-rank noise the pairs
+``h @ W`` products are multi-threaded ``mm`` calls over all members of a chunk, whose reduction
+split depends on the thread count and may depend on the row count. So for low-rank noise the pairs
 are cut only at the local engine's own chunk boundaries (every worker then runs exactly the local
 chunks), and the run equals a local run with the same torch thread count as each worker.
 

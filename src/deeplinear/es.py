@@ -117,14 +117,23 @@ class Layout:
             for b in self.blocks:
                 params[b.name].copy_(flat[b.offset:b.end].view(b.shape))
 
-    def scale(self, kind: str) -> Tensor:
-        """Per-parameter scale of the normalised coordinates (see the module docstring)."""
+    def scale(self, kind: str, blocks: str = "") -> Tensor:
+        """Per-parameter scale of the normalised coordinates (see the module docstring), times
+        the per-block multipliers of ``blocks`` (:func:`parse_sigma_blocks`)."""
         if kind not in SIGMA_SCALES:
             raise ValueError(f"unknown sigma_scale {kind!r}; use {', '.join(SIGMA_SCALES)}")
         s = torch.ones(self.n)
         if kind == "fan_in":
             for w in self.weights:
                 s[w.offset:w.end] = 1.0 / math.sqrt(w.shape[0])
+        by_name = {b.name: b for b in self.blocks}
+        for name, factor in parse_sigma_blocks(blocks).items():
+            if name not in by_name:
+                raise ValueError(f"sigma block {name!r} is not in this net; its blocks are "
+                                 f"{', '.join(by_name)}")
+            s[by_name[name].offset:by_name[name].end] *= factor
+        if not s.any():
+            raise ValueError(f"sigma blocks {blocks!r} freeze every block; leave one to search")
         return s
 
     def _params(self, net: nn.Module) -> dict[str, Tensor]:
@@ -173,6 +182,7 @@ class Strategy:
     sigma_decay: float = 1.0
     sigma_min: float = 0.0
     sigma_scale: str = "fan_in"
+    sigma_blocks: str = ""  # per-block multipliers, e.g. "weights.0=0" (see parse_sigma_blocks)
     lr: float = 0.01
     lr_decay: float = 1.0
     lr_min: float = 0.0
@@ -197,9 +207,7 @@ class Strategy:
             raise ValueError(f"need weight_decay >= 0, got {self.weight_decay}")
         if self.rank < 0:
             raise ValueError(f"rank must be 0 (full-rank noise) or >= 1, got {self.rank}")
-        if self.sigma_scale not in SIGMA_SCALES:
-            raise ValueError(f"unknown sigma_scale {self.sigma_scale!r}; "
-                             f"use {', '.join(SIGMA_SCALES)}")
+        _ = self.scale  # building it checks sigma_scale and sigma_blocks, with their own errors
         if self.table_size <= self.noise_dim:
             raise ValueError(f"noise table of {self.table_size} values is too small for "
                              f"{self.noise_dim} noise values per member; raise table_size")
@@ -218,7 +226,7 @@ class Strategy:
 
     @functools.cached_property
     def scale(self) -> Tensor:
-        return self.layout.scale(self.sigma_scale)
+        return self.layout.scale(self.sigma_scale, self.sigma_blocks)
 
     @functools.cached_property
     def table(self) -> Tensor:
@@ -244,6 +252,28 @@ class Strategy:
                         slice(o + (n_in + n_out) * r, o + (n_in + n_out) * r + n_out)))
             o = out[-1][2].stop
         return out
+
+
+def parse_sigma_blocks(spec: str) -> dict[str, float]:
+    """``"weights.0=0,biases.1=2"`` -> ``{"weights.0": 0.0, "biases.1": 2.0}``.
+
+    Why per block: sigma is one number for 670k parameters, but the blocks matter unequally; the
+    hidden biases alone decide where each unit's dead zone sits, and layer 1 holds 60% of the
+    2017 net's weights. A multiplier scales a block's noise *and* its step (both are in
+    normalised coordinates), so 0 freezes it: never perturbed, never updated, not decayed.
+    """
+    out: dict[str, float] = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        name, eq, value = item.partition("=")
+        try:
+            factor = float(value) if eq else math.nan
+        except ValueError:
+            factor = math.nan
+        if not factor >= 0 or math.isinf(factor):
+            raise ValueError(f"bad sigma block {item!r}: write NAME=FACTOR with a finite "
+                             "FACTOR >= 0, e.g. weights.0=0,biases.1=2")
+        out[name.strip()] = factor
+    return out
 
 
 # --- state, ask, tell ----------------------------------------------------------------------------
@@ -423,8 +453,8 @@ def tell(strategy: Strategy, state: State, pop: Population, losses: Tensor) -> S
     state.v.mul_(s.beta2).addcmul_(g, g, value=1 - s.beta2)
     step_size = lr * math.sqrt(1 - s.beta2**t) / (1 - s.beta1**t)
     step = state.v.sqrt().add_(s.eps * math.sqrt(1 - s.beta2**t)).reciprocal_().mul_(state.m)
-    if s.weight_decay:
-        state.theta.mul_(1 - lr * s.weight_decay)
+    if s.weight_decay:  # frozen blocks (scale 0) keep their values
+        state.theta.mul_(torch.where(s.scale > 0, 1 - lr * s.weight_decay, 1.0))
     state.theta.addcmul_(step, s.scale, value=-step_size)
     state.generation = t
     return state

@@ -35,7 +35,7 @@ TRAINER_FLAGS = {
     "schedule": "schedule", "init_gain": "init_gain", "tau": "tau", "eval_every": "eval_every",
     "checkpoint_every": "checkpoint_every", "eval_n": "eval_n", "pop": "pop", "sigma": "sigma",
     "perturbation": "perturbation", "rank": "rank", "threads": "threads",
-    "sigma_scale": "sigma_scale", "lr_decay": "lr_decay",
+    "sigma_scale": "sigma_scale", "sigma_blocks": "sigma_blocks", "lr_decay": "lr_decay",
 }
 
 
@@ -98,6 +98,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--threads", type=int, help="es only: torch threads")
     t.add_argument("--sigma-scale", choices=("fan_in", "none"),
                    help="es only: divide sigma by sqrt(fan-in) per layer (default) or not")
+    t.add_argument("--sigma-blocks", metavar="NAME=FACTOR,...",
+                   help="es only: per-block sigma multipliers, 0 freezes the block "
+                        "(e.g. weights.0=0: search layers 2-3 and the biases only)")
     t.add_argument("--lr-decay", type=float, help="es only: lr *= this every generation")
     d = p.add_argument_group("where es evaluates its population (deeplinear.distributed)")
     d.add_argument("--backend", default="local", help="local (default) | ray: Ray workers")

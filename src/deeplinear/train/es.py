@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -46,6 +46,7 @@ class Config:
     sigma_decay: float = 1.0  # sigma_g = max(sigma_min, sigma * sigma_decay**g)
     sigma_min: float = 0.0
     sigma_scale: str = "fan_in"  # fan_in | none
+    sigma_blocks: str = ""  # per-block sigma multipliers, 0 freezes: "weights.0=0" (es.py)
     lr: float = 0.01  # Adam, normalised units
     lr_decay: float = 1.0  # lr_g = max(lr_min, lr * lr_decay**g)
     lr_min: float = 0.0
@@ -78,12 +79,14 @@ class Config:
             raise ValueError(f"init_gain must be > 0 or None, got {self.init_gain}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
-        self.strategy(es.Layout.of([1, 1, 1]))  # the strategy checks its own fields
+        es.parse_sigma_blocks(self.sigma_blocks)  # its names are checked against the net's
+        replace(self, sigma_blocks="").strategy(es.Layout.of([1, 1, 1]))
 
     def strategy(self, layout: es.Layout) -> es.Strategy:
         return es.Strategy(
             layout, pop=self.pop, sigma=self.sigma, sigma_decay=self.sigma_decay,
-            sigma_min=self.sigma_min, sigma_scale=self.sigma_scale, lr=self.lr,
+            sigma_min=self.sigma_min, sigma_scale=self.sigma_scale,
+            sigma_blocks=self.sigma_blocks, lr=self.lr,
             lr_decay=self.lr_decay, lr_min=self.lr_min, weight_decay=self.weight_decay,
             rank=self.rank if self.perturbation == "lowrank" else 0,
             seed=self.seed, table_size=self.table_size)
