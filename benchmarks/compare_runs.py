@@ -13,21 +13,23 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import Any
 
 import torch
 
 from deeplinear.arithmetic import get_semantics
-from deeplinear.cli.eval import load_final, rebuild
-from deeplinear.data import load_dataset
+from deeplinear.cli.eval import load_data, load_final, rebuild
+from deeplinear.data import Dataset
 from deeplinear.evaluate import logits, paired
 from deeplinear.nets import DeepLinear
 
 
-def correct(run: str, semantics: str, data) -> torch.Tensor:
-    model = rebuild(load_final(run))
+def correct(payload: dict[str, Any], semantics: str, data: Dataset) -> torch.Tensor:
+    """Which test samples the run's model gets right, in exact mode under ``semantics``."""
+    model = rebuild(payload)
     if semantics != "own":
         if not isinstance(model, DeepLinear):
-            raise SystemExit(f"{run}: not a deep linear net, it has no float semantics to choose")
+            raise SystemExit("a baseline has no float semantics to choose; use --semantics-* own")
         model.semantics = get_semantics(semantics)
     return logits(model, data.x_test, "exact").argmax(1) == data.y_test
 
@@ -41,17 +43,15 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    spec = load_final(args.run_a)["data"]
-    if load_final(args.run_b)["data"] != spec:
+    runs = {"a": (args.run_a, args.semantics_a), "b": (args.run_b, args.semantics_b)}
+    payloads = {key: load_final(run) for key, (run, _) in runs.items()}
+    if payloads["a"]["data"] != payloads["b"]["data"]:
         raise SystemExit("the runs trained on different data; compare two runs of one dataset")
-    data = load_dataset(spec["name"], data_dir=spec.get("data_dir"), seed=spec.get("seed", 0),
-                        n_train=spec.get("n_train"), n_test=spec.get("n_test"))
-    a = correct(args.run_a, args.semantics_a, data)
-    b = correct(args.run_b, args.semantics_b, data)
-    acc = {"a": (args.run_a, args.semantics_a, a), "b": (args.run_b, args.semantics_b, b)}
-    res = {"dataset": spec["name"], "n_test": len(a), **paired(a, b)}
-    for key, (run, semantics, ok) in acc.items():
-        res[key] = {"run": run, "semantics": semantics, "test_acc": ok.double().mean().item()}
+    data = load_data(payloads["a"])
+    ok = {key: correct(payloads[key], semantics, data) for key, (_, semantics) in runs.items()}
+    res = {"dataset": data.name, "n_test": len(data.y_test), **paired(ok["a"], ok["b"])}
+    for key, (run, semantics) in runs.items():
+        res[key] = {"run": run, "semantics": semantics, "test_acc": ok[key].double().mean().item()}
     print(json.dumps(res, indent=1))
 
 

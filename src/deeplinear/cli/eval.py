@@ -12,13 +12,16 @@ import json
 import pickle
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from deeplinear.arithmetic import PRESETS, Semantics, get_semantics
 from deeplinear.cli import summary
 from deeplinear.cli.train import build_model, format_results
+
+if TYPE_CHECKING:
+    from deeplinear.data import Dataset
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -95,12 +98,10 @@ def rebuild(payload: dict[str, Any]) -> torch.nn.Module:
     return model
 
 
-def evaluate_payload(payload: dict[str, Any], semantics: str, dataset: str | None = None,
-                     data_dir: str | None = None, n_test: int | None = None) -> dict[str, Any]:
-    from deeplinear import evaluate
+def load_data(payload: dict[str, Any], dataset: str | None = None, data_dir: str | None = None,
+              n_test: int | None = None) -> Dataset:
+    """The dataset the weights were trained on, split as in training (or ``dataset`` instead)."""
     from deeplinear.data import load_dataset
-    from deeplinear.nets import DeepLinear
-    from deeplinear.train.backprop import io_sizes
 
     spec = payload.get("data", {})
     name = dataset or spec.get("name")
@@ -108,9 +109,19 @@ def evaluate_payload(payload: dict[str, Any], semantics: str, dataset: str | Non
         raise ValueError("the weights do not say which dataset they trained on; pass --dataset")
     if name != spec.get("name"):
         spec = {}  # another dataset: none of the run's data settings apply
-    data = load_dataset(name, data_dir=data_dir or spec.get("data_dir"), seed=spec.get("seed", 0),
+    return load_dataset(name, data_dir=data_dir or spec.get("data_dir"), seed=spec.get("seed", 0),
                         n_train=spec.get("n_train"),
                         n_test=n_test if n_test is not None else spec.get("n_test"))
+
+
+def evaluate_payload(payload: dict[str, Any], semantics: str, dataset: str | None = None,
+                     data_dir: str | None = None, n_test: int | None = None) -> dict[str, Any]:
+    from deeplinear import evaluate
+    from deeplinear.nets import DeepLinear
+    from deeplinear.train.backprop import io_sizes
+
+    data = load_data(payload, dataset, data_dir, n_test)
+    name = data.name
     model = rebuild(payload)
     n_in = io_sizes(model)[0]
     if n_in != data.n_features:
