@@ -144,6 +144,30 @@ def test_calibrate_sets_preactivation_scale_and_centres_layer_one(rings):
         assert float(u.std()) == pytest.approx(1.5 * net.threshold, rel=1e-4)
 
 
+@pytest.mark.parametrize("output", [True, False])
+def test_calibrate_without_centring_keeps_a_trained_nets_collapsed_map(rings, output):
+    """Every bias follows its layer's input scale, so a trained net (non-zero biases in every
+    layer) keeps its collapsed map up to one positive factor (none with ``output=False``: the
+    logits keep their scale) and only moves against the dead zone."""
+    net = deep(sizes=(2, 16, 16, 2), semantics=IEEE)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for b in net.biases:
+            b.copy_(torch.randn(b.shape, generator=g))
+    x = rings.x_train[:500]
+    (w0, b0) = collapse(net)
+    calibrate(net, x, gain=10.0, center=False, output=output)
+    (w1, b1) = collapse(net)
+    with torch.no_grad():
+        trace = net.trace(x, "scaled")
+    for u, _ in trace if output else trace[:-1]:
+        assert float(u.std()) == pytest.approx(10.0 * net.threshold, rel=1e-3)
+    factor = float(w1.norm() / w0.norm())
+    assert abs(math.log(factor)) > 0.1 if output else factor == pytest.approx(1, rel=1e-5)
+    torch.testing.assert_close(w1, factor * w0, rtol=1e-5, atol=0)
+    torch.testing.assert_close(b1, factor * b0, rtol=1e-5, atol=0)
+
+
 def test_lr_schedules():
     cos = Config(steps=100, lr=0.1)
     assert lr_at(cos, 0) == 0.1 and lr_at(cos, 50) == pytest.approx(0.05) and lr_at(cos, 99) < 1e-4

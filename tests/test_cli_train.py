@@ -10,6 +10,8 @@ import torch
 
 from deeplinear.arithmetic import PRESETS
 from deeplinear.cli import main
+from deeplinear.collapse import collapse
+from deeplinear.nets import DeepLinear
 
 TINY = ["--dataset", "rings", "--sizes", "2,16,16,2", "--lr", "0.01", "--quiet"]
 
@@ -158,6 +160,20 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
     assert rows(killed) == rows(tmp_path / "whole")
 
 
+def test_resume_accepts_a_run_directory_from_before_a_trainer_setting(tmp_path, capsys):
+    """A run written before ``sigma_blocks`` existed (its config lacks it) still resumes."""
+    es = ["--method", "es", "--pop", "8", "--checkpoint-every", "2"]
+    rc, out = train(tmp_path, *es, "--steps", "2")
+    assert rc == 0
+    config = json.loads((out / "config.json").read_text())
+    del config["trainer"]["sigma_blocks"]
+    (out / "config.json").write_text(json.dumps(config))
+    assert main(["train", *TINY, "--out", str(out), *es, "--steps", "2", "--resume"]) == 0
+    assert main(["train", *TINY, "--out", str(out), *es, "--steps", "2", "--resume",
+                 "--sigma-blocks", "biases.0=0"]) == 2
+    assert capsys.readouterr().err.strip().endswith("config differs in trainer.sigma_blocks")
+
+
 def test_es_can_start_from_a_finished_run(float_aware_run, tmp_path, capsys):
     """--init-from loads the weights as they are (no calibration): with a negligible lr the ES
     run ends where the source run ended."""
@@ -172,16 +188,31 @@ def test_es_can_start_from_a_finished_run(float_aware_run, tmp_path, capsys):
     assert config["init_from"] == str(float_aware_run) and config["trainer"]["init_gain"] is None
 
 
-@pytest.mark.parametrize(("argv", "message"), [
-    (["--sizes", "2,8,8,2"], "holds a deeplinear [2, 16, 16, 2]"),
-    (["--init-gain", "2"], "drop --init-gain"),
-])
-def test_init_from_refuses_what_it_cannot_use(float_aware_run, tmp_path, capsys, argv, message):
+def test_init_from_with_init_gain_rescales_the_loaded_net(float_aware_run, tmp_path):
+    """--init-gain G with --init-from moves the trained net's hidden layers against the dead zone
+    (pre-activation std G thresholds) and keeps its collapsed map, logits included."""
+    rc, out = train(tmp_path, "--method", "es", "--steps", "2", "--pop", "8", "--lr", "1e-12",
+                    "--init-from", str(float_aware_run), "--init-gain", "8")
+    assert rc == 0
+    config = json.loads((out / "config.json").read_text())
+    assert (config["rescale_gain"], config["trainer"]["init_gain"]) == (8.0, None)
+    nets = []
+    for run in (float_aware_run, out):
+        net = DeepLinear([2, 16, 16, 2])
+        net.load_state_dict(torch.load(run / "final.pt", weights_only=False)["state_dict"])
+        nets.append(net)
+    assert not torch.allclose(nets[0].weights[0], nets[1].weights[0], rtol=0.1)
+    (w0, b0), (w1, b1) = collapse(nets[0]), collapse(nets[1])
+    torch.testing.assert_close(w1, w0, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(b1, b0, rtol=1e-4, atol=1e-5)
+
+
+def test_init_from_refuses_other_sizes(float_aware_run, tmp_path, capsys):
     argv = ["train", *TINY, "--out", str(tmp_path / "x"), "--init-from", str(float_aware_run),
-            *argv]
+            "--sizes", "2,8,8,2"]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and message in err
+    assert len(err.splitlines()) == 1 and "holds a deeplinear [2, 16, 16, 2]" in err
 
 
 def test_eval_measures_a_run_that_has_no_final_yet(tmp_path, capsys):

@@ -173,7 +173,8 @@ def test_a_worker_that_never_answers_times_out_after_its_retries(runtime, data):
           pytest.raises(TimeoutError, match=r"worker 0 gave up on generation 0 after 2 tries: "
                                             r"no answer within 0\.001 s")):
         ev(pop, torch.arange(cfg.batch_size))
-    assert ev.stats.restarts == 1 and time.perf_counter() - t0 < 30
+    # it gives up instead of hanging; the bound allows two actor starts on a loaded machine
+    assert ev.stats.restarts == 1 and time.perf_counter() - t0 < 120
 
 
 DRIVER = """

@@ -30,6 +30,21 @@ def test_resume_truncates_metrics_after_checkpoint_and_checks_config(tmp_path):
         Run.open(tmp_path, {"lr": 0.2}, resume=True)
 
 
+def test_resume_accepts_a_run_written_before_a_setting_existed(tmp_path):
+    """A setting added since (absent from the saved config) resumes at its default only."""
+    run = Run.open(tmp_path, {"trainer": {"lr": 0.1}, "seed": 0})
+    run.checkpoint({"step": 1})
+    defaults = {"trainer": {"lr": 0.5, "blocks": (), "rank": 1}}
+    resumed = Run.open(tmp_path, {"trainer": {"lr": 0.1, "blocks": ()}, "seed": 0}, resume=True,
+                       defaults=defaults)
+    assert resumed.resumed_state["step"] == 1
+    with pytest.raises(ValueError, match=r"differs in trainer\.blocks$"):
+        Run.open(tmp_path, {"trainer": {"lr": 0.1, "blocks": ("w",)}, "seed": 0}, resume=True,
+                 defaults=defaults)
+    with pytest.raises(ValueError, match=r"differs in seed, trainer\.lr$"):
+        Run.open(tmp_path, {"trainer": {"lr": 0.5}, "seed": 1}, resume=True, defaults=defaults)
+
+
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         Run.open(tmp_path, {}, resume=True)

@@ -107,7 +107,8 @@ def run_method(method: Method, data: Dataset, sizes: list[int], seed: int, out: 
         model.load_state_dict(payload["state_dict"])
         curve, wall = payload["curve"], payload["wall_s"]
     else:
-        run = Run.open(out, config, resume=resume and (out / "checkpoint.pt").exists())
+        run = Run.open(out, config, resume=resume and (out / "checkpoint.pt").exists(),
+                       defaults={"trainer": dataclasses.asdict(method.trainer.Config())})
         curve = method.trainer.train(model, data, cfg, run=run)
         wall = (curve[-1]["wall_s"] if curve else 0.0)
         run.save_final({"state_dict": model.state_dict(), "curve": curve, "wall_s": wall,

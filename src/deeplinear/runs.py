@@ -53,15 +53,20 @@ class Run:
     resumed_state: dict[str, Any] | None = None
 
     @classmethod
-    def open(cls, directory: str | Path, config: dict[str, Any], resume: bool = False) -> Run:
+    def open(cls, directory: str | Path, config: dict[str, Any], resume: bool = False,
+             defaults: dict[str, Any] | None = None) -> Run:
+        """``defaults`` (nested like ``config``) holds the values of settings added since a run
+        was written: a saved config that lacks one still resumes when the new run asks for its
+        default, which by that contract reproduces what the older code did."""
         d = Path(directory)
         cfg_path, ckpt = d / "config.json", d / "checkpoint.pt"
         if resume:
             if not ckpt.exists():
                 raise FileNotFoundError(f"cannot resume: no checkpoint in {d}; drop --resume")
             saved = json.loads(cfg_path.read_text())
-            if saved != json.loads(json.dumps(config)):
-                diff = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
+            asked, known = json.loads(json.dumps([config, defaults or {}]))  # as saved: lists
+            diff = differences(saved, asked, known)
+            if diff:
                 raise ValueError(f"cannot resume {d}: config differs in {', '.join(diff)}")
             state = torch.load(ckpt, weights_only=False)
             run = cls(d, config, state)
@@ -98,6 +103,23 @@ class Run:
         path = self.dir / "final.pt"
         atomic_save(payload, path)
         return path
+
+
+def differences(saved: dict[str, Any], config: dict[str, Any], defaults: dict[str, Any],
+                prefix: str = "") -> list[str]:
+    """Dotted names of the settings in which ``config`` differs from ``saved``; a setting absent
+    from ``saved`` counts as its value in ``defaults`` when it has one there."""
+    diff = []
+    for k in sorted(set(saved) | set(config)):
+        old, new, default = saved.get(k), config.get(k), defaults.get(k)
+        if isinstance(old, dict) and isinstance(new, dict):
+            diff += differences(old, new, default if isinstance(default, dict) else {},
+                                f"{prefix}{k}.")
+        elif k not in saved and k in defaults and new == default:
+            continue
+        elif old != new:
+            diff.append(prefix + k)
+    return diff
 
 
 def rng_state(*generators: torch.Generator) -> dict[str, Any]:

@@ -86,7 +86,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--schedule", help="backprop only: cosine | step | constant")
     t.add_argument("--init-gain", type=init_gain,
                    help="deep linear: pre-activation std at init, in dead-zone half-widths, "
-                   "or 'he' (He init, no calibration)")
+                   "or 'he' (He init, no calibration); with --init-from it rescales the loaded "
+                   "net's hidden layers to that std, keeping its collapsed map and logits")
     t.add_argument("--tau", type=float, help="smooth surrogate width, in half-widths")
     t.add_argument("--eval-every", type=int)
     t.add_argument("--checkpoint-every", type=int)
@@ -230,10 +231,10 @@ def run(args: argparse.Namespace) -> int:
 
     surrogate = check_method(args.model, args.method, args.surrogate)
     trainer = trainer_module(args.method)
-    if args.init_from is not None and args.init_gain is not None:
-        raise ValueError("--init-from starts from trained weights: drop --init-gain")
-    if args.init_from is not None:
-        args.init_gain = "he"  # no calibration: keep the loaded weights as they are
+    rescale = None
+    if args.init_from is not None:  # the trainer starts from the loaded weights, not its init
+        rescale, args.init_gain = args.init_gain, "he"
+        rescale = None if rescale == "he" else rescale
     cfg = make_config(trainer, args, surrogate)
     semantics = get_semantics(args.semantics)
     data = load_dataset(args.dataset, data_dir=args.data_dir, seed=args.data_seed,
@@ -242,14 +243,24 @@ def run(args: argparse.Namespace) -> int:
     model = build_model(args.model, sizes, args.scale_exp, semantics, args.seed)
     if args.init_from is not None:
         load_weights(model, args.init_from, args.model, sizes)
+    if rescale is not None:
+        from deeplinear.nets import DeepLinear
+        from deeplinear.train.backprop import calibrate
+
+        if not isinstance(model, DeepLinear):
+            raise ValueError(f"--init-gain rescales a deep linear net, not a {args.model}; drop it")
+        calibrate(model, data.x_train[:2000], rescale, center=False, output=False)
     data_spec = {"name": args.dataset, "data_dir": args.data_dir, "seed": args.data_seed,
                  "n_train": args.n_train, "n_test": args.n_test}
     config = {"model": {"kind": args.model, "sizes": sizes, "scale_exp": args.scale_exp},
               "semantics": args.semantics, "method": args.method, "data": data_spec,
-              "trainer": dataclasses.asdict(cfg), "init_from": args.init_from}
+              "trainer": dataclasses.asdict(cfg), "init_from": args.init_from,
+              "rescale_gain": rescale}
     out = Path(args.out) if args.out else Path(
         "runs", "train", f"{args.dataset}_{args.model}_{args.method}_seed{args.seed}")
-    run_dir = Run.open(out, config, resume=args.resume)
+    run_dir = Run.open(out, config, resume=args.resume,
+                       defaults={"trainer": dataclasses.asdict(trainer.Config()),
+                                 "rescale_gain": None})
     if args.resume:
         print(f"resuming {out} from step {run_dir.resumed_state['step']}", file=sys.stderr)
     from deeplinear.distributed import backend

@@ -114,26 +114,35 @@ def io_sizes(model: nn.Module) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def calibrate(net: DeepLinear, x: Tensor, gain: float, center: bool = True) -> None:
+def calibrate(net: DeepLinear, x: Tensor, gain: float, center: bool = True,
+              output: bool = True) -> None:
     """Rescale each layer so that its pre-activation std on ``x`` is ``gain`` thresholds.
 
     Layer by layer (LSUV, Mishkin & Matas 2016), through the real rule, so each layer sees the
     flushed output of the one before. ``center`` first sets ``b1 = -mean(x @ W1)``.
+
+    Each bias follows its layer's input scale, and ``output=False`` gives the last layer the
+    factor that undoes the hidden ones, so with ``center=False`` a *trained* net keeps its
+    collapsed (IEEE) map, logits included, and only moves against the dead zone
+    (``train --init-from RUN --init-gain G``).
     """
     target, f = gain * net.threshold, net.under()
-    h = x
+    h, scale = x, 1.0  # scale: the factor this layer's input has been multiplied by so far
+    last = len(net.weights) - 1
     for i, (w, b) in enumerate(zip(net.weights, net.biases, strict=True)):
         m = h @ w
         if i == 0 and center:
             b.copy_(-m.mean(0))
+        b.mul_(scale)
         u = m + (b if i == 0 else f(b))
         std = float(u.std())
         if not (math.isfinite(std) and std > 0):
             raise ValueError(f"cannot calibrate layer {i + 1}: its pre-activations on the data "
                              f"have std {std}; check the inputs or use init_gain=None")
-        w.mul_(target / std)
-        if i == 0:
-            b.mul_(target / std)
+        factor = 1 / scale if i == last and not output else target / std
+        w.mul_(factor)
+        b.mul_(factor)
+        scale *= factor
         h = f(h @ w + (b if i == 0 else f(b)))
 
 
