@@ -174,6 +174,17 @@ def test_resume_accepts_a_run_directory_from_before_a_trainer_setting(tmp_path, 
     assert capsys.readouterr().err.strip().endswith("config differs in trainer.sigma_blocks")
 
 
+def test_cma_es_trains_a_small_net_and_refuses_es_only_flags(tmp_path, capsys):
+    cma = ["train", "--dataset", "rings", "--sizes", "2,16,16,2", "--quiet", "--method", "cma-es"]
+    out = tmp_path / "run"
+    assert main([*cma, "--out", str(out), "--steps", "4", "--pop", "6"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["method"] == "cma-es" and config["trainer"]["pop"] == 6
+    assert "TF_GPU" in capsys.readouterr().out
+    assert main([*cma, "--out", str(tmp_path / "x"), "--perturbation", "lowrank"]) == 2
+    assert "--perturbation does not apply to --method cma-es" in capsys.readouterr().err
+
+
 def test_es_can_start_from_a_finished_run(float_aware_run, tmp_path, capsys):
     """--init-from loads the weights as they are (no calibration): with a negligible lr the ES
     run ends where the source run ended."""

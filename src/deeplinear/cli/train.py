@@ -1,9 +1,10 @@
 """``deeplinear train``: train one model by one method into a resumable run directory.
 
 Methods: ``backprop`` (float-blind for a deep linear net: the 2017 baseline), ``float-aware``
-(backprop through the real underflow rule with a surrogate gradient) and ``es`` (OpenAI-ES, module
-``deeplinear.train.es``). Hyperparameter flags left out keep the trainer's ``Config`` defaults; a
-flag the chosen trainer has no field for is an error, so nothing is silently ignored.
+(backprop through the real underflow rule with a surrogate gradient), ``es`` (OpenAI-ES, module
+``deeplinear.train.es``) and ``cma-es`` (small nets, ``deeplinear.train.cmaes``). Hyperparameter
+flags left out keep the trainer's ``Config`` defaults; a flag the chosen trainer has no field for
+is an error, so nothing is silently ignored.
 
 The run directory gets ``config.json``, ``metrics.jsonl``, ``checkpoint.pt`` and, at the end,
 ``final.pt`` with the weights, how to rebuild the model, and its exact-mode accuracies (for a deep
@@ -26,7 +27,8 @@ from deeplinear.arithmetic import PRESETS, get_semantics
 from deeplinear.cli import summary
 
 MODELS = ("deeplinear", "mlp", "softmax")
-METHODS = ("backprop", "float-aware", "es")
+METHODS = ("backprop", "float-aware", "es", "cma-es")
+TRAINERS = {"es": "es", "cma-es": "cmaes"}  # method -> module in deeplinear.train; else backprop
 SURROGATES = ("exact", "ste", "smooth")
 DEFAULT_SURROGATE = "smooth"
 # CLI flag (argparse dest) -> trainer Config field, for the flags passed through generically
@@ -55,7 +57,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description=summary(__doc__))
     p.add_argument("--model", choices=MODELS, default="deeplinear")
     p.add_argument("--method", choices=METHODS, default="float-aware",
-                   help="backprop (float-blind for deeplinear), float-aware, or es")
+                   help="backprop (float-blind for deeplinear), float-aware, es (OpenAI-ES), or "
+                   "cma-es (small nets, needs the cma package)")
     p.add_argument("--surrogate", choices=SURROGATES, default=None,
                    help=f"float-aware gradient of the underflow (default {DEFAULT_SURROGATE})")
     p.add_argument("--dataset", required=True, help="spirals, rings, checkerboard, parity, "
@@ -92,11 +95,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--eval-every", type=int)
     t.add_argument("--checkpoint-every", type=int)
     t.add_argument("--eval-n", type=int, help="samples per split scored at each evaluation")
-    t.add_argument("--pop", type=int, help="es only: population")
-    t.add_argument("--sigma", type=float, help="es only: noise scale")
+    t.add_argument("--pop", type=int, help="es, cma-es: population")
+    t.add_argument("--sigma", type=float, help="es: noise scale; cma-es: initial step size")
     t.add_argument("--perturbation", help="es only: full | lowrank")
     t.add_argument("--rank", type=int, help="es only: rank of lowrank perturbations")
-    t.add_argument("--threads", type=int, help="es only: torch threads")
+    t.add_argument("--threads", type=int, help="es, cma-es: torch threads")
     t.add_argument("--sigma-scale", choices=("fan_in", "none"),
                    help="es only: divide sigma by sqrt(fan-in) per layer (default) or not")
     t.add_argument("--sigma-blocks", metavar="NAME=FACTOR,...",
@@ -113,8 +116,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def trainer_module(method: str) -> ModuleType:
-    """``deeplinear.train.es`` for es, else ``deeplinear.train.backprop`` (imported lazily)."""
-    name = "es" if method == "es" else "backprop"
+    """The trainer module of ``method`` (see :data:`TRAINERS`), imported lazily."""
+    name = TRAINERS.get(method, "backprop")
     try:
         return importlib.import_module(f"deeplinear.train.{name}")
     except ModuleNotFoundError as e:

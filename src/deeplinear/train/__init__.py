@@ -1,4 +1,5 @@
-"""Trainers. Each module (``backprop``, ``es``) has the same interface, so callers swap them freely:
+"""Trainers. Each module (``backprop``, ``es``, ``cmaes``) has the same interface, so callers swap
+them freely:
 
 - ``Config``: a dataclass of hyperparameters, JSON-serialisable via ``dataclasses.asdict``, with at
   least ``seed``, ``steps`` (optimisation steps or generations), ``batch_size``, ``eval_every``,
@@ -8,5 +9,5 @@
   ...). With ``run.resumed_state`` it continues from that checkpoint and ends bit-identical to an
   uninterrupted run with the same seed.
 
-The modules are not imported here, so one can be used while the other is absent or broken.
+The modules are not imported here, so one can be used while another is absent or broken.
 """

@@ -1,0 +1,106 @@
+import dataclasses
+import math
+import sys
+
+import pytest
+import torch
+from sklearn.linear_model import LogisticRegression
+
+from deeplinear import es
+from deeplinear.data import load_dataset
+from deeplinear.nets import DeepLinear, SoftmaxRegression
+from deeplinear.runs import Run
+from deeplinear.train import cmaes
+from deeplinear.train.cmaes import Config, train
+
+SIZES = [2, 8, 8, 2]
+FAST = {"pop": 40, "batch_size": 500, "sigma": 0.3, "threads": 1}
+
+
+@pytest.fixture(autouse=True)
+def restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def rings():
+    return load_dataset("rings", seed=0)
+
+
+def net(seed=0, sizes=SIZES):
+    return DeepLinear(sizes, generator=torch.Generator().manual_seed(seed))
+
+
+def test_cma_es_learns_rings_beyond_the_best_linear_model():
+    data = rings()
+    linear = LogisticRegression().fit(data.x_train.numpy(), data.y_train.numpy())
+    linear_acc = linear.score(data.x_test.numpy(), data.y_test.numpy())
+    model = net()
+    rows = train(model, data, Config(steps=150, eval_every=75, **FAST), progress=False)
+    assert [r["step"] for r in rows] == [75, 150]
+    exact = (model(data.x_test, mode="exact").argmax(1) == data.y_test).double().mean()
+    assert float(exact) > linear_acc + 0.2  # the model holds the mean, right in real float32
+    assert rows[-1]["test_acc"] == pytest.approx(float(exact), abs=0.01)
+
+
+def test_resume_is_bit_identical_and_the_global_numpy_rng_is_not_used(tmp_path):
+    """The candidates come from the strategy's own RandomState, pickled into the checkpoint:
+    stopping at a checkpoint and resuming ends exactly where one uninterrupted run ends, however
+    the global numpy generator is disturbed in between."""
+    cfg = Config(steps=30, eval_every=5, checkpoint_every=10, **FAST)
+    config = dataclasses.asdict(cfg)
+    whole = net()
+    ref = train(whole, rings(), cfg, Run.open(tmp_path / "whole", config), progress=False)
+
+    part = net()
+    train(part, rings(), dataclasses.replace(cfg, steps=20),
+          Run.open(tmp_path / "part", config), progress=False)
+    import numpy as np
+    np.random.seed(123)
+    run = Run.open(tmp_path / "part", config, resume=True)
+    assert run.resumed_state["step"] == 20
+    resumed = net(seed=1)  # its initial weights must not matter
+    rows = train(resumed, rings(), cfg, run, progress=False)
+    assert all(torch.equal(a, b) for a, b in
+               zip(whole.state_dict().values(), resumed.state_dict().values(), strict=True))
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "wall_s"} for r in rs]  # noqa: E731
+    assert strip(rows) == strip(ref)
+
+
+def test_a_non_finite_candidate_ranks_worst_and_all_non_finite_is_a_clear_error():
+    model, data = net(), rings()
+    layout = es.Layout.of(SIZES)
+    good = layout.flatten(model).double().numpy()
+    bad = good.copy()
+    bad[0] = math.inf
+    values, mean = cmaes.fitness(model, layout, [good, bad], data.x_train[:100],
+                                 data.y_train[:100], "loss", 0)
+    assert math.isfinite(values[0]) and values[1] > values[0] and mean == values[0]
+    with pytest.raises(es.DivergedError, match="generation 7"):
+        cmaes.fitness(model, layout, [bad], data.x_train[:100], data.y_train[:100], "loss", 7)
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({"fitness": "reward"}, "fitness"), ({"pop": 1}, "pop"), ({"steps": 0}, "steps"),
+    ({"sigma": -1.0}, "sigma"), ({"init_gain": 0.0}, "init_gain"),
+    ({"batch_size": 10_000}, "batch_size"),
+])
+def test_bad_config_is_a_clear_error(changes, match):
+    with pytest.raises(ValueError, match=match):
+        train(net(), rings(), Config(**{**FAST, **changes}), progress=False)
+
+
+def test_refuses_models_it_cannot_train():
+    with pytest.raises(ValueError, match="deep linear"):
+        train(SoftmaxRegression(2, 2), rings(), Config(**FAST), progress=False)
+    with pytest.raises(ValueError, match="fix the sizes"):
+        train(DeepLinear([3, 8, 2]), rings(), Config(**FAST), progress=False)
+    with pytest.raises(ValueError, match="use --method es"):
+        train(net(sizes=[2, 128, 64, 2]), rings(), Config(**FAST), progress=False)
+
+
+def test_without_the_cma_package_the_error_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cma", None)
+    with pytest.raises(ValueError, match=r"pip install 'deeplinear\[cma\]'"):
+        train(net(), rings(), Config(**FAST), progress=False)
