@@ -86,7 +86,12 @@ def _cma() -> Any:
 
 
 def strategy(theta: np.ndarray, cfg: Config) -> Any:
-    """A ``cma.CMAEvolutionStrategy`` around ``theta`` drawing from its own seeded RandomState."""
+    """A ``cma.CMAEvolutionStrategy`` around ``theta`` drawing from its own seeded RandomState.
+
+    ``cma`` also seeds numpy's global generator with its ``seed`` option (``cfg.seed + 1``: 0
+    would mean "from the clock"); no sample depends on it. Its stopping rules are off: the run
+    lasts ``cfg.steps`` generations.
+    """
     opts = {"seed": cfg.seed + 1, "randn": np.random.RandomState(cfg.seed).randn,
             "verbose": -9, "verb_log": 0, "verb_disp": 0, "maxiter": math.inf,
             "tolfun": 0, "tolfunhist": 0, "tolx": 0, "tolstagnation": math.inf,
