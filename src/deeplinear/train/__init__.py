@@ -9,5 +9,39 @@ them freely:
   ...). With ``run.resumed_state`` it continues from that checkpoint and ends bit-identical to an
   uninterrupted run with the same seed.
 
-The modules are not imported here, so one can be used while another is absent or broken.
+The modules are not imported here, so one can be used while another is absent or broken; what
+they share lives here.
 """
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from deeplinear.data import Dataset
+from deeplinear.evaluate import accuracy
+from deeplinear.nets import DeepLinear
+
+
+def check_evolvable(model: nn.Module, data: Dataset, cfg: Any, method: str) -> None:
+    """One-line errors for what an evolution strategy cannot train, then ``cfg.threads`` once,
+    before the run's first parallel op (see :mod:`deeplinear.train.es`)."""
+    if not isinstance(model, DeepLinear):
+        raise ValueError(f"{method} trains deep linear nets only, not {type(model).__name__}; "
+                         "use the backprop trainer")
+    if model.sizes[0] != data.n_features or model.sizes[-1] != data.n_classes:
+        raise ValueError(f"model maps {model.sizes[0]} -> {model.sizes[-1]} but {data.name} has "
+                         f"{data.n_features} features and {data.n_classes} classes; fix the sizes")
+    if cfg.batch_size > len(data.x_train):
+        raise ValueError(f"batch_size {cfg.batch_size} exceeds the {len(data.x_train)} training "
+                         "samples")
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+
+
+def scores(model: nn.Module, data: Dataset, n: int) -> dict[str, float]:
+    """Scaled-mode accuracy on the first ``n`` train and test samples, for a metric row."""
+    return {"train_acc": accuracy(model, data.x_train[:n], data.y_train[:n]),
+            "test_acc": accuracy(model, data.x_test[:n], data.y_test[:n])}

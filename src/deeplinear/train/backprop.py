@@ -43,10 +43,10 @@ from torch import Tensor, nn
 
 from deeplinear.arithmetic import hardware_ftz
 from deeplinear.data import Dataset
-from deeplinear.evaluate import accuracy
 from deeplinear.nets import DeepLinear
 from deeplinear.runs import Progress, Run, rng_state, set_rng_state
 from deeplinear.surrogate import DEFAULT_TAU, KINDS, make_under
+from deeplinear.train import scores
 
 SCHEDULES = ("cosine", "step", "constant")
 # Adam moments of parameters whose gradient stops decay geometrically into subnormals, where
@@ -237,8 +237,7 @@ def train(model: nn.Module, data: Dataset, cfg: Config, run: Run | None = None,
         if is_eval:
             row = {"step": done, "epoch": done / per_epoch, "lr": lr,
                    "wall_s": wall0 + time.perf_counter() - t0, "loss": loss_sum / loss_n,
-                   "train_acc": accuracy(model, x[:n_eval], y[:n_eval]),
-                   "test_acc": accuracy(model, data.x_test[:n_eval], data.y_test[:n_eval])}
+                   **scores(model, data, n_eval)}
             if deep:
                 row["flushed"] = _flushed_fraction(model, data.x_test[:1000])
             loss_sum, loss_n = 0.0, 0

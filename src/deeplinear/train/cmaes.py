@@ -36,9 +36,9 @@ import torch.nn.functional as F
 
 from deeplinear import es
 from deeplinear.data import Dataset
-from deeplinear.evaluate import accuracy
 from deeplinear.nets import DeepLinear
 from deeplinear.runs import Progress, Run, rng_state, set_rng_state
+from deeplinear.train import check_evolvable, scores
 from deeplinear.train.backprop import calibrate
 
 MAX_PARAMS = 5000  # full covariance: 200 MB of float64 and an O(n^3) eigendecomposition
@@ -126,21 +126,12 @@ def train(model: DeepLinear, data: Dataset, cfg: Config, run: Run | None = None,
           progress: bool = True) -> list[dict[str, Any]]:
     """Train ``model`` in place by CMA-ES; return the metric rows logged (one per eval)."""
     cfg.validate()
-    if not isinstance(model, DeepLinear):
-        raise ValueError(f"CMA-ES trains deep linear nets only, not {type(model).__name__}; "
-                         "use the backprop trainer")
+    check_evolvable(model, data, cfg, "CMA-ES")
     layout = es.Layout.of(model.sizes)
     if layout.n > MAX_PARAMS:
         raise ValueError(f"CMA-ES keeps an n x n covariance and {model.sizes} has {layout.n} "
                          f"parameters (at most {MAX_PARAMS}); use --method es for this net")
-    if model.sizes[0] != data.n_features or model.sizes[-1] != data.n_classes:
-        raise ValueError(f"model maps {model.sizes[0]} -> {model.sizes[-1]} but {data.name} has "
-                         f"{data.n_features} features and {data.n_classes} classes; fix the sizes")
     x, y = data.x_train, data.y_train
-    if cfg.batch_size > len(x):
-        raise ValueError(f"batch_size {cfg.batch_size} exceeds the {len(x)} training samples")
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
 
     g = torch.Generator().manual_seed(cfg.seed)
     saved = run.resumed_state if run is not None else None
@@ -174,8 +165,7 @@ def train(model: DeepLinear, data: Dataset, cfg: Config, run: Run | None = None,
             centre()
             row = {"step": done, "wall_s": wall0 + time.perf_counter() - t0,
                    "loss": loss_sum / loss_n, "sigma": float(opt.sigma),
-                   "train_acc": accuracy(model, x[:n_eval], y[:n_eval]),
-                   "test_acc": accuracy(model, data.x_test[:n_eval], data.y_test[:n_eval])}
+                   **scores(model, data, n_eval)}
             loss_sum, loss_n = 0.0, 0
             rows.append(row)
             if run is not None:

@@ -26,9 +26,9 @@ import torch
 from deeplinear import es
 from deeplinear.data import Dataset
 from deeplinear.engine import DEFAULT_MAX_BYTES, Engine
-from deeplinear.evaluate import accuracy
 from deeplinear.nets import DeepLinear
 from deeplinear.runs import Progress, Run, rng_state, set_rng_state
+from deeplinear.train import check_evolvable, scores
 from deeplinear.train.backprop import calibrate
 
 PERTURBATIONS = ("full", "lowrank")
@@ -100,17 +100,8 @@ def train(model: DeepLinear, data: Dataset, cfg: Config, run: Run | None = None,
     the local engine, bit for bit as it would (e.g. :class:`deeplinear.distributed.RayEvaluator`).
     """
     cfg.validate()
-    if not isinstance(model, DeepLinear):
-        raise ValueError(f"ES trains deep linear nets only, not {type(model).__name__}; "
-                         "use the backprop trainer")
-    if model.sizes[0] != data.n_features or model.sizes[-1] != data.n_classes:
-        raise ValueError(f"model maps {model.sizes[0]} -> {model.sizes[-1]} but {data.name} has "
-                         f"{data.n_features} features and {data.n_classes} classes; fix the sizes")
+    check_evolvable(model, data, cfg, "ES")
     x, y = data.x_train, data.y_train
-    if cfg.batch_size > len(x):
-        raise ValueError(f"batch_size {cfg.batch_size} exceeds the {len(x)} training samples")
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
 
     layout = es.Layout.of(model.sizes)
     strategy = cfg.strategy(layout)
@@ -147,9 +138,7 @@ def train(model: DeepLinear, data: Dataset, cfg: Config, run: Run | None = None,
         if done % cfg.eval_every == 0 or done == cfg.steps:
             layout.load(state.theta, model)
             row = {"step": done, "wall_s": wall0 + time.perf_counter() - t0,
-                   "loss": loss_sum / loss_n, "sigma": pop.sigma,
-                   "train_acc": accuracy(model, x[:n_eval], y[:n_eval]),
-                   "test_acc": accuracy(model, data.x_test[:n_eval], data.y_test[:n_eval])}
+                   "loss": loss_sum / loss_n, "sigma": pop.sigma, **scores(model, data, n_eval)}
             loss_sum, loss_n = 0.0, 0
             rows.append(row)
             if run is not None:
