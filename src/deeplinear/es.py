@@ -229,6 +229,21 @@ class Strategy:
         return self.layout.scale(self.sigma_scale, self.sigma_blocks)
 
     @functools.cached_property
+    def searched(self) -> list[slice]:
+        """The parameter ranges ``sigma_blocks`` leaves free, adjacent blocks merged: one range
+        over everything unless a block is frozen, so ``tell`` decays them in place, maskless."""
+        frozen = {name for name, f in parse_sigma_blocks(self.sigma_blocks).items() if f == 0}
+        parts: list[slice] = []
+        for b in self.layout.blocks:
+            if b.name in frozen:
+                continue
+            if parts and parts[-1].stop == b.offset:
+                parts[-1] = slice(parts[-1].start, b.end)
+            else:
+                parts.append(slice(b.offset, b.end))
+        return parts
+
+    @functools.cached_property
     def table(self) -> Tensor:
         return noise_table(self.seed, self.table_size)
 
@@ -453,8 +468,9 @@ def tell(strategy: Strategy, state: State, pop: Population, losses: Tensor) -> S
     state.v.mul_(s.beta2).addcmul_(g, g, value=1 - s.beta2)
     step_size = lr * math.sqrt(1 - s.beta2**t) / (1 - s.beta1**t)
     step = state.v.sqrt().add_(s.eps * math.sqrt(1 - s.beta2**t)).reciprocal_().mul_(state.m)
-    if s.weight_decay:  # frozen blocks (scale 0) keep their values
-        state.theta.mul_(torch.where(s.scale > 0, 1 - lr * s.weight_decay, 1.0))
+    if s.weight_decay:
+        for part in s.searched:  # frozen blocks keep their values
+            state.theta[part].mul_(1 - lr * s.weight_decay)
     state.theta.addcmul_(step, s.scale, value=-step_size)
     state.generation = t
     return state

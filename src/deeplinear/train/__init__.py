@@ -24,6 +24,21 @@ from deeplinear.data import Dataset
 from deeplinear.evaluate import accuracy
 from deeplinear.nets import DeepLinear
 
+FITNESS = ("loss", "error")  # what an evolution strategy minimises on its minibatch
+
+
+def check_evolution_config(cfg: Any) -> None:
+    """The checks the evolution strategies' ``Config.validate`` share."""
+    counts = ("steps", "batch_size", "eval_every", "checkpoint_every", "eval_n")
+    if min(getattr(cfg, name) for name in counts) < 1:
+        raise ValueError(f"{', '.join(counts[:-1])} and {counts[-1]} must be >= 1")
+    if cfg.fitness not in FITNESS:
+        raise ValueError(f"unknown fitness {cfg.fitness!r}; use {', '.join(FITNESS)}")
+    if cfg.init_gain is not None and not cfg.init_gain > 0:
+        raise ValueError(f"init_gain must be > 0 or None, got {cfg.init_gain}")
+    if cfg.threads is not None and cfg.threads < 1:
+        raise ValueError(f"threads must be >= 1, got {cfg.threads}")
+
 
 def check_evolvable(model: nn.Module, data: Dataset, cfg: Any, method: str) -> None:
     """One-line errors for what an evolution strategy cannot train, then ``cfg.threads`` once,

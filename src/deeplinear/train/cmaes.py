@@ -39,11 +39,10 @@ from deeplinear import es
 from deeplinear.data import Dataset
 from deeplinear.nets import DeepLinear
 from deeplinear.runs import Progress, Run, rng_state, set_rng_state
-from deeplinear.train import check_evolvable, scores
+from deeplinear.train import check_evolution_config, check_evolvable, scores
 from deeplinear.train.backprop import calibrate
 
 MAX_PARAMS = 5000  # full covariance: 200 MB of float64 and an O(n^3) eigendecomposition
-FITNESS = ("loss", "error")
 
 
 @dataclass
@@ -62,20 +61,11 @@ class Config:
     eval_n: int = 10000  # samples of each split scored at every evaluation
 
     def validate(self) -> None:
-        if min(self.steps, self.batch_size, self.eval_every, self.checkpoint_every,
-               self.eval_n) < 1:
-            raise ValueError("steps, batch_size, eval_every, checkpoint_every and eval_n "
-                             "must be >= 1")
+        check_evolution_config(self)
         if self.pop is not None and self.pop < 2:
             raise ValueError(f"pop must be >= 2, got {self.pop}")
         if not (self.sigma > 0 and math.isfinite(self.sigma)):
             raise ValueError(f"sigma must be a positive number, got {self.sigma}")
-        if self.fitness not in FITNESS:
-            raise ValueError(f"unknown fitness {self.fitness!r}; use {', '.join(FITNESS)}")
-        if self.init_gain is not None and not self.init_gain > 0:
-            raise ValueError(f"init_gain must be > 0 or None, got {self.init_gain}")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads must be >= 1, got {self.threads}")
 
 
 def _cma() -> Any:
@@ -162,8 +152,11 @@ def train(model: DeepLinear, data: Dataset, cfg: Config, run: Run | None = None,
         opt.tell(candidates, values)
         loss_sum, loss_n = loss_sum + mean, loss_n + 1
         done = gen + 1
-        if done % cfg.eval_every == 0 or done == cfg.steps:
+        is_eval = done % cfg.eval_every == 0 or done == cfg.steps
+        is_ckpt = run is not None and (done % cfg.checkpoint_every == 0 or done == cfg.steps)
+        if is_eval or is_ckpt:
             centre()
+        if is_eval:
             row = {"step": done, "wall_s": wall0 + time.perf_counter() - t0,
                    "loss": loss_sum / loss_n, "sigma": float(opt.sigma),
                    **scores(model, data, n_eval)}
@@ -171,8 +164,7 @@ def train(model: DeepLinear, data: Dataset, cfg: Config, run: Run | None = None,
             rows.append(row)
             if run is not None:
                 run.log(row)
-        if run is not None and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
-            centre()
+        if is_ckpt:
             run.checkpoint({"step": done, "cma": pickle.dumps(opt), "rng": rng_state(g),
                             "model": model.state_dict(), "wall_s": wall0 + time.perf_counter() - t0,
                             "loss_sum": loss_sum, "loss_n": loss_n, "config": asdict(cfg)})

@@ -28,12 +28,11 @@ from deeplinear.data import Dataset
 from deeplinear.engine import DEFAULT_MAX_BYTES, Engine
 from deeplinear.nets import DeepLinear
 from deeplinear.runs import Progress, Run, rng_state, set_rng_state
-from deeplinear.train import check_evolvable, scores
+from deeplinear.train import check_evolution_config, check_evolvable, scores
 from deeplinear.train.backprop import calibrate
 
 PERTURBATIONS = ("full", "lowrank")
 Evaluate = Callable[[es.Population, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-FITNESS = ("loss", "error")
 
 
 @dataclass
@@ -64,21 +63,14 @@ class Config:
     eval_n: int = 10000  # samples of each split scored at every evaluation
 
     def validate(self) -> None:
-        if min(self.steps, self.batch_size, self.eval_every, self.checkpoint_every,
-               self.eval_n, self.max_mb) < 1:
-            raise ValueError("steps, batch_size, eval_every, checkpoint_every, eval_n and max_mb "
-                             "must be >= 1")
+        check_evolution_config(self)
+        if self.max_mb < 1:
+            raise ValueError(f"max_mb must be >= 1, got {self.max_mb}")
         if self.perturbation not in PERTURBATIONS:
             raise ValueError(f"unknown perturbation {self.perturbation!r}; "
                              f"use {', '.join(PERTURBATIONS)}")
         if self.perturbation == "lowrank" and self.rank < 1:
             raise ValueError(f"lowrank perturbation needs rank >= 1, got {self.rank}")
-        if self.fitness not in FITNESS:
-            raise ValueError(f"unknown fitness {self.fitness!r}; use {', '.join(FITNESS)}")
-        if self.init_gain is not None and not self.init_gain > 0:
-            raise ValueError(f"init_gain must be > 0 or None, got {self.init_gain}")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads must be >= 1, got {self.threads}")
         es.parse_sigma_blocks(self.sigma_blocks)  # its names are checked against the net's
         replace(self, sigma_blocks="").strategy(es.Layout.of([1, 1, 1]))
 
@@ -135,16 +127,18 @@ def train(model: DeepLinear, data: Dataset, cfg: Config, run: Run | None = None,
         finite = loss[torch.isfinite(loss)]
         loss_sum, loss_n = loss_sum + float(finite.mean()), loss_n + 1
         done = gen + 1
-        if done % cfg.eval_every == 0 or done == cfg.steps:
+        is_eval = done % cfg.eval_every == 0 or done == cfg.steps
+        is_ckpt = run is not None and (done % cfg.checkpoint_every == 0 or done == cfg.steps)
+        if is_eval or is_ckpt:
             layout.load(state.theta, model)
+        if is_eval:
             row = {"step": done, "wall_s": wall0 + time.perf_counter() - t0,
                    "loss": loss_sum / loss_n, "sigma": pop.sigma, **scores(model, data, n_eval)}
             loss_sum, loss_n = 0.0, 0
             rows.append(row)
             if run is not None:
                 run.log(row)
-        if run is not None and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
-            layout.load(state.theta, model)
+        if is_ckpt:
             run.checkpoint({"step": done, "es": state.state_dict(), "rng": rng_state(g),
                             "model": model.state_dict(), "wall_s": wall0 + time.perf_counter() - t0,
                             "loss_sum": loss_sum, "loss_n": loss_n, "config": asdict(cfg)})
