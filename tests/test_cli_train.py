@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -216,6 +217,21 @@ def test_init_from_with_init_gain_rescales_the_loaded_net(float_aware_run, tmp_p
     (w0, b0), (w1, b1) = collapse(nets[0]), collapse(nets[1])
     torch.testing.assert_close(w1, w0, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(b1, b0, rtol=1e-4, atol=1e-5)
+
+
+def test_resume_does_not_reload_the_init_from_run(float_aware_run, tmp_path):
+    """On --resume the checkpoint holds the weights: the source run may be gone by then."""
+    source = tmp_path / "source"
+    shutil.copytree(float_aware_run, source)
+    args = ["--method", "es", "--steps", "2", "--pop", "8", "--checkpoint-every", "1",
+            "--init-from", str(source), "--init-gain", "8"]
+    rc, out = train(tmp_path, *args)
+    assert rc == 0
+    before = torch.load(out / "final.pt", weights_only=False)["state_dict"]
+    shutil.rmtree(source)
+    assert main(["train", *TINY, "--out", str(out), *args, "--resume"]) == 0
+    after = torch.load(out / "final.pt", weights_only=False)["state_dict"]
+    assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_init_from_refuses_other_sizes(float_aware_run, tmp_path, capsys):

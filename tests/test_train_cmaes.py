@@ -2,12 +2,14 @@ import dataclasses
 import math
 import sys
 
+import numpy as np
 import pytest
 import torch
 from sklearn.linear_model import LogisticRegression
 
 from deeplinear import es
 from deeplinear.data import load_dataset
+from deeplinear.engine import member_accuracy, member_losses
 from deeplinear.nets import DeepLinear, SoftmaxRegression
 from deeplinear.runs import Run
 from deeplinear.train import cmaes
@@ -66,6 +68,26 @@ def test_resume_is_bit_identical_and_the_global_numpy_rng_is_not_used(tmp_path):
                zip(whole.state_dict().values(), resumed.state_dict().values(), strict=True))
     strip = lambda rs: [{k: v for k, v in r.items() if k != "wall_s"} for r in rs]  # noqa: E731
     assert strip(rows) == strip(ref)
+
+
+@pytest.mark.parametrize("kind", ["loss", "error"])
+def test_fitness_scores_each_candidate_exactly_as_its_own_forward_pass(kind, monkeypatch):
+    model, data = net(), rings()
+    layout = es.Layout.of(SIZES)
+    theta = layout.flatten(model).double().numpy()
+    rng = np.random.default_rng(0)
+    candidates = [theta + 0.3 * rng.standard_normal(layout.n) for _ in range(7)]
+    x, y = data.x_train[:300], data.y_train[:300]
+    monkeypatch.setattr(cmaes, "CHUNK_CACHE_BYTES", 4 * 300 * sum(SIZES[1:]) * 3)  # chunks 3, 3, 1
+    values, _ = cmaes.fitness(model, layout, candidates, x, y, kind, 0)
+    torch.set_num_threads(1)
+    for c, value in zip(candidates, values, strict=True):
+        layout.load(torch.from_numpy(c.astype(np.float32)), model)
+        logits = model(x, mode="scaled")[None]
+        accuracy = member_accuracy(logits, y).double()
+        ref = member_losses(logits, y) if kind == "loss" else 1 - accuracy
+        assert value == float(ref)
+    assert len(set(values)) > 1
 
 
 def test_a_non_finite_candidate_ranks_worst_and_all_non_finite_is_a_clear_error():

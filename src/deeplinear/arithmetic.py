@@ -154,6 +154,12 @@ class Semantics:
         return self.underflow == "ftz_daz"
 
     @property
+    def matmul_flush(self) -> bool:
+        """Whether a matmul's subnormal results reach the next op as zero: flushed by the matmul
+        itself (scope ``all``) or read as zero by it (DAZ)."""
+        return self.flushes and (self.daz or self.scope == "all")
+
+    @property
     def saturates(self) -> bool:
         return self.overflow == "saturate"
 

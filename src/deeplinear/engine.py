@@ -31,14 +31,14 @@ real forward pass.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from deeplinear.es import Population, Strategy
+from deeplinear.es import Layout, Population, Strategy
 from deeplinear.nets import DeepLinear
 
 DEFAULT_MAX_BYTES = 256 << 20
@@ -72,6 +72,32 @@ def member_accuracy(logits: Tensor, y: Tensor) -> Tensor:
     return (logits.argmax(-1) == y).float().mean(-1)
 
 
+def stacked_logits(net: DeepLinear, layout: Layout, members: Tensor, x: Tensor,
+                   buf: Callable[..., Tensor] | None = None) -> Tensor:
+    """Logits ``(m, batch, classes)`` of ``m`` parameter vectors ``members`` ``(m, layout.n)`` on
+    ``x``, in the net's scaled mode: one ``bmm`` per layer, the rule applied in place.
+
+    Bit-identical to loading each member into ``net`` and running ``net(x, mode="scaled")`` with
+    one thread (see the module docstring). ``buf(name, *shape)`` supplies reused output tensors
+    (the engine's buffers); without it each layer allocates.
+    """
+    rule, flush_matmul = inplace_rule(net), net.semantics.matmul_flush
+    m, b = len(members), len(x)
+    h = x.expand(m, *x.shape)
+    for i in range(len(layout.weights)):
+        w, bias = layout.layer(members, i)
+        out = buf(f"u{i}", m, b, w.shape[2]) if buf is not None else None
+        u = torch.bmm(h, w, out=out)
+        if i == 0:
+            u += bias[:, None]
+        else:
+            if flush_matmul:
+                rule(u)
+            u += rule(bias.clone())[:, None]
+        h = rule(u)
+    return h
+
+
 class Engine:
     """Preallocated buffers and the batched forward for one net shape and strategy.
 
@@ -88,9 +114,7 @@ class Engine:
             raise ValueError(f"chunk must be an even number of members >= 2, got {chunk}")
         self.net, self.strategy = net, strategy
         self.max_bytes, self.chunk = max_bytes, chunk
-        self.rule = inplace_rule(net)
-        sem = net.semantics
-        self.flush_matmul = sem.flushes and (sem.daz or sem.scope == "all")  # as DeepLinear.trace
+        self.rule, self.flush_matmul = inplace_rule(net), net.semantics.matmul_flush
         self._bufs: dict[str, Tensor] = {}
 
     # -- buffers ---------------------------------------------------------------------------------
@@ -152,24 +176,12 @@ class Engine:
                 yield start, self._chunk_full(pop, pairs, x)
 
     def _chunk_full(self, pop: Population, pairs: range, x: Tensor) -> Tensor:
-        layout, k, b = self.strategy.layout, len(pairs), len(x)
-        members = self._buf("members", k, 2, layout.n)
+        n, k = self.strategy.layout.n, len(pairs)
+        members = self._buf("members", k, 2, n)
         d = pop.deltas(pairs, out=members[:, 1])  # the minus member's slot holds the delta first
         torch.add(pop.theta, d, out=members[:, 0])
         torch.sub(pop.theta, d, out=d)
-        members = members.view(2 * k, layout.n)
-        h = x.expand(2 * k, *x.shape)
-        for i in range(len(layout.weights)):
-            w, bias = layout.layer(members, i)
-            u = torch.bmm(h, w, out=self._buf(f"u{i}", 2 * k, b, w.shape[2]))
-            if i == 0:
-                u += bias[:, None]
-            else:
-                if self.flush_matmul:
-                    self.rule(u)
-                u += self.rule(bias.clone())[:, None]
-            h = self.rule(u)
-        return h
+        return stacked_logits(self.net, self.strategy.layout, members.view(2 * k, n), x, self._buf)
 
     def _chunk_lowrank(self, pop: Population, pairs: Sequence[int], x: Tensor,
                        base: Tensor) -> Tensor:

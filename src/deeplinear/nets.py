@@ -137,8 +137,7 @@ class DeepLinear(nn.Module):
         if mode != "scaled":
             raise ValueError(f"unknown mode {mode!r}; use exact or scaled")
         f = under or self.under()
-        sem = self.semantics
-        flush_matmul = sem.flushes and (sem.daz or sem.scope == "all")
+        flush_matmul = self.semantics.matmul_flush
         out = []
         h = x
         for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):

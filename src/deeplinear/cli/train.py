@@ -244,15 +244,14 @@ def run(args: argparse.Namespace) -> int:
                         n_train=args.n_train, n_test=args.n_test)
     sizes = resolve_sizes(args, data.n_features, data.n_classes, args.dataset)
     model = build_model(args.model, sizes, args.scale_exp, semantics, args.seed)
-    if args.init_from is not None:
+    if rescale is not None and args.model != "deeplinear":
+        raise ValueError(f"--init-gain rescales a deep linear net, not a {args.model}; drop it")
+    if args.init_from is not None and not args.resume:  # on resume the checkpoint holds them
         load_weights(model, args.init_from, args.model, sizes)
-    if rescale is not None:
-        from deeplinear.nets import DeepLinear
-        from deeplinear.train.backprop import calibrate
+        if rescale is not None:
+            from deeplinear.train.backprop import calibrate
 
-        if not isinstance(model, DeepLinear):
-            raise ValueError(f"--init-gain rescales a deep linear net, not a {args.model}; drop it")
-        calibrate(model, data.x_train[:2000], rescale, center=False, output=False)
+            calibrate(model, data.x_train[:2000], rescale, center=False, output=False)
     data_spec = {"name": args.dataset, "data_dir": args.data_dir, "seed": args.data_seed,
                  "n_train": args.n_train, "n_test": args.n_test}
     config = {"model": {"kind": args.model, "sizes": sizes, "scale_exp": args.scale_exp},

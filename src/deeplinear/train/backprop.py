@@ -134,12 +134,14 @@ def calibrate(net: DeepLinear, x: Tensor, gain: float, center: bool = True,
         if i == 0 and center:
             b.copy_(-m.mean(0))
         b.mul_(scale)
-        u = m + (b if i == 0 else f(b))
-        std = float(u.std())
-        if not (math.isfinite(std) and std > 0):
-            raise ValueError(f"cannot calibrate layer {i + 1}: its pre-activations on the data "
-                             f"have std {std}; check the inputs or use init_gain=None")
-        factor = 1 / scale if i == last and not output else target / std
+        if i == last and not output:
+            factor = 1 / scale
+        else:
+            std = float((m + (b if i == 0 else f(b))).std())
+            if not (math.isfinite(std) and std > 0):
+                raise ValueError(f"cannot calibrate layer {i + 1}: its pre-activations on the "
+                                 f"data have std {std}; check the inputs or use init_gain=None")
+            factor = target / std
         w.mul_(factor)
         b.mul_(factor)
         scale *= factor
