@@ -33,7 +33,7 @@ from deeplinear import evaluate
 from deeplinear.arithmetic import get_semantics
 from deeplinear.bench import cpu_model
 from deeplinear.cli.train import build_model, load_weights
-from deeplinear.data import load_dataset
+from deeplinear.data import Dataset, load_dataset
 from deeplinear.surrogate import make_under
 from deeplinear.train.backprop import Config, calibrate, lr_at
 
@@ -67,7 +67,7 @@ SETTINGS = [
 ]
 
 
-def reach(setting: Setting, start: str, data, steps: int, seed: int) -> dict:
+def reach(setting: Setting, start: str, data: Dataset, steps: int, seed: int) -> dict:
     model = build_model("deeplinear", SIZES, 125, get_semantics("TF_GPU"), seed)
     load_weights(model, start, "deeplinear", SIZES)
     if setting.gain is not None:
@@ -78,8 +78,8 @@ def reach(setting: Setting, start: str, data, steps: int, seed: int) -> dict:
     if setting.lowrank is not None:
         layer, r = setting.lowrank
         n_in, n_out = base[f"weights.{layer}"].shape
-        g = torch.Generator().manual_seed(seed)
-        factors = [(torch.randn(n_in, r, generator=g) / math.sqrt(r)).requires_grad_(True),
+        a = torch.Generator().manual_seed(seed)
+        factors = [(torch.randn(n_in, r, generator=a) / math.sqrt(r)).requires_grad_(True),
                    torch.zeros(n_out, r, requires_grad=True)]
 
     def params() -> dict[str, Tensor]:
@@ -93,7 +93,7 @@ def reach(setting: Setting, start: str, data, steps: int, seed: int) -> dict:
     under = make_under(model, cfg.surrogate, cfg.tau)
     trained = [*moving.values(), *factors]
     opt = torch.optim.Adam(trained, lr=cfg.lr)
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)  # the minibatches
     x, y = data.x_train, data.y_train
     t0 = time.perf_counter()
     for s in range(steps):

@@ -230,12 +230,12 @@ class Strategy:
 
     @functools.cached_property
     def searched(self) -> list[slice]:
-        """The parameter ranges ``sigma_blocks`` leaves free, adjacent blocks merged: one range
-        over everything unless a block is frozen, so ``tell`` decays them in place, maskless."""
-        frozen = {name for name, f in parse_sigma_blocks(self.sigma_blocks).items() if f == 0}
+        """The parameter ranges ``sigma_blocks`` leaves free (scale not 0), adjacent blocks
+        merged: one range over everything unless a block is frozen, so ``tell`` decays them in
+        place, maskless."""
         parts: list[slice] = []
         for b in self.layout.blocks:
-            if b.name in frozen:
+            if not self.scale[b.offset:b.end].any():  # frozen
                 continue
             if parts and parts[-1].stop == b.offset:
                 parts[-1] = slice(parts[-1].start, b.end)

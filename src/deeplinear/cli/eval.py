@@ -121,22 +121,21 @@ def evaluate_payload(payload: dict[str, Any], semantics: str, dataset: str | Non
     from deeplinear.train.backprop import io_sizes
 
     data = load_data(payload, dataset, data_dir, n_test)
-    name = data.name
     model = rebuild(payload)
     n_in = io_sizes(model)[0]
     if n_in != data.n_features:
-        raise ValueError(f"the weights take {n_in} features but {name} has {data.n_features}; "
+        raise ValueError(f"the weights take {n_in} features but {data.name} has {data.n_features}; "
                          "pass the dataset they were trained on")
     if not isinstance(model, DeepLinear):
         return {"test_acc": {"float32": evaluate.accuracy(model, data.x_test, data.y_test)},
-                "dataset": name, "n_test": len(data.y_test)}
+                "dataset": data.name, "n_test": len(data.y_test)}
     if semantics == "all":
         res = evaluate.portability(model, data)
     else:
         model.semantics = get_semantics(semantics)
         acc = evaluate.accuracy(model, data.x_test, data.y_test, "exact")
         res = {"test_acc": {semantics: acc}, "n_test": len(data.y_test)}
-    res["dataset"] = name
+    res["dataset"] = data.name
     return res
 
 

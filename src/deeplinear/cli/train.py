@@ -234,10 +234,10 @@ def run(args: argparse.Namespace) -> int:
 
     surrogate = check_method(args.model, args.method, args.surrogate)
     trainer = trainer_module(args.method)
-    rescale = None
+    rescale = None  # --init-gain with --init-from: the loaded net's rescaling, not the trainer's
     if args.init_from is not None:  # the trainer starts from the loaded weights, not its init
-        rescale, args.init_gain = args.init_gain, "he"
-        rescale = None if rescale == "he" else rescale
+        rescale = None if args.init_gain == "he" else args.init_gain
+        args.init_gain = "he"
     cfg = make_config(trainer, args, surrogate)
     semantics = get_semantics(args.semantics)
     data = load_dataset(args.dataset, data_dir=args.data_dir, seed=args.data_seed,
