@@ -186,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--data-dir", default=None)
     args = p.parse_args(argv)
+    methods = args.methods.split(",")
+    if not set(methods) <= {"exact", "es"}:
+        p.error(f"unknown method in {args.methods!r}; use exact, es or exact,es")
     if args.threads:
         torch.set_num_threads(args.threads)
     data = load_dataset("fashion-mnist", data_dir=args.data_dir)
@@ -203,9 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         print(cosines(units, net, data, args), flush=True)
     print("| method | TF_GPU | IEEE | wall | ES forward vs real, max abs logit diff |")
     print("|---|---|---|---|---|")
-    for method in args.methods.split(","):
-        if method not in ("exact", "es"):
-            raise SystemExit(f"unknown method {method!r}; use exact, es")
+    for method in methods:
         t0 = time.perf_counter()
         z, worst = train(method, units, net, data, args)
         wall = time.perf_counter() - t0
