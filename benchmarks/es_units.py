@@ -56,15 +56,16 @@ class Units:
         self.base = {k: v.detach().clone() for k, v in net.named_parameters()}
         start = {"gain.0": torch.zeros(SIZES[1]), "gain.1": torch.zeros(SIZES[2])}
         start |= {k: self.base[k].reshape(-1) for k in BLOCKS[2:]}
-        self.slices, self.scale, o = {}, [], 0
+        self.slices: dict[str, slice] = {}
+        scales, o = [], 0
         for k in BLOCKS:
             n = start[k].numel()
             self.slices[k] = slice(o, o + n)
             rms = 1.0 if k.startswith("gain") else float(start[k].pow(2).mean().sqrt())
             # a power of two, so that z0 * scale gives the start back exactly
-            self.scale.append(torch.full((n,), 2.0 ** round(math.log2(rms))))
+            scales.append(torch.full((n,), 2.0 ** round(math.log2(rms))))
             o += n
-        self.scale = torch.cat(self.scale)
+        self.scale = torch.cat(scales)
         self.z0 = torch.cat([start[k] for k in BLOCKS]) / self.scale
 
     def part(self, z: Tensor, k: str) -> Tensor:
@@ -158,8 +159,9 @@ def cosines(units: Units, net: DeepLinear, data, args) -> str:
     def cos(a: Tensor, b: Tensor) -> float:
         return float(a @ b / (a.norm() * b.norm()))
 
-    smooth, exact = backprop(make_under(net, "smooth")), backprop(None)
-    full = backprop(make_under(net, "smooth"), data.x_train, data.y_train)
+    surrogate = make_under(net, "smooth")
+    smooth, exact = backprop(surrogate), backprop(None)
+    full = backprop(surrogate, data.x_train, data.y_train)
     big = sum(estimate(args.pop * 10, shaped=False) for _ in range(10))
     small = ", ".join(f"{cos(estimate(args.pop, shaped=True), big):.3f}" for _ in range(3))
     return (f"cosines at the start (sigma {args.sigma:g}, one minibatch): three pop-{args.pop} ES "
