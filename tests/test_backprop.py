@@ -210,7 +210,15 @@ def test_adam_step_never_leaves_subnormal_moments_and_changes_nothing_else():
     (lambda: deep(), Config(surrogate="relu"), "unknown surrogate"),
     (lambda: deep(), Config(schedule="linear"), "unknown schedule"),
     (lambda: deep(), Config(lr=0.0), "lr > 0"),
+    (lambda: deep(), Config(device="tpu"), "unknown device 'tpu'; use cpu, cuda"),
+    (lambda: deep(), Config(device="meta"), "unknown device 'meta'"),
 ])
 def test_bad_settings_are_one_line_errors(rings, model, cfg, match):
     with pytest.raises(ValueError, match=match):
         train(model(), rings, cfg, progress=False)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_without_a_gpu_names_the_fix(rings):
+    with pytest.raises(ValueError, match="no CUDA device here; use --device cpu"):
+        train(deep(), rings, Config(device="cuda"), progress=False)

@@ -77,6 +77,7 @@ def test_eval_reproduces_the_final_accuracies(float_aware_run, capsys):
     (["--init-gain", "big"], "expected a number or 'he'"),
     (["--method", "float-aware", "--sigma-scale", "none"], "--sigma-scale does not apply"),
     (["--resume"], "no checkpoint"),
+    (["--method", "es", "--device", "tpu"], "unknown device 'tpu'"),
 ])
 def test_impossible_configs_exit_2_with_one_line(tmp_path, capsys, argv, message):
     try:
@@ -184,6 +185,8 @@ def test_cma_es_trains_a_small_net_and_refuses_es_only_flags(tmp_path, capsys):
     assert "TF_GPU" in capsys.readouterr().out
     assert main([*cma, "--out", str(tmp_path / "x"), "--perturbation", "lowrank"]) == 2
     assert "--perturbation does not apply to --method cma-es" in capsys.readouterr().err
+    assert main([*cma, "--out", str(tmp_path / "y"), "--device", "cpu"]) == 2
+    assert "--device does not apply to --method cma-es" in capsys.readouterr().err
 
 
 def test_es_can_start_from_a_finished_run(float_aware_run, tmp_path, capsys):

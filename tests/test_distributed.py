@@ -286,3 +286,9 @@ def test_a_population_from_another_strategy_is_refused(ev2):
     pop = es.ask(other, es.init(other, final_theta(make_model())))
     with pytest.raises(ValueError, match="another strategy"):
         ev2(pop, torch.arange(10))
+
+
+def test_the_ray_backend_refuses_a_gpu_device(data, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU machine
+    with pytest.raises(ValueError, match="workers' CPUs, not on cuda; drop --device"):
+        dist.RayEvaluator(make_model(), data, make_cfg(device="cuda"))

@@ -140,3 +140,19 @@ def test_engine_refuses_mismatched_inputs():
         Engine(net, s).losses(pop, x[:, :3], y)
     with pytest.raises(ValueError, match="even"):
         Engine(net, s, chunk=3)
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_generation_stays_on_the_strategy_device(rank):
+    """Device plumbing, checked on the meta device (CI has no GPU): any tensor the engine or
+    ask/tell made on the CPU instead would fail on the mix of devices."""
+    net = DeepLinear(SIZES).to("meta")
+    s = es.Strategy(es.Layout.of(SIZES), pop=6, rank=rank, table_size=1 << 14, device="meta")
+    state = es.init(s, torch.zeros(s.layout.n))  # from the CPU, as a checkpoint loads it
+    pop = es.ask(s, state)
+    x, y = torch.rand(BATCH, SIZES[0]), torch.randint(0, SIZES[-1], (BATCH,))
+    loss, acc = Engine(net, s, chunk=2).losses(pop, x, y, with_accuracy=True)
+    assert loss.device.type == acc.device.type == "meta" and loss.shape == (6,)
+    es.tell(s, state, pop, torch.rand(6))  # the shaped fitness is computed on the CPU
+    assert state.generation == 1
+    assert {t.device.type for t in (state.theta, state.m, state.v, pop.member(1))} == {"meta"}

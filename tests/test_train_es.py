@@ -110,7 +110,7 @@ def test_a_generation_with_no_finite_loss_stops_with_a_clear_error():
 @pytest.mark.parametrize("changes, match", [
     ({"perturbation": "sparse"}, "perturbation"), ({"fitness": "reward"}, "fitness"),
     ({"pop": 9}, "even"), ({"steps": 0}, "steps"), ({"init_gain": 0.0}, "init_gain"),
-    ({"batch_size": 10_000}, "batch_size"),
+    ({"batch_size": 10_000}, "batch_size"), ({"device": "cuda:x"}, "unknown device 'cuda:x'"),
 ])
 def test_bad_config_is_a_clear_error(changes, match):
     with pytest.raises(ValueError, match=match):
@@ -129,3 +129,9 @@ def test_fitness_error_and_progress_line(capsys):
     rows = train(net(), rings(), cfg, progress=True)
     assert rows[-1]["step"] == 20 and 0 <= rows[-1]["test_acc"] <= 1
     assert "es 20/20" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_without_a_gpu_names_the_fix():
+    with pytest.raises(ValueError, match="no CUDA device here; use --device cpu"):
+        train(net(), rings(), Config(**FAST, device="cuda"), progress=False)

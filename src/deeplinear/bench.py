@@ -265,7 +265,8 @@ def make_setup(sizes: Sequence[int], pop: int, batch: int, rank: int, cfg: Bench
     g = torch.Generator().manual_seed(cfg.seed)
     net = DeepLinear(sizes, generator=g)
     layout = es.Layout.of(sizes)
-    strategy = es.Strategy(layout, pop=pop, sigma=cfg.sigma, rank=rank, seed=cfg.seed)
+    strategy = es.Strategy(layout, pop=pop, sigma=cfg.sigma, rank=rank, seed=cfg.seed,
+                           device=cfg.device)
     state = es.init(strategy, layout.flatten(net))
     x = torch.rand(batch, sizes[0], generator=g)  # pixel-like inputs in [0, 1)
     y = torch.randint(sizes[-1], (batch,), generator=g)

@@ -197,6 +197,9 @@ class RayEvaluator:
             raise ValueError(f"the Ray backend evaluates deep linear nets, not "
                              f"{type(model).__name__}")
         cfg.validate()
+        if cfg.device != "cpu":
+            raise ValueError(f"the Ray backend evaluates on the workers' CPUs, not on "
+                             f"{cfg.device}; drop --device")
         self.strategy = cfg.strategy(es.Layout.of(model.sizes))
         self.threads, self.timeout_s, self.max_retries = threads, timeout_s, max_retries
         max_bytes = cfg.max_mb << 20

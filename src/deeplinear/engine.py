@@ -16,16 +16,20 @@ flushed negative value becomes ``+0`` instead of ``-0``, which no later op here 
 (a zero's sign only survives into a sum of zeros, and the loss reads logits through ``exp``).
 
 Full-rank mode materialises each member's weights (``theta +- noise * sigma_vec``, the same float
-ops as :meth:`Population.member`) and is *bit-identical* to running the net on them one by one
-with one thread: CPU bmm (MKL's batched sgemm) runs each product with the single-threaded kernel
-whatever the thread count, while a multi-threaded ``mm`` may split the inner reduction across
-threads for some shapes (measured for 100x784 @ 784x512), which changes the last bits.
+ops as :meth:`Population.member`) and on the CPU is *bit-identical* to running the net on them one
+by one with one thread: CPU bmm (MKL's batched sgemm) runs each product with the single-threaded
+kernel whatever the thread count, while a multi-threaded ``mm`` may split the inner reduction
+across threads for some shapes (measured for 100x784 @ 784x512), which changes the last bits.
 
 Low-rank mode never forms ``W + A @ Bs.T``; per layer it computes ``h @ W`` once for all members
 (layer 1: once per generation, the input is shared) and adds the member's ``(h @ A) @ Bs.T``
 (antithetic partners share ``A`` and ``Bs``, so they share one bmm). In floats this is close to,
 but not bit-identical with, ``h @ (W + A @ Bs.T)``; a trained net is always evaluated with the
 real forward pass.
+
+Device: the engine computes on ``strategy.device`` (buffers, inputs and losses there). On CUDA the
+bit-identity above is not promised: cuBLAS may choose another algorithm for a batched product
+than for a single one.
 """
 
 from __future__ import annotations
@@ -112,7 +116,7 @@ class Engine:
                              f"{list(strategy.layout.sizes)}")
         if chunk is not None and (chunk < 2 or chunk % 2):
             raise ValueError(f"chunk must be an even number of members >= 2, got {chunk}")
-        self.net, self.strategy = net, strategy
+        self.net, self.strategy, self.device = net, strategy, torch.device(strategy.device)
         self.max_bytes, self.chunk = max_bytes, chunk
         self.rule, self.flush_matmul = inplace_rule(net), net.semantics.matmul_flush
         self._bufs: dict[str, Tensor] = {}
@@ -123,7 +127,7 @@ class Engine:
         numel = math.prod(shape)
         flat = self._bufs.get(name)
         if flat is None or flat.numel() < numel:
-            flat = self._bufs[name] = torch.empty(numel)
+            flat = self._bufs[name] = torch.empty(numel, device=self.device)
         return flat[:numel].view(shape)
 
     def members_per_chunk(self, batch: int) -> int:
@@ -143,7 +147,8 @@ class Engine:
         """Mean cross-entropy of each member on ``(x, y)``, shape ``(pop.size,)`` (+ accuracy)."""
         if len(y) != len(x):
             raise ValueError(f"got {len(x)} inputs but {len(y)} labels; pass one label per row")
-        loss, acc = torch.empty(pop.size), torch.empty(pop.size)
+        y = y.to(self.device)
+        loss, acc = (torch.empty(pop.size, device=self.device) for _ in range(2))
         for start, logits in self._chunks(pop, x):
             loss[start:start + len(logits)] = member_losses(logits, y)
             if with_accuracy:
@@ -162,7 +167,7 @@ class Engine:
         n_in = self.strategy.layout.sizes[0]
         if x.dim() != 2 or x.shape[1] != n_in:
             raise ValueError(f"need x of shape (batch, {n_in}), got {tuple(x.shape)}")
-        x = x.to(torch.float32).contiguous()
+        x = x.to(self.device, torch.float32).contiguous()
         c = self.members_per_chunk(len(x))
         base = None
         if self.strategy.rank:

@@ -147,9 +147,13 @@ class Layout:
 # --- the strategy's fixed part -------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=2)
-def noise_table(seed: int, size: int) -> Tensor:
-    """``size`` N(0, 1) float32 values, a pure function of ``seed`` (cached: it is read-only)."""
+@functools.lru_cache(maxsize=4)
+def noise_table(seed: int, size: int, device: str = "cpu") -> Tensor:
+    """``size`` N(0, 1) float32 values, a pure function of ``seed`` (cached: it is read-only).
+
+    Drawn on the CPU and copied to ``device``, so a run on a GPU uses the very same noise."""
+    if torch.device(device).type != "cpu":
+        return noise_table(seed, size).to(device)
     return torch.randn(size, generator=torch.Generator().manual_seed(seed))
 
 
@@ -173,7 +177,9 @@ class Strategy:
     """Hyperparameters and derived constants of one ES run (nothing here changes during a run).
 
     ``rank=0`` is full-rank noise; ``rank>=1`` low-rank (EGGROLL). ``pop`` counts members (even:
-    antithetic pairs).
+    antithetic pairs). ``device`` holds the noise table, the centre and the optimiser state; the
+    shaped fitness and everything derived from the layout stay on the CPU, so a run on a GPU
+    uses the same noise and ranks as one on the CPU.
     """
 
     layout: Layout
@@ -193,8 +199,13 @@ class Strategy:
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
+        try:
+            torch.device(self.device)
+        except RuntimeError:
+            raise ValueError(f"unknown device {self.device!r}; use cpu, cuda or cuda:N") from None
         if self.pop < 2 or self.pop % 2:
             raise ValueError(f"pop must be even and >= 2 (antithetic pairs), got {self.pop}")
         if not (self.sigma > 0 and 0 < self.sigma_decay <= 1 and self.sigma_min >= 0):
@@ -226,7 +237,13 @@ class Strategy:
 
     @functools.cached_property
     def scale(self) -> Tensor:
+        """Per-parameter scale of the normalised coordinates, on the CPU (read by Python code)."""
         return self.layout.scale(self.sigma_scale, self.sigma_blocks)
+
+    @functools.cached_property
+    def device_scale(self) -> Tensor:
+        """:attr:`scale` on ``device`` (the same tensor on the CPU)."""
+        return self.scale.to(self.device)
 
     @functools.cached_property
     def searched(self) -> list[slice]:
@@ -245,7 +262,7 @@ class Strategy:
 
     @functools.cached_property
     def table(self) -> Tensor:
-        return noise_table(self.seed, self.table_size)
+        return noise_table(self.seed, self.table_size, self.device)
 
     def sigma_at(self, generation: int) -> float:
         return max(self.sigma_min, self.sigma * self.sigma_decay**generation)
@@ -308,8 +325,9 @@ class State:
                 "generation": self.generation}
 
     @classmethod
-    def from_state_dict(cls, d: dict[str, Any]) -> State:
-        return cls(d["theta"].clone(), d["m"].clone(), d["v"].clone(), int(d["generation"]))
+    def from_state_dict(cls, d: dict[str, Any], device: str = "cpu") -> State:
+        return cls(*(d[k].to(device, copy=True) for k in ("theta", "m", "v")),
+                   int(d["generation"]))
 
 
 def init(strategy: Strategy, theta: Tensor) -> State:
@@ -317,7 +335,7 @@ def init(strategy: Strategy, theta: Tensor) -> State:
     if theta.shape != (strategy.layout.n,):
         raise ValueError(f"theta has shape {tuple(theta.shape)}; the layout needs "
                          f"({strategy.layout.n},)")
-    theta = theta.detach().to(torch.float32).clone()
+    theta = theta.detach().to(strategy.device, torch.float32, copy=True)
     return State(theta, torch.zeros_like(theta), torch.zeros_like(theta))
 
 
@@ -340,13 +358,13 @@ class Population:
     @functools.cached_property
     def sigma_vec(self) -> Tensor:
         """Per-parameter std of the perturbation in net units: ``sigma * scale``."""
-        return self.strategy.scale * self.sigma
+        return self.strategy.device_scale * self.sigma
 
     def noise(self, pairs: Sequence[int] | range, out: Tensor | None = None) -> Tensor:
         """The raw N(0, 1) noise vectors of ``pairs``, ``(len(pairs), noise_dim)`` (a copy)."""
         table = self.strategy.table
         windows = table.unfold(0, self.strategy.noise_dim, 1)
-        idx = torch.tensor([self.offsets[p] for p in pairs], dtype=torch.long)
+        idx = torch.tensor([self.offsets[p] for p in pairs], dtype=torch.long, device=table.device)
         if out is None:
             return windows.index_select(0, idx)
         return torch.index_select(windows, 0, idx, out=out)
@@ -381,7 +399,7 @@ class Population:
         """The explicit flat perturbation of one pair (the slow reference path)."""
         if not self.strategy.rank:
             return self.deltas([pair])[0]
-        d = torch.empty(self.strategy.layout.n)
+        d = torch.empty(self.strategy.layout.n, device=self.theta.device)
         for (a, bs, db), w, b in zip(self.lowrank_factors([pair]), self.strategy.layout.weights,
                                      self.strategy.layout.biases, strict=True):
             d[w.offset:w.end] = (a[0] @ bs[0].T).reshape(-1)
@@ -431,17 +449,17 @@ def gradient(pop: Population, losses: Tensor) -> Tensor:
     s = pop.strategy
     if losses.numel() != pop.size:
         raise ValueError(f"got {losses.numel()} losses for a population of {pop.size}")
-    r = shaped_fitness(losses, pop.generation)
+    r = shaped_fitness(losses.cpu(), pop.generation)
     w = r[0::2] - r[1::2]
     norm = 1.0 / (pop.size * pop.sigma)
-    g = torch.zeros(s.layout.n)
+    g = torch.zeros(s.layout.n, device=pop.theta.device)
     if not s.rank:
         n = s.layout.n
         for p, o in enumerate(pop.offsets):  # axpy per pair: elementwise, thread-independent
             g.add_(s.table[o:o + n], alpha=float(w[p]))
         return g.mul_(norm)
     noise = pop.noise(range(len(pop.offsets)))
-    k = len(noise)
+    k, w = len(noise), w.to(noise.device)
     for (sa, sb, se), wb, bb in zip(s.lowrank_slices(), s.layout.weights, s.layout.biases,
                                     strict=True):
         n_in, n_out = wb.shape
@@ -471,6 +489,6 @@ def tell(strategy: Strategy, state: State, pop: Population, losses: Tensor) -> S
     if s.weight_decay:
         for part in s.searched:  # frozen blocks keep their values
             state.theta[part].mul_(1 - lr * s.weight_decay)
-    state.theta.addcmul_(step, s.scale, value=-step_size)
+    state.theta.addcmul_(step, s.device_scale, value=-step_size)
     state.generation = t
     return state

@@ -29,11 +29,14 @@ BATCH = 5000
 
 @torch.no_grad()
 def logits(model: nn.Module, x: Tensor, mode: Mode = "scaled", batch_size: int = BATCH) -> Tensor:
-    """Model outputs for ``x`` in batches; ``mode`` matters only for a :class:`DeepLinear`."""
-    outs = []
+    """Model outputs for ``x`` in batches; ``mode`` matters only for a :class:`DeepLinear`.
+
+    Each batch runs on the model's device; the outputs come back on ``x``'s."""
+    device, outs = next(model.parameters()).device, []
     for i in range(0, len(x), batch_size):
-        xb = x[i:i + batch_size]
-        outs.append(model(xb, mode=mode) if isinstance(model, DeepLinear) else model(xb))
+        xb = x[i:i + batch_size].to(device)
+        out = model(xb, mode=mode) if isinstance(model, DeepLinear) else model(xb)
+        outs.append(out.to(x.device))
     return torch.cat(outs)
 
 

@@ -68,7 +68,7 @@ class Run:
             diff = differences(saved, asked, known)
             if diff:
                 raise ValueError(f"cannot resume {d}: config differs in {', '.join(diff)}")
-            state = torch.load(ckpt, weights_only=False)
+            state = torch.load(ckpt, weights_only=False, map_location="cpu")  # trainers move it
             run = cls(d, config, state)
             run._truncate_metrics(state["step"])
             return run

@@ -38,6 +38,7 @@ TRAINER_FLAGS = {
     "checkpoint_every": "checkpoint_every", "eval_n": "eval_n", "pop": "pop", "sigma": "sigma",
     "perturbation": "perturbation", "rank": "rank", "threads": "threads",
     "sigma_scale": "sigma_scale", "sigma_blocks": "sigma_blocks", "lr_decay": "lr_decay",
+    "device": "device",
 }
 
 
@@ -100,6 +101,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--perturbation", help="es only: full | lowrank")
     t.add_argument("--rank", type=int, help="es only: rank of lowrank perturbations")
     t.add_argument("--threads", type=int, help="es, cma-es: torch threads")
+    t.add_argument("--device", help="backprop, float-aware, es: cpu (default), cuda or cuda:N "
+                   "to train on a GPU (the final exact-mode evaluation runs on the CPU)")
     t.add_argument("--sigma-scale", choices=("fan_in", "none"),
                    help="es only: divide sigma by sqrt(fan-in) per layer (default) or not")
     t.add_argument("--sigma-blocks", metavar="NAME=FACTOR,...",

@@ -27,6 +27,27 @@ from deeplinear.nets import DeepLinear
 FITNESS = ("loss", "error")  # what an evolution strategy minimises on its minibatch
 
 
+DEVICES = ("cpu", "cuda")
+
+
+def check_device(name: str) -> torch.device:
+    """``name`` as a device this machine can train on, or a one-line error saying what to use."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in DEVICES:
+        raise ValueError(f"unknown device {name!r}; use cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name}: torch sees no CUDA device here; use --device cpu")
+    return device
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where ``model``'s parameters live (a trainer moves the model back there at the end)."""
+    return next(model.parameters()).device
+
+
 def check_evolution_config(cfg: Any) -> None:
     """The checks the evolution strategies' ``Config.validate`` share."""
     counts = ("steps", "batch_size", "eval_every", "checkpoint_every", "eval_n")

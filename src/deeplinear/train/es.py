@@ -6,6 +6,10 @@ exactly), one :func:`deeplinear.es.tell`. The centre is copied into the model at
 and at the end. Evaluation uses scaled mode (fast); exact mode, the ground truth, is left to the
 caller (:func:`deeplinear.evaluate.portability`).
 
+Device: ``cfg.device`` (``cuda`` on a GPU) holds the data, the model and the strategy's state while
+training; the minibatch generator, the noise table's values and the fitness ranks are computed on
+the CPU whatever the device, and the model goes back to its own device at the end.
+
 Threads: ``cfg.threads`` (if set) is applied once, before the first parallel op of the run, and
 never changed: OpenMP pools and hardware FTZ state are per thread (see
 :mod:`deeplinear.arithmetic`), and a multi-threaded ``mm`` may split its reduction differently
@@ -28,7 +32,13 @@ from deeplinear.data import Dataset
 from deeplinear.engine import DEFAULT_MAX_BYTES, Engine
 from deeplinear.nets import DeepLinear
 from deeplinear.runs import Progress, Run, rng_state, set_rng_state
-from deeplinear.train import check_evolution_config, check_evolvable, scores
+from deeplinear.train import (
+    check_device,
+    check_evolution_config,
+    check_evolvable,
+    model_device,
+    scores,
+)
 from deeplinear.train.backprop import calibrate
 
 PERTURBATIONS = ("full", "lowrank")
@@ -58,12 +68,14 @@ class Config:
     table_size: int = 1 << 25  # shared noise table (float32 values)
     max_mb: int = DEFAULT_MAX_BYTES >> 20  # engine buffers
     threads: int | None = None  # torch threads, set once at the start
+    device: str = "cpu"  # cpu | cuda | cuda:N
     eval_every: int = 100
     checkpoint_every: int = 500
     eval_n: int = 10000  # samples of each split scored at every evaluation
 
     def validate(self) -> None:
         check_evolution_config(self)
+        check_device(self.device)
         if self.max_mb < 1:
             raise ValueError(f"max_mb must be >= 1, got {self.max_mb}")
         if self.perturbation not in PERTURBATIONS:
@@ -81,7 +93,7 @@ class Config:
             sigma_blocks=self.sigma_blocks, lr=self.lr,
             lr_decay=self.lr_decay, lr_min=self.lr_min, weight_decay=self.weight_decay,
             rank=self.rank if self.perturbation == "lowrank" else 0,
-            seed=self.seed, table_size=self.table_size)
+            seed=self.seed, table_size=self.table_size, device=self.device)
 
 
 def train(model: DeepLinear, data: Dataset, cfg: Config, run: Run | None = None,
@@ -93,7 +105,9 @@ def train(model: DeepLinear, data: Dataset, cfg: Config, run: Run | None = None,
     """
     cfg.validate()
     check_evolvable(model, data, cfg, "ES")
-    x, y = data.x_train, data.y_train
+    home, device = model_device(model), check_device(cfg.device)
+    model.to(device)
+    x, y = data.x_train.to(device), data.y_train.to(device)
 
     layout = es.Layout.of(model.sizes)
     strategy = cfg.strategy(layout)
@@ -102,7 +116,7 @@ def train(model: DeepLinear, data: Dataset, cfg: Config, run: Run | None = None,
     saved = run.resumed_state if run is not None else None
     rows: list[dict[str, Any]] = []
     if saved is not None:
-        state = es.State.from_state_dict(saved["es"])
+        state = es.State.from_state_dict(saved["es"], cfg.device)
         set_rng_state(saved["rng"], g)
         wall0, loss_sum, loss_n = saved["wall_s"], saved["loss_sum"], saved["loss_n"]
         rows = run.metrics()
@@ -116,7 +130,7 @@ def train(model: DeepLinear, data: Dataset, cfg: Config, run: Run | None = None,
     bar = Progress(total=cfg.steps, desc="es", start_step=start) if progress else None
     t0 = time.perf_counter()
     for gen in range(start, cfg.steps):
-        idx = torch.randint(0, len(x), (cfg.batch_size,), generator=g)
+        idx = torch.randint(0, len(x), (cfg.batch_size,), generator=g).to(device)
         xb, yb = x[idx], y[idx]
         pop = es.ask(strategy, state)
         if evaluate is None:
@@ -146,4 +160,5 @@ def train(model: DeepLinear, data: Dataset, cfg: Config, run: Run | None = None,
             last = rows[-1]["test_acc"] if rows else math.nan
             bar.update(done, force=done == cfg.steps, loss=float(finite.mean()), test_acc=last)
     layout.load(state.theta, model)
+    model.to(home)
     return rows
