@@ -21,13 +21,18 @@ saw, and every accuracy is the materialised net's, in exact mode.
     OMP_NUM_THREADS=1 deeplinear train --dataset fashion-mnist --method backprop --steps 4690 \\
         --out runs/fm-blind --quiet
     python benchmarks/es_units.py --start runs/fm-blind --threads 1
+
+``--save DIR`` writes each method's trained net as ``DIR/<method>/final.pt`` (the format of
+``deeplinear train``), for ``deeplinear eval`` and ``benchmarks/compare_runs.py``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -37,11 +42,12 @@ from torch.func import functional_call
 from deeplinear import es, evaluate
 from deeplinear.arithmetic import get_semantics
 from deeplinear.bench import cpu_model
+from deeplinear.cli.eval import load_final
 from deeplinear.cli.train import build_model, load_weights
 from deeplinear.data import load_dataset
 from deeplinear.engine import inplace_rule, member_losses
 from deeplinear.nets import DeepLinear
-from deeplinear.runs import Progress
+from deeplinear.runs import Progress, atomic_save
 from deeplinear.surrogate import make_under
 from deeplinear.train.backprop import Config, calibrate, lr_at
 
@@ -187,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
                    "points at the start")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--data-dir", default=None)
+    p.add_argument("--save", default=None, metavar="DIR",
+                   help="write each method's net to DIR/<method>/final.pt")
     args = p.parse_args(argv)
     methods = args.methods.split(",")
     if not set(methods) <= {"exact", "es"}:
@@ -196,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     data = load_dataset("fashion-mnist", data_dir=args.data_dir)
     net = build_model("deeplinear", SIZES, 125, get_semantics("TF_GPU"), args.seed)
     load_weights(net, args.start, "deeplinear", SIZES)
+    source = load_final(args.start)  # its model and data spec, for --save
     calibrate(net, data.x_train[:2000], args.gain, center=False, output=False)
     units = Units(net)
     start = evaluate.portability(net, data)["test_acc"]
@@ -216,6 +225,14 @@ def main(argv: list[str] | None = None) -> int:
         trained.load_state_dict(units.params(z))
         acc = evaluate.portability(trained, data)["test_acc"]
         diff = f"{worst:.1e}" if method == "es" else "-"
+        if args.save:
+            out = Path(args.save, method)
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_save({"state_dict": trained.state_dict(), "model": source["model"],
+                         "semantics": dataclasses.asdict(trained.semantics),
+                         "method": f"es_units {method}", "data": source["data"],
+                         "results": {"test_acc": acc}, "wall_s": wall,
+                         "settings": vars(args)}, out / "final.pt")
         print(f"| {method} | {100 * acc['TF_GPU']:.2f}% | {100 * acc['IEEE']:.2f}% | "
               f"{wall:.0f} s | {diff} |", flush=True)
     return 0
