@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -106,6 +107,25 @@ def test_eval_errors(tmp_path, float_aware_run, capsys):
     assert "non-finite" in capsys.readouterr().err
     assert main(["eval", str(float_aware_run), "--semantics", "FP8"]) == 2
     assert "unknown semantics" in capsys.readouterr().err
+
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda p: p.update(semantics="TF_GPU"), "malformed semantics entry"),
+    (lambda p: p.update(data="fashion"), "malformed data entry"),
+    (lambda p: p["semantics"].update(fmt="float99"), "semantics entry is not valid"),
+    (lambda p: p["state_dict"].update({"weights.0": torch.zeros(2, 3)}),
+     r"do not fit a deeplinear \[2, 16, 16, 2\]: size mismatch for weights.0: .*\[2, 3\]"),
+    (lambda p: p["state_dict"].pop("biases.1"), 'Missing key\\(s\\) in state_dict: "biases.1"'),
+])
+def test_eval_of_a_doctored_final_pt_is_one_line(tmp_path, float_aware_run, capsys, change,
+                                                 message):
+    payload = torch.load(float_aware_run / "final.pt", weights_only=False)
+    change(payload)
+    torch.save(payload, tmp_path / "bad.pt")
+    assert main(["eval", str(tmp_path / "bad.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.search(message, err), err
 
 
 def test_baselines_train_and_evaluate(tmp_path, capsys):

@@ -3,6 +3,7 @@ import json
 import pytest
 import torch
 
+from deeplinear.arithmetic import IEEE
 from deeplinear.cli import main
 from deeplinear.reproduce import Budget, default_threads, reproduce
 
@@ -61,3 +62,20 @@ def test_a_second_run_gives_the_same_numbers(out, tmp_path):
     first = json.loads((out / "results.json").read_text())["tasks"][0]["methods"]
     assert {k: v["test_acc"] for k, v in again.items()} == {
         k: v["test_acc"] for k, v in first.items()}
+
+
+@pytest.mark.parametrize(("changes", "differs"), [
+    ({"seed": 1}, "trainer.seed"), ({"budget": Budget(31, TINY.es)}, "trainer.steps"),
+    ({"semantics": IEEE}, "semantics.underflow"),
+])
+def test_resume_refuses_finished_runs_made_with_other_settings(out, changes, differs):
+    args = {"budget": TINY, "seed": 0, **changes}
+    with pytest.raises(ValueError, match=f"differs in {differs}.*another --out"):
+        reproduce(("checkerboard",), args.pop("budget"), out, resume=True, **args)
+
+
+def test_eval_reads_a_method_of_the_reproduction(out, capsys):
+    results = json.loads((out / "results.json").read_text())["tasks"][0]["methods"]
+    assert main(["eval", str(out / "checkerboard" / "deep-linear-openai-es"), "--json"]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["test_acc"] == results["deep linear, OpenAI-ES"]["portability"]["test_acc"]

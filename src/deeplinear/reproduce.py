@@ -34,7 +34,7 @@ from deeplinear.report import (
     plot_occupancy,
     render,
 )
-from deeplinear.runs import Run
+from deeplinear.runs import Run, differences
 from deeplinear.train import backprop, es
 
 DEFAULT_DATASETS = ("spirals", "digits")
@@ -92,27 +92,53 @@ def make_config(trainer: Any, seed: int, overrides: dict[str, Any]) -> Any:
     return trainer.Config(**{k: v for k, v in {"seed": seed, **overrides}.items() if k in fields})
 
 
+def model_spec(model: nn.Module) -> dict[str, Any]:
+    """How ``deeplinear eval`` rebuilds ``model`` (the ``model`` entry of a final.pt)."""
+    if isinstance(model, DeepLinear):
+        return {"kind": "deeplinear", "sizes": model.sizes, "scale_exp": model.scale_exp}
+    if isinstance(model, SoftmaxRegression):
+        return {"kind": "softmax", "sizes": [model.linear.in_features, model.linear.out_features]}
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return {"kind": "mlp", "sizes": [linears[0].in_features] + [m.out_features for m in linears]}
+
+
 def run_method(method: Method, data: Dataset, sizes: list[int], seed: int, out: Path,
-               resume: bool) -> tuple[nn.Module, dict[str, Any]]:
-    """Train (or load a finished run of) one method and measure it."""
+               resume: bool, data_spec: dict[str, Any] | None = None
+               ) -> tuple[nn.Module, dict[str, Any]]:
+    """Train (or load a finished run of) one method and measure it.
+
+    The run directory's ``final.pt`` has the entries ``deeplinear eval`` and ``train --init-from``
+    read. ``resume`` reuses a finished run only if it was made with the same settings."""
     torch.manual_seed(seed)  # the baselines' nn.Linear init draws from the global generator
     model = method.make(sizes, torch.Generator().manual_seed(seed))
     cfg = make_config(method.trainer, seed, method.overrides)
     config = {"method": method.name, "dataset": data.name, "sizes": sizes,
               "trainer": dataclasses.asdict(cfg)}
+    semantics = dataclasses.asdict(model.semantics) if isinstance(model, DeepLinear) else None
+    if semantics is not None:
+        config["semantics"] = semantics
+    defaults = {"trainer": dataclasses.asdict(method.trainer.Config()),
+                "semantics": dataclasses.asdict(TF_GPU)}  # runs older than that entry
     final = out / "final.pt"
     t0 = time.perf_counter()
     if resume and final.exists():
-        payload = torch.load(final, weights_only=False)
+        payload = torch.load(final, weights_only=False, map_location="cpu")
+        saved, asked = json.loads(json.dumps([payload.get("config", {}), config]))
+        diff = differences(saved, asked, json.loads(json.dumps(defaults)))
+        if diff:
+            raise ValueError(f"cannot resume {out}: its finished run differs in "
+                             f"{', '.join(diff)}; rerun with the same settings or another --out")
         model.load_state_dict(payload["state_dict"])
         curve, wall = payload["curve"], payload["wall_s"]
     else:
         run = Run.open(out, config, resume=resume and (out / "checkpoint.pt").exists(),
-                       defaults={"trainer": dataclasses.asdict(method.trainer.Config())})
+                       defaults=defaults)
         curve = method.trainer.train(model, data, cfg, run=run)
         wall = (curve[-1]["wall_s"] if curve else 0.0)
         run.save_final({"state_dict": model.state_dict(), "curve": curve, "wall_s": wall,
-                        "config": config})
+                        "config": config, "model": model_spec(model), "semantics": semantics,
+                        "method": method.name,
+                        "data": data_spec or {"name": data.name, "seed": seed}})
     res: dict[str, Any] = {"curve": curve, "wall_s": wall}
     if isinstance(model, DeepLinear):
         n = TRAIN_EVAL_N  # exact mode runs subnormal arithmetic: a subset of a large train set
@@ -152,7 +178,7 @@ def decision_grid(model: nn.Module, data: Dataset, n: int = 200) -> tuple[Any, A
 
 
 def run_task(name: str, data: Dataset, steps: Budget, semantics: Semantics, seed: int, out: Path,
-             resume: bool) -> dict[str, Any]:
+             resume: bool, data_dir: str | None = None) -> dict[str, Any]:
     """Every method on one dataset, then the task's plots."""
     sizes = default_sizes(data.n_features, data.n_classes)
     task: dict[str, Any] = {
@@ -169,7 +195,8 @@ def run_task(name: str, data: Dataset, steps: Budget, semantics: Semantics, seed
     for m in methods(steps, semantics):
         print(f"[{name}] {m.name}", flush=True)
         models[m.name], task["methods"][m.name] = run_method(
-            m, data, sizes, seed, out / name / _slug(m.name), resume)
+            m, data, sizes, seed, out / name / _slug(m.name), resume,
+            {"name": name, "data_dir": data_dir, "seed": seed})
     task["plots"] = [
         plot_learning_curves(task, out / f"{name}_curves.png").name,
         plot_occupancy(task, out / f"{name}_occupancy.png").name,
@@ -211,7 +238,7 @@ def reproduce(datasets: tuple[str, ...] = DEFAULT_DATASETS, budget: str | Budget
     before = torch.get_num_threads()
     torch.set_num_threads(threads)  # once, before any parallel op (see deeplinear.train.es)
     try:
-        tasks = [run_task(name, data, steps, semantics, seed, out, resume)
+        tasks = [run_task(name, data, steps, semantics, seed, out, resume, data_dir)
                  for name, data in zip(datasets, loaded, strict=True)]
     finally:
         torch.set_num_threads(before)

@@ -64,7 +64,16 @@ def load_final(path: str | Path) -> dict[str, Any]:
                if not isinstance(payload, dict) or k not in payload]
     if missing:
         raise ValueError(f"{path}: not a deeplinear final.pt (missing {', '.join(missing)}); "
-                         "pass the final.pt that deeplinear train wrote")
+                         "pass the final.pt that deeplinear train or reproduce wrote")
+    spec = payload["model"]
+    malformed = [k for k, ok in (
+        ("state_dict", isinstance(payload["state_dict"], dict)),
+        ("model", isinstance(spec, dict) and {"kind", "sizes"} <= spec.keys()),
+        ("semantics", isinstance(payload.get("semantics") or {}, dict)),
+        ("data", isinstance(payload.get("data", {}), dict))) if not ok]
+    if malformed:
+        raise ValueError(f"{path}: malformed {', '.join(malformed)} entry; pass the final.pt "
+                         "that deeplinear train or reproduce wrote")
     bad = [k for k, v in payload["state_dict"].items()
            if torch.is_floating_point(v) and not bool(torch.isfinite(v).all())]
     if bad:
@@ -88,13 +97,18 @@ def from_checkpoint(ckpt: dict[str, Any], path: Path) -> dict[str, Any]:
 
 def rebuild(payload: dict[str, Any]) -> torch.nn.Module:
     spec = payload["model"]
-    sem = Semantics(**payload["semantics"]) if payload.get("semantics") else None
+    try:
+        sem = Semantics(**payload["semantics"]) if payload.get("semantics") else None
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"the weights' semantics entry is not valid ({e}); pass the final.pt "
+                         "that deeplinear train or reproduce wrote") from None
     model = build_model(spec["kind"], spec["sizes"], spec.get("scale_exp", 125), sem)
     try:
         model.load_state_dict(payload["state_dict"])
-    except RuntimeError as e:
-        raise ValueError(f"weights do not fit a {spec['kind']} {spec['sizes']}: "
-                         f"{str(e).splitlines()[0]}") from None
+    except RuntimeError as e:  # "Error(s) in loading state_dict for X:" then one line per problem
+        detail = " ".join(line.strip() for line in str(e).splitlines()[1:3])
+        raise ValueError(f"weights do not fit a {spec['kind']} {spec['sizes']}: {detail}; "
+                         "pass the final.pt of a run of this model") from None
     return model
 
 
