@@ -52,7 +52,8 @@ def test_net_sizes_by_name_or_widths():
 
 
 @pytest.mark.parametrize("bad", [{"pops": (3,)}, {"modes": ("dense",)}, {"device": "tpu"},
-                                 {"batches": (0,)}, {"nets": ("x",)}, {"threads": 0}])
+                                 {"batches": (0,)}, {"nets": ("x",)}, {"threads": 0},
+                                 {"peak_n": 0}])
 def test_bad_config_is_a_value_error(bad):
     with pytest.raises(ValueError):
         BenchConfig(**bad)

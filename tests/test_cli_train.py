@@ -74,11 +74,17 @@ def test_eval_reproduces_the_final_accuracies(float_aware_run, capsys):
     (["--model", "softmax", "--method", "backprop", "--sizes", "2,8,2"], "no hidden layer"),
     (["--method", "backprop", "--surrogate", "exact"], "--surrogate applies to"),
     (["--method", "backprop", "--pop", "10"], "--pop does not apply"),
-    (["--steps", "0"], ">= 1"),
+    (["--steps", "0"], "steps = 0: must be >= 1"),
+    (["--method", "es", "--eval-n", "0", "--batch-size", "0"], "batch_size = 0, eval_n = 0: must"),
     (["--init-gain", "big"], "expected a number or 'he'"),
     (["--method", "float-aware", "--sigma-scale", "none"], "--sigma-scale does not apply"),
     (["--resume"], "no checkpoint"),
     (["--method", "es", "--device", "tpu"], "unknown device 'tpu'"),
+    (["--model", "mlp", "--semantics", "IEEE"], "--semantics applies to --model deeplinear"),
+    (["--model", "softmax", "--sizes", "2,2", "--init-gain", "2"], "--init-gain applies to"),
+    (["--model", "mlp", "--scale-exp", "100"], "--scale-exp applies to --model deeplinear"),
+    (["--method", "es", "--rank", "4"], "--rank applies to --perturbation lowrank"),
+    (["--scale-exp", "500"], "out of range"),
 ])
 def test_impossible_configs_exit_2_with_one_line(tmp_path, capsys, argv, message):
     try:
@@ -106,7 +112,9 @@ def test_eval_errors(tmp_path, float_aware_run, capsys):
     assert main(["eval", str(tmp_path / "nan.pt")]) == 2
     assert "non-finite" in capsys.readouterr().err
     assert main(["eval", str(float_aware_run), "--semantics", "FP8"]) == 2
-    assert "unknown semantics" in capsys.readouterr().err
+    assert "unknown semantics 'FP8'; choose all or one of TF_GPU" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path)]) == 2
+    assert "no final.pt or checkpoint.pt here" in capsys.readouterr().err
 
 
 
@@ -129,10 +137,10 @@ def test_eval_of_a_doctored_final_pt_is_one_line(tmp_path, float_aware_run, caps
 
 
 def test_baselines_train_and_evaluate(tmp_path, capsys):
-    for model, sizes in (("mlp", "2,16,2"), ("softmax", "2,2")):
-        rc, out = train(tmp_path, "--model", model, "--method", "backprop", "--sizes", sizes,
-                        "--steps", "30", name=model)
+    for model, sizes in (("mlp", "2,16,2"), ("softmax", "2,2")):  # --method backprop by default
+        rc, out = train(tmp_path, "--model", model, "--sizes", sizes, "--steps", "30", name=model)
         final = torch.load(out / "final.pt", weights_only=False)
+        assert final["method"] == "backprop"
         capsys.readouterr()
         assert rc == 0 and main(["eval", str(out), "--json"]) == 0
         assert json.loads(capsys.readouterr().out)["test_acc"] == final["results"]["test_acc"]
@@ -193,7 +201,8 @@ def test_resume_accepts_a_run_directory_from_before_a_trainer_setting(tmp_path, 
     assert main(["train", *TINY, "--out", str(out), *es, "--steps", "2", "--resume"]) == 0
     assert main(["train", *TINY, "--out", str(out), *es, "--steps", "2", "--resume",
                  "--sigma-blocks", "biases.0=0"]) == 2
-    assert capsys.readouterr().err.strip().endswith("config differs in trainer.sigma_blocks")
+    assert "config differs in trainer.sigma_blocks; resume with the run's own settings" in \
+        capsys.readouterr().err
 
 
 def test_cma_es_trains_a_small_net_and_refuses_es_only_flags(tmp_path, capsys):

@@ -265,3 +265,11 @@ def test_reference_models():
         MLP([64, 10], "swish")
     with pytest.raises(ValueError, match="bad sizes"):
         MLP("64,ten")
+
+
+@pytest.mark.parametrize("k", [-128, 150, 500])
+def test_a_scale_whose_inverse_is_no_float32_is_refused(k):
+    with pytest.raises(ValueError, match=rf"scale exponent {k} .* -127 <= k <= 149"):
+        DeepLinear([2, 3, 2], scale_exp=k)
+    assert DeepLinear([2, 3, 2], scale_exp=149).threshold == 2.0**23  # min in units of 2^-149
+    assert DeepLinear([2, 3, 2], scale_exp=-127).threshold == 2.0**-253

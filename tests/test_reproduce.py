@@ -50,6 +50,13 @@ def test_cli_rejects_unknown_dataset(capsys):
     assert err.count("\n") == 1 and "unknown dataset nope" in err
 
 
+def test_cli_unwritable_out_is_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    assert main(["reproduce", "--budget", "smoke", "--out", str(tmp_path / "file" / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot create directory" in err and "writable --out" in err
+
+
 def test_small_nets_run_on_one_thread():
     assert default_threads([[2, 64, 64, 2], [64, 256, 256, 10]]) == 1
     assert default_threads([[2, 64, 64, 2], [784, 512, 512, 10]]) == torch.get_num_threads()

@@ -98,7 +98,8 @@ class BenchConfig:
             raise ValueError(f"unknown device {self.device!r}; use cpu or cuda")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
-        if self.rank < 1 or self.repeats < 1 or self.min_time < 0 or (self.peak_n or 1) < 1:
+        small_peak = self.peak_n is not None and self.peak_n < 1
+        if self.rank < 1 or self.repeats < 1 or self.min_time < 0 or small_peak:
             raise ValueError("need rank >= 1, repeats >= 1, min_time >= 0 and peak_n >= 1")
 
     @classmethod

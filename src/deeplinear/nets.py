@@ -87,6 +87,12 @@ class DeepLinear(nn.Module):
                                  "the regime sets them")
             scale_exp, semantics = regime.scale_exp, regime.semantics if regime.native else IEEE
         self.regime = None if regime is None or regime.native else regime
+        fmt = semantics.fmt  # hidden values are u 2^-k: 2^-k must be a nonzero finite float
+        low, high = -math.floor(math.log2(fmt.max)), round(-math.log2(fmt.min_subnormal))
+        if not low <= scale_exp <= high:
+            raise ValueError(f"scale exponent {scale_exp} (--scale-exp) is out of range: 2^-k must "
+                             f"be a nonzero finite {fmt.name}, {low} <= k <= {high}; the 2017 "
+                             "net uses 125")
         self.scale_exp = int(scale_exp)
         self.semantics = semantics
         self.weights = nn.ParameterList()

@@ -34,7 +34,7 @@ from deeplinear.report import (
     plot_occupancy,
     render,
 )
-from deeplinear.runs import Run, differences
+from deeplinear.runs import Run, differences, make_dir
 from deeplinear.train import backprop, es
 
 DEFAULT_DATASETS = ("spirals", "digits")
@@ -230,7 +230,7 @@ def reproduce(datasets: tuple[str, ...] = DEFAULT_DATASETS, budget: str | Budget
         raise ValueError(f"unknown budget {budget!r}; use {' or '.join(BUDGETS)}")
     steps = BUDGETS[budget] if isinstance(budget, str) else budget
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out)
     t0 = time.perf_counter()
     loaded = [load_dataset(name, data_dir=data_dir, seed=seed) for name in datasets]
     shapes = [default_sizes(d.n_features, d.n_classes) for d in loaded]

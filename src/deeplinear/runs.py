@@ -28,6 +28,15 @@ from typing import Any, TextIO
 import torch
 
 
+def make_dir(d: Path) -> Path:
+    """``mkdir -p d``, or a one-line error naming the directory and the fix."""
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OSError(f"cannot create directory {d}: {e.strerror}; pass a writable --out") from None
+    return d
+
+
 def atomic_save(obj: Any, path: Path) -> None:
     """``torch.save`` to ``path`` via a temporary file and ``os.replace``."""
     tmp = path.with_name(path.name + ".tmp")
@@ -67,17 +76,15 @@ class Run:
             asked, known = json.loads(json.dumps([config, defaults or {}]))  # as saved: lists
             diff = differences(saved, asked, known)
             if diff:
-                raise ValueError(f"cannot resume {d}: config differs in {', '.join(diff)}")
+                raise ValueError(f"cannot resume {d}: config differs in {', '.join(diff)}; "
+                                 "resume with the run's own settings or start another --out")
             state = torch.load(ckpt, weights_only=False, map_location="cpu")  # trainers move it
             run = cls(d, config, state)
             run._truncate_metrics(state["step"])
             return run
         if (d / "checkpoint.pt").exists() or (d / "final.pt").exists():
             raise FileExistsError(f"{d} already holds a run; use --resume or another --out")
-        try:
-            d.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise OSError(f"cannot create run directory {d}: {e.strerror}") from None
+        make_dir(d)
         atomic_write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", cfg_path)
         (d / "metrics.jsonl").write_text("")
         return cls(d, config)

@@ -48,7 +48,11 @@ def load_final(path: str | Path) -> dict[str, Any]:
     """
     path = Path(path)
     if path.is_dir():
-        path = path / "final.pt" if (path / "final.pt").exists() else path / "checkpoint.pt"
+        found = [path / n for n in ("final.pt", "checkpoint.pt") if (path / n).exists()]
+        if not found:
+            raise FileNotFoundError(f"{path}: no final.pt or checkpoint.pt here; pass a run "
+                                    "directory that deeplinear train or reproduce wrote")
+        path = found[0]
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file; pass a run's final.pt (train it first)")
     try:
@@ -154,8 +158,9 @@ def evaluate_payload(payload: dict[str, Any], semantics: str, dataset: str | Non
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.semantics != "all":
-        get_semantics(args.semantics)  # one-line error naming the choices
+    if args.semantics != "all" and args.semantics not in PRESETS:
+        raise ValueError(f"unknown semantics {args.semantics!r}; choose all or one of "
+                         f"{', '.join(PRESETS)}")
     payload = load_final(args.weights)
     res = evaluate_payload(payload, args.semantics, args.dataset, args.data_dir, args.n_test)
     if args.json:

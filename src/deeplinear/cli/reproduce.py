@@ -52,9 +52,9 @@ def run_regimes_study(datasets: tuple[str, ...], args: argparse.Namespace) -> in
     from pathlib import Path
 
     from deeplinear.regimes import format_study, study
+    from deeplinear.runs import make_dir
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_dir(Path(args.out))
     tables = []
     for name in datasets:
         result = study(name, budget=args.budget, seed=args.seed, data_dir=args.data_dir,

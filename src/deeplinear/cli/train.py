@@ -57,9 +57,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "train", help="train a deep linear net (or a baseline) into a run directory",
         description=summary(__doc__))
     p.add_argument("--model", choices=MODELS, default="deeplinear")
-    p.add_argument("--method", choices=METHODS, default="float-aware",
+    p.add_argument("--method", choices=METHODS, default=None,
                    help="backprop (float-blind for deeplinear), float-aware, es (OpenAI-ES), or "
-                   "cma-es (small nets, needs the cma package)")
+                   "cma-es (small nets, needs the cma package); default float-aware for "
+                   "deeplinear, backprop for mlp and softmax")
     p.add_argument("--surrogate", choices=SURROGATES, default=None,
                    help=f"float-aware gradient of the underflow (default {DEFAULT_SURROGATE})")
     p.add_argument("--dataset", required=True, help="spirals, rings, checkerboard, parity, "
@@ -72,9 +73,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--sizes", default=None,
                    help="layer widths, input first, e.g. 784,512,512,10 (default: two hidden "
                         "layers sized for the dataset)")
-    p.add_argument("--semantics", default="TF_GPU", choices=list(PRESETS),
+    p.add_argument("--semantics", default=None, choices=list(PRESETS),
                    help="float semantics of a deep linear net (default TF_GPU)")
-    p.add_argument("--scale-exp", type=int, default=125, help="the scale 2^k (default 125)")
+    p.add_argument("--scale-exp", type=int, default=None,
+                   help="deep linear: the scale 2^k (default 125)")
     p.add_argument("--seed", type=int, default=0, help="seed of init, batches and noise")
     p.add_argument("--out", default=None, help="run directory (default runs/train/<name>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
@@ -86,7 +88,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--steps", type=int, help="optimisation steps (es: generations)")
     t.add_argument("--batch-size", type=int)
     t.add_argument("--lr", type=float)
-    t.add_argument("--weight-decay", type=float, help="backprop only (decoupled, AdamW)")
+    t.add_argument("--weight-decay", type=float,
+                   help="backprop (AdamW) and es: decoupled decay")
     t.add_argument("--schedule", help="backprop only: cosine | step | constant")
     t.add_argument("--init-gain", type=init_gain,
                    help="deep linear: pre-activation std at init, in dead-zone half-widths, "
@@ -128,6 +131,21 @@ def trainer_module(method: str) -> ModuleType:
             raise
         raise ValueError(f"--method {method} is not available in this installation "
                          f"(no deeplinear.train.{name})") from None
+
+
+def check_model_flags(args: argparse.Namespace) -> None:
+    """Fill in the defaults that depend on ``--model``; a deep-linear-only flag on a baseline, or
+    ``--rank`` without low-rank noise, is an error rather than silently ignored."""
+    if args.model != "deeplinear":
+        given = [f for f in ("semantics", "scale_exp", "init_gain") if getattr(args, f) is not None]
+        if given:
+            raise ValueError(f"--{given[0].replace('_', '-')} applies to --model deeplinear, not "
+                             f"{args.model}; drop it")
+    if args.rank is not None and args.perturbation != "lowrank":
+        raise ValueError("--rank applies to --perturbation lowrank; add it or drop --rank")
+    args.method = args.method or ("float-aware" if args.model == "deeplinear" else "backprop")
+    args.semantics = args.semantics or "TF_GPU"
+    args.scale_exp = 125 if args.scale_exp is None else args.scale_exp
 
 
 def check_method(model: str, method: str, surrogate: str | None) -> str:
@@ -235,6 +253,7 @@ def run(args: argparse.Namespace) -> int:
     from deeplinear.data import load_dataset
     from deeplinear.runs import Run
 
+    check_model_flags(args)
     surrogate = check_method(args.model, args.method, args.surrogate)
     trainer = trainer_module(args.method)
     rescale = None  # --init-gain with --init-from: the loaded net's rescaling, not the trainer's
@@ -247,8 +266,6 @@ def run(args: argparse.Namespace) -> int:
                         n_train=args.n_train, n_test=args.n_test)
     sizes = resolve_sizes(args, data.n_features, data.n_classes, args.dataset)
     model = build_model(args.model, sizes, args.scale_exp, semantics, args.seed)
-    if rescale is not None and args.model != "deeplinear":
-        raise ValueError(f"--init-gain rescales a deep linear net, not a {args.model}; drop it")
     if args.init_from is not None and not args.resume:  # on resume the checkpoint holds them
         load_weights(model, args.init_from, args.model, sizes)
         if rescale is not None:

@@ -48,11 +48,18 @@ def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def check_counts(cfg: Any) -> None:
+    """Every trainer's step counts must be >= 1; the error names the ones that are not."""
+    counts = ("steps", "batch_size", "eval_every", "checkpoint_every", "eval_n")
+    bad = [f"{name} = {getattr(cfg, name)}" for name in counts if getattr(cfg, name) < 1]
+    if bad:
+        raise ValueError(f"{', '.join(bad)}: must be >= 1 (flags --steps, --batch-size, "
+                         "--eval-every, --checkpoint-every, --eval-n)")
+
+
 def check_evolution_config(cfg: Any) -> None:
     """The checks the evolution strategies' ``Config.validate`` share."""
-    counts = ("steps", "batch_size", "eval_every", "checkpoint_every", "eval_n")
-    if min(getattr(cfg, name) for name in counts) < 1:
-        raise ValueError(f"{', '.join(counts[:-1])} and {counts[-1]} must be >= 1")
+    check_counts(cfg)
     if cfg.fitness not in FITNESS:
         raise ValueError(f"unknown fitness {cfg.fitness!r}; use {', '.join(FITNESS)}")
     if cfg.init_gain is not None and not cfg.init_gain > 0:

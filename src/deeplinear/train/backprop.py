@@ -50,7 +50,7 @@ from deeplinear.data import Dataset
 from deeplinear.nets import DeepLinear
 from deeplinear.runs import Progress, Run, rng_state, set_rng_state
 from deeplinear.surrogate import DEFAULT_TAU, KINDS, make_under
-from deeplinear.train import check_device, model_device, scores
+from deeplinear.train import check_counts, check_device, model_device, scores
 
 SCHEDULES = ("cosine", "step", "constant")
 # Adam moments of parameters whose gradient stops decay geometrically into subnormals, where
@@ -81,10 +81,7 @@ class Config:
 
     def validate(self) -> None:
         check_device(self.device)
-        if self.steps < 1 or self.batch_size < 1 or self.eval_every < 1 or self.eval_n < 1:
-            raise ValueError("steps, batch_size, eval_every and eval_n must be >= 1")
-        if self.checkpoint_every < 1:
-            raise ValueError("checkpoint_every must be >= 1")
+        check_counts(self)
         if not self.lr > 0 or self.weight_decay < 0 or self.warmup < 0:
             raise ValueError(f"need lr > 0, weight_decay >= 0, warmup >= 0 (got {self.lr}, "
                              f"{self.weight_decay}, {self.warmup})")
@@ -146,7 +143,8 @@ def calibrate(net: DeepLinear, x: Tensor, gain: float, center: bool = True,
             std = float((m + (b if i == 0 else f(b))).std())
             if not (math.isfinite(std) and std > 0):
                 raise ValueError(f"cannot calibrate layer {i + 1}: its pre-activations on the "
-                                 f"data have std {std}; check the inputs or use init_gain=None")
+                                 f"data have std {std}; check the inputs or use init_gain=None "
+                                 "(--init-gain he)")
             factor = target / std
         w.mul_(factor)
         b.mul_(factor)
