@@ -85,6 +85,7 @@ def test_eval_reproduces_the_final_accuracies(float_aware_run, capsys):
     (["--model", "mlp", "--scale-exp", "100"], "--scale-exp applies to --model deeplinear"),
     (["--method", "es", "--rank", "4"], "--rank applies to --perturbation lowrank"),
     (["--scale-exp", "500"], "out of range"),
+    (["--foo", "3"], "deeplinear train: error: unrecognized arguments: --foo 3"),
 ])
 def test_impossible_configs_exit_2_with_one_line(tmp_path, capsys, argv, message):
     try:
@@ -144,6 +145,8 @@ def test_baselines_train_and_evaluate(tmp_path, capsys):
         capsys.readouterr()
         assert rc == 0 and main(["eval", str(out), "--json"]) == 0
         assert json.loads(capsys.readouterr().out)["test_acc"] == final["results"]["test_acc"]
+    assert main(["eval", str(out), "--semantics", "IEEE"]) == 2
+    assert "softmax model runs in plain float32" in capsys.readouterr().err
 
 
 def test_es_method_dispatches(tmp_path, capsys):

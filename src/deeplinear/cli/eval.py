@@ -145,6 +145,9 @@ def evaluate_payload(payload: dict[str, Any], semantics: str, dataset: str | Non
         raise ValueError(f"the weights take {n_in} features but {data.name} has {data.n_features}; "
                          "pass the dataset they were trained on")
     if not isinstance(model, DeepLinear):
+        if semantics != "all":
+            raise ValueError(f"a {payload['model']['kind']} model runs in plain float32 and has "
+                             f"no float semantics to choose; drop --semantics {semantics}")
         return {"test_acc": {"float32": evaluate.accuracy(model, data.x_test, data.y_test)},
                 "dataset": data.name, "n_test": len(data.y_test)}
     if semantics == "all":
