@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     data = load_dataset("fashion-mnist", data_dir=args.data_dir)
     net = build_model("deeplinear", SIZES, 125, get_semantics("TF_GPU"), args.seed)
     load_weights(net, args.start, "deeplinear", SIZES)
-    source = load_final(args.start)  # its model and data spec, for --save
+    source = load_final(args.start) if args.save else None  # its model and data spec
     calibrate(net, data.x_train[:2000], args.gain, center=False, output=False)
     units = Units(net)
     start = evaluate.portability(net, data)["test_acc"]

@@ -46,6 +46,7 @@ from torch import Tensor
 from deeplinear import es
 from deeplinear.engine import Engine
 from deeplinear.nets import DeepLinear, parse_sizes
+from deeplinear.train import check_device
 
 NETS: dict[str, tuple[int, ...]] = {"2017": (784, 512, 512, 10), "small": (64, 256, 256, 10)}
 MODES = ("full", "lowrank")
@@ -355,8 +356,7 @@ def engine_error(cfg: BenchConfig) -> str | None:
 
 def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
     """Measure everything ``cfg`` asks for; a JSON-able report."""
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: torch sees no CUDA device here; use --device cpu")
+    check_device(cfg.device)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     report: dict[str, Any] = {"machine": machine_info(cfg.device), "settings": asdict(cfg)}
