@@ -74,6 +74,13 @@ class Units:
         self.scale = torch.cat(scales)
         self.z0 = torch.cat([start[k] for k in BLOCKS]) / self.scale
 
+    def mask(self, blocks: list[str]) -> Tensor:
+        """1 on the coordinates of ``blocks`` (the ones that move), 0 elsewhere."""
+        m = torch.zeros(len(self.z0))
+        for k in blocks:
+            m[self.slices[k]] = 1.0
+        return m
+
     def part(self, z: Tensor, k: str) -> Tensor:
         """Block ``k`` of ``z`` (``(..., n)``, normalised) in net units."""
         return z[..., self.slices[k]] * self.scale[self.slices[k]]
@@ -110,6 +117,8 @@ def train(method: str, units: Units, net: DeepLinear, data, args) -> tuple[Tenso
     cfg = Config(steps=args.steps, lr=args.lr, batch_size=args.batch, surrogate="smooth")
     under = make_under(net, cfg.surrogate, cfg.tau)
     z = units.z0.clone().requires_grad_(method == "exact")
+    mask = units.mask(args.blocks)
+    moving = mask.nonzero().squeeze(1)
     opt = torch.optim.Adam([z], lr=cfg.lr)
     g = torch.Generator().manual_seed(args.seed)  # minibatches, then ES noise
     x, y = data.x_train, data.y_train
@@ -123,8 +132,10 @@ def train(method: str, units: Units, net: DeepLinear, data, args) -> tuple[Tenso
                                                                      "under": under})
             opt.zero_grad(set_to_none=True)
             F.cross_entropy(out, y[idx]).backward()
+            z.grad.mul_(mask)  # Adam leaves a coordinate with zero gradients where it is
         else:
-            eps = torch.randn(args.pop // 2, len(z), generator=g)
+            eps = torch.zeros(args.pop // 2, len(z))
+            eps[:, moving] = torch.randn(args.pop // 2, len(moving), generator=g)
             eps = torch.cat([eps, -eps])
             with torch.no_grad():
                 members = z + args.sigma * eps
@@ -184,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gain", type=float, default=1.0, help="start: hidden std in thresholds")
     p.add_argument("--methods", default="exact,es")
     p.add_argument("--steps", type=int, default=4000, help="Adam steps (ES: generations)")
+    p.add_argument("--blocks", default=",".join(BLOCKS),
+                   help=f"comma-separated blocks that move (default: all of {', '.join(BLOCKS)})")
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--batch", type=int, default=100)
     p.add_argument("--pop", type=int, default=300)
@@ -199,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     methods = args.methods.split(",")
     if not set(methods) <= {"exact", "es"}:
         p.error(f"unknown method in {args.methods!r}; use exact, es or exact,es")
+    args.blocks = args.blocks.split(",")
+    if not set(args.blocks) <= set(BLOCKS):
+        p.error(f"unknown block in {','.join(args.blocks)!r}; choose from {', '.join(BLOCKS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     data = load_dataset("fashion-mnist", data_dir=args.data_dir)
@@ -210,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     start = evaluate.portability(net, data)["test_acc"]
     print(f"# {cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}; start "
           f"{args.start} at gain {args.gain:g} (TF_GPU {100 * start['TF_GPU']:.2f}%, IEEE "
-          f"{100 * start['IEEE']:.2f}%); {len(units.z0):,} numbers, {args.steps} steps, batch "
+          f"{100 * start['IEEE']:.2f}%); {int(units.mask(args.blocks).sum()):,} numbers move "
+          f"({','.join(args.blocks)}), {args.steps} steps, batch "
           f"{args.batch}, lr {args.lr:g} cosine, seed {args.seed}; ES pop {args.pop}, sigma "
           f"{args.sigma:g}")
     if args.cosines:
