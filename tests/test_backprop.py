@@ -209,7 +209,8 @@ def test_adam_step_never_leaves_subnormal_moments_and_changes_nothing_else():
     (lambda: deep(), Config(batch_size=10**6), "exceeds"),
     (lambda: deep(), Config(surrogate="relu"), "unknown surrogate"),
     (lambda: deep(), Config(schedule="linear"), "unknown schedule"),
-    (lambda: deep(), Config(lr=0.0), "lr > 0"),
+    (lambda: deep(), Config(lr=0.0), "lr must be > 0, got 0.0"),
+    (lambda: deep(), Config(weight_decay=float("nan")), "weight_decay must be >= 0, got nan"),
     (lambda: deep(), Config(device="tpu"), "unknown device 'tpu'; use cpu, cuda"),
     (lambda: deep(), Config(device="meta"), "unknown device 'meta'"),
 ])

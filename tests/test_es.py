@@ -207,7 +207,9 @@ def test_bad_sigma_blocks_are_clear_errors(spec, match):
 
 
 @pytest.mark.parametrize("kw, match", [
-    ({"pop": 7}, "even"), ({"sigma": 0.0}, "sigma"), ({"lr": -1.0}, "lr"),
+    ({"pop": 7}, "even"), ({"sigma": 0.0}, "sigma must be > 0, got 0.0"),
+    ({"lr": -1.0}, "lr must be > 0, got -1.0"), ({"sigma_decay": 1.5}, r"sigma_decay must be in"),
+    ({"weight_decay": float("nan")}, "weight_decay must be >= 0, got nan"),
     ({"rank": -1}, "rank"), ({"sigma_scale": "x"}, "sigma_scale"), ({"table_size": 10}, "small"),
 ])
 def test_bad_hyperparameters_are_clear_errors(kw, match):

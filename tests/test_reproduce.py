@@ -57,6 +57,22 @@ def test_cli_unwritable_out_is_one_line(tmp_path, capsys):
     assert err.count("\n") == 1 and "cannot create directory" in err and "writable --out" in err
 
 
+def test_cli_resume_says_when_there_is_nothing_to_resume(tmp_path, capsys):
+    out = tmp_path / "new"
+    assert main(["reproduce", "--budget", "smoke", "--dataset", "checkerboard", "--out", str(out),
+                 "--resume"]) == 0
+    assert f"nothing to resume in {out}" in capsys.readouterr().err
+    assert main(["reproduce", "--budget", "smoke", "--dataset", "checkerboard", "--out", str(out),
+                 "--resume"]) == 0
+    assert "nothing to resume" not in capsys.readouterr().err
+
+
+def test_cli_regimes_study_refuses_resume(tmp_path, capsys):
+    assert main(["reproduce", "--study", "regimes", "--out", str(tmp_path), "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "without --resume" in err
+
+
 def test_small_nets_run_on_one_thread():
     assert default_threads([[2, 64, 64, 2], [64, 256, 256, 10]]) == 1
     assert default_threads([[2, 64, 64, 2], [784, 512, 512, 10]]) == torch.get_num_threads()

@@ -208,14 +208,15 @@ class Strategy:
             raise ValueError(f"unknown device {self.device!r}; use cpu, cuda or cuda:N") from None
         if self.pop < 2 or self.pop % 2:
             raise ValueError(f"pop must be even and >= 2 (antithetic pairs), got {self.pop}")
-        if not (self.sigma > 0 and 0 < self.sigma_decay <= 1 and self.sigma_min >= 0):
-            raise ValueError(f"need sigma > 0, 0 < sigma_decay <= 1, sigma_min >= 0 (got "
-                             f"{self.sigma}, {self.sigma_decay}, {self.sigma_min})")
-        if not (self.lr > 0 and 0 < self.lr_decay <= 1 and self.lr_min >= 0):
-            raise ValueError(f"need lr > 0, 0 < lr_decay <= 1, lr_min >= 0 (got {self.lr}, "
-                             f"{self.lr_decay}, {self.lr_min})")
-        if self.weight_decay < 0:
-            raise ValueError(f"need weight_decay >= 0, got {self.weight_decay}")
+        for name, ok, need in (("sigma", self.sigma > 0, "> 0"),
+                               ("sigma_decay", 0 < self.sigma_decay <= 1, "in (0, 1]"),
+                               ("sigma_min", self.sigma_min >= 0, ">= 0"),
+                               ("lr", self.lr > 0, "> 0"),
+                               ("lr_decay", 0 < self.lr_decay <= 1, "in (0, 1]"),
+                               ("lr_min", self.lr_min >= 0, ">= 0"),
+                               ("weight_decay", self.weight_decay >= 0, ">= 0")):
+            if not ok:  # NaN fails every comparison, so it lands here too
+                raise ValueError(f"{name} must be {need}, got {getattr(self, name)}")
         if self.rank < 0:
             raise ValueError(f"rank must be 0 (full-rank noise) or >= 1, got {self.rank}")
         _ = self.scale  # building it checks sigma_scale and sigma_blocks, with their own errors

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 from deeplinear.arithmetic import get_semantics
 from deeplinear.data import DATASETS
@@ -37,9 +39,14 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"unknown dataset {', '.join(unknown) or '(none)'}; "
                          f"choose from {', '.join(DATASETS)}")
     if args.study == "regimes":
+        if args.resume:
+            raise ValueError("--resume continues a --study methods reproduction; the regimes "
+                             "study keeps no checkpoints: run it again without --resume")
         return run_regimes_study(datasets, args)
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if args.resume and not any(Path(args.out).glob("*/*/*.pt")):
+        print(f"nothing to resume in {args.out}: starting a new reproduction", file=sys.stderr)
     reproduce(datasets, args.budget, args.out, args.seed, args.data_dir, args.resume,
               get_semantics(args.semantics), args.threads)
     print(f"wrote {args.out}/results.json, report.md, report.html")
@@ -49,7 +56,6 @@ def run(args: argparse.Namespace) -> int:
 def run_regimes_study(datasets: tuple[str, ...], args: argparse.Namespace) -> int:
     """Write ``regimes_<dataset>.json`` and ``regimes.md`` (the regime x method table)."""
     import json
-    from pathlib import Path
 
     from deeplinear.regimes import format_study, study
     from deeplinear.runs import make_dir

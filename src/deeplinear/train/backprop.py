@@ -82,9 +82,12 @@ class Config:
     def validate(self) -> None:
         check_device(self.device)
         check_counts(self)
-        if not self.lr > 0 or self.weight_decay < 0 or self.warmup < 0:
-            raise ValueError(f"need lr > 0, weight_decay >= 0, warmup >= 0 (got {self.lr}, "
-                             f"{self.weight_decay}, {self.warmup})")
+        for name, value, ok, need in (("lr", self.lr, self.lr > 0, "> 0"),
+                                      ("weight_decay", self.weight_decay, self.weight_decay >= 0,
+                                       ">= 0"),
+                                      ("warmup", self.warmup, self.warmup >= 0, ">= 0")):
+            if not ok:
+                raise ValueError(f"{name} must be {need}, got {value}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; use {', '.join(SCHEDULES)}")
         if self.surrogate not in KINDS:
