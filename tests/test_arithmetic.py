@@ -638,3 +638,115 @@ def test_matmul_scopes():
     want = torch.where(want.abs() < MIN, want * 0, want)
     assert mismatches(got, want) == 0
     assert (got == 0).any() and ((ieee != 0) & (ieee.abs() < MIN)).any()
+
+
+# --- float64, narrow formats, operands and exponents (session 9 audit) ---------------------------
+
+F64_FTZ_DAZ = Semantics("float64", "ftz_daz")
+MIN64 = torch.finfo(torch.float64).smallest_normal
+
+
+def _near_min64(op: str, n: int, seed: int) -> tuple[Tensor, Tensor]:
+    """Float64 pairs whose exact product or quotient lies within a few ulps of min: where the
+    rounded result alone cannot decide tiny-ness."""
+    g = torch.Generator().manual_seed(seed)
+    a = 1 + torch.rand(n, generator=g, dtype=torch.float64)
+    target = MIN64 * (1 + (torch.rand(n, generator=g, dtype=torch.float64) - 0.5) * 2.0**-50)
+    b = target / a if op == "mul" else a / target
+    signs = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0).double()
+    return a * signs, b
+
+
+@hardware
+@pytest.mark.parametrize("op", ["mul", "div"])
+def test_float64_ftz_daz_matches_hardware_at_the_boundary(op):
+    a, b = _near_min64(op, 1 << 16, seed=5)
+    ours = ELEMENTWISE[op](a, b, F64_FTZ_DAZ)
+    hw = run_with_hardware_ftz(getattr(torch, op), a, b)
+    plain = getattr(torch, op)(a, b)
+    assert (plain.abs() == MIN64).sum() > 100  # the boundary is exercised
+    assert torch.equal(ours.view(torch.int64), hw.view(torch.int64))
+
+
+@hardware
+def test_float64_scale_ftz_matches_hardware():
+    g = torch.Generator().manual_seed(6)
+    x = (1 + torch.rand(1 << 14, generator=g, dtype=torch.float64)) * 2.0**-60
+    x = torch.cat([x, torch.tensor([1 - 2.0**-53, 1.0, -(1 - 2.0**-53)], dtype=torch.float64)
+                   * 2.0**-60])
+    ours = ar.scale(x, -962, F64_FTZ_DAZ)
+    hw = run_with_hardware_ftz(torch.mul, x, 2.0**-962)
+    assert torch.equal(ours.view(torch.int64), hw.view(torch.int64))
+    assert ours[-3].item() == 0 and ours[-2].item() == MIN64
+
+
+def test_wider_operands_are_rounded_once_by_the_format_not_by_torch():
+    e4m3 = Semantics("float8_e4m3fn")
+    assert ar.mul(torch.tensor([1000.0]), 1.0, e4m3).float().isnan().all()  # torch saturates
+    assert ar.mul(torch.tensor([1.0]).to(torch.float8_e4m3fn), 1000.0, e4m3).float().isnan().all()
+    t = torch.tensor([1 + 2.0**-8 + 2.0**-30], dtype=torch.float64)  # just above a bf16 tie
+    assert ar.add(t, 0.0, Semantics("bfloat16")).item() == 1 + 2.0**-7  # not 1.0 (via float32)
+    assert ar.add(torch.tensor([1, 2]), 0.5, IEEE).tolist() == [1.5, 2.5]  # integers convert
+
+
+@pytest.mark.parametrize("fmt", ["float8_e4m3fn", "float8_e5m2"])
+def test_float8_daz_and_flushing_matmul_run(fmt):
+    sem = Semantics(fmt, "ftz_daz", "all")
+    tiny = ar.get_format(fmt).min_subnormal
+    x = torch.tensor([tiny, 1.0, -tiny]).to(sem.fmt.dtype)
+    assert ar.scale(x, 1, sem).float().tolist() == [0.0, 2.0, 0.0]
+    m = ar.matmul(x.view(1, 3), torch.ones(3, 1).to(sem.fmt.dtype), sem)
+    assert m.dtype == sem.fmt.dtype and m.float().item() == 1.0
+
+
+def test_narrow_matmul_rounds_once_with_the_formats_overflow():
+    g = torch.Generator().manual_seed(0)
+    for fmt in ("float16", "bfloat16"):  # torch's own CPU matmuls: float32 accumulation
+        dt = ar.get_format(fmt).dtype
+        a, b = torch.randn(32, 200, generator=g).to(dt), torch.randn(200, 16, generator=g).to(dt)
+        assert torch.equal(ar.matmul(a, b, Semantics(fmt)), a @ b)
+    w = torch.full((1, 2), 256.0).to(torch.float8_e4m3fn)
+    o = torch.ones(2, 1).to(torch.float8_e4m3fn)
+    assert ar.matmul(w, o, Semantics("float8_e4m3fn")).float().isnan().all()  # like ar.add
+    sat = ar.matmul(w, o, Semantics("float8_e4m3fn", overflow="saturate"))
+    assert sat.float().item() == 448.0
+
+
+@hardware
+def test_hardware_ftz_restores_the_state_it_found():
+    with hardware_ftz():
+        with hardware_ftz():
+            pass
+        assert hardware_ftz_coverage(1 << 12) == 1.0  # the outer block still flushes
+        with hardware_ftz(False):
+            assert hardware_ftz_coverage(1 << 12) == 0.0
+        assert hardware_ftz_coverage(1 << 12) == 1.0
+    assert hardware_ftz_coverage(1 << 12) == 0.0
+
+
+def test_scale_exponents_beyond_the_format_and_bad_exponents():
+    x = torch.tensor([float("inf"), 1.0, -3.0, 0.0])
+    assert ar.scale(x, -1075, IEEE).tolist() == [float("inf"), 0.0, -0.0, 0.0]
+    assert ar.scale(x, 1024, IEEE).tolist()[:3] == [float("inf"), float("inf"), float("-inf")]
+    assert ar.scale(x, np.int32(-1), IEEE).tolist() == [float("inf"), 0.5, -1.5, 0.0]
+    f64 = Semantics("float64")
+    assert ar.scale(torch.tensor([1.5], dtype=torch.float64), -1074, f64).item() == 2.0**-1073
+    with pytest.raises(ValueError, match="float64 scale takes -1074 <= exp <= 1023"):
+        ar.scale(torch.tensor([1.0], dtype=torch.float64), 1024, f64)
+    for bad in (2.5, True, "3"):
+        with pytest.raises(ValueError, match="integer exponent"):
+            ar.scale(x, bad, IEEE)
+
+
+def test_bad_arguments_are_one_line_errors():
+    x = torch.ones(2)
+    assert torch.equal(ar.add(x, x, "TF_GPU"), ar.add(x, x, TF_GPU))  # a preset's name works
+    with pytest.raises(ValueError, match="unknown semantics 'TPU'"):
+        ar.mul(x, x, "TPU")
+    with pytest.raises(ValueError, match="unknown format"):
+        Semantics(["float32"])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="expected a tensor or a number, got object"):
+        ar.add(x, object(), IEEE)
+    with pytest.raises(ValueError, match="complex"):
+        ar.add(torch.ones(2, dtype=torch.complex64), x, IEEE)
+    assert ar.matmul([[1.0]], [[2.0]], IEEE).item() == 2.0

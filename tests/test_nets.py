@@ -267,9 +267,54 @@ def test_reference_models():
         MLP("64,ten")
 
 
-@pytest.mark.parametrize("k", [-128, 150, 500])
-def test_a_scale_whose_inverse_is_no_float32_is_refused(k):
-    with pytest.raises(ValueError, match=rf"scale exponent {k} .* -127 <= k <= 149"):
+@pytest.mark.parametrize("k", [-128, -10, -1, 150, 500])
+def test_a_scale_out_of_the_underflow_range_is_refused(k):
+    # k < 0 scales hidden values *up*: exact mode overflows where scaled mode cannot follow, and
+    # under IEEE the staircase step 2^(k-149) is no float32 (scaled mode gave NaN for -23..-1)
+    with pytest.raises(ValueError, match=rf"scale exponent {k} .* 0 <= k <= 149"):
         DeepLinear([2, 3, 2], scale_exp=k)
     assert DeepLinear([2, 3, 2], scale_exp=149).threshold == 2.0**23  # min in units of 2^-149
-    assert DeepLinear([2, 3, 2], scale_exp=-127).threshold == 2.0**-253
+    assert DeepLinear([2, 3, 2], scale_exp=0).threshold == 2.0**-126
+
+
+@pytest.mark.parametrize("k", [0, 1, 22, 23])
+def test_ieee_scaled_mode_matches_exact_mode_at_small_scales(k):
+    g = torch.Generator().manual_seed(k)
+    net = DeepLinear([4, 6, 6, 3], scale_exp=k, semantics=IEEE, generator=g)
+    x = torch.rand(50, 4, generator=g)
+    scaled, exact = net(x), net(x, "exact")
+    assert torch.isfinite(scaled).all() and torch.isfinite(exact).all()
+    assert torch.equal(scaled.argmax(1), exact.argmax(1))
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"scale_exp": 125.5}, "must be an integer"), ({"scale_exp": "125"}, "must be an integer"),
+    ({"semantics": "TF_GUP"}, "unknown semantics 'TF_GUP'"),
+    ({"semantics": Semantics("bfloat16", "ftz")}, "runs float32.*regime"),
+])
+def test_bad_constructor_arguments_are_one_line_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DeepLinear([2, 3, 2], **kwargs)
+
+
+def test_semantics_by_preset_name_and_numpy_integer_scale():
+    net = DeepLinear([2, 3, 2], scale_exp=np.int64(100), semantics="IEEE")
+    assert net.semantics == IEEE and net.scale_exp == 100 and type(net.scale_exp) is int
+
+
+@pytest.mark.parametrize("sizes", [[4.5, 3, 2], [True, 3, 2], 784, "7,x"])
+def test_sizes_must_be_integers(sizes):
+    with pytest.raises(ValueError, match="bad sizes"):
+        DeepLinear(sizes)
+
+
+@pytest.mark.parametrize("mode", ["scaled", "exact"])
+def test_inputs_are_checked_and_converted(mode):
+    g = torch.Generator().manual_seed(0)
+    net = DeepLinear([4, 5, 5, 2], generator=g)
+    x = torch.rand(3, 4, generator=g, dtype=torch.float64)
+    assert torch.equal(net(x, mode), net(x.float(), mode))
+    with pytest.raises(ValueError, match=r"shape \(3, 5\) do not fit the net: it takes 4"):
+        net(torch.rand(3, 5), mode)
+    with pytest.raises(ValueError, match="must be a torch tensor"):
+        net(x.numpy(), mode)

@@ -10,13 +10,18 @@ to the format's precision with an *unbounded* exponent, is below the smallest no
 that is ``|exact| < min * (1 - 2**-25)``; a tie rounds to even, i.e. up to ``min``, so the tie is
 not tiny. The IEEE result equals ``min`` in a whole band of exact values on both sides of that
 threshold, and only there the IEEE result alone cannot decide; we resolve it in float64, where
-products and quotients of float32 operands are exact or decided correctly.
+products and quotients of float32 operands are exact or decided correctly (float64 operands: the
+op recomputed 2**64 times larger, where its rounding is the unbounded-exponent one).
+
+Operands of another type are rounded to the format once, by :func:`deeplinear.formats.cast`, not
+by torch's casts (which saturate float8_e4m3fn and round float64 to bfloat16 through float32).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import operator
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -108,10 +113,9 @@ FORMATS: dict[str, Format] = {
 
 
 def get_format(name: str) -> Format:
-    try:
-        return FORMATS[name]
-    except KeyError:
-        raise ValueError(f"unknown format {name!r}; choose one of {', '.join(FORMATS)}") from None
+    if not isinstance(name, str) or name not in FORMATS:
+        raise ValueError(f"unknown format {name!r}; choose one of {', '.join(FORMATS)}")
+    return FORMATS[name]
 
 
 @dataclass(frozen=True)
@@ -171,12 +175,14 @@ PRESETS: dict[str, Semantics] = {"TF_GPU": TF_GPU, "IEEE": IEEE, "CPU_FTZ_DAZ": 
 
 
 def get_semantics(name: str) -> Semantics:
-    try:
-        return PRESETS[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown semantics {name!r}; choose one of {', '.join(PRESETS)}"
-        ) from None
+    if not isinstance(name, str) or name not in PRESETS:
+        raise ValueError(f"unknown semantics {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def as_semantics(sem: Semantics | str) -> Semantics:
+    """A :class:`Semantics`, or the name of a preset (``"TF_GPU"``, ``"IEEE"``, ...)."""
+    return sem if isinstance(sem, Semantics) else get_semantics(sem)
 
 
 def _signed_zero_where(mask: Tensor, x: Tensor) -> Tensor:
@@ -188,14 +194,21 @@ def daz(x: Tensor, sem: Semantics) -> Tensor:
     """Read subnormal inputs as zero when the semantics says DAZ; otherwise return x unchanged."""
     if not sem.daz:
         return x
+    if x.element_size() == 1:  # torch has no float8 arithmetic: decide in float32, exactly
+        return daz(x.float(), sem).to(x.dtype)
     return _signed_zero_where(x.abs() < sem.fmt.min_normal, x)
 
 
-def ftz(result: Tensor, exact: Callable[[], Tensor], sem: Semantics) -> Tensor:
+_UNIT = 2.0**64  # lifts a float64 result near min into the normal range, where rounding is exact
+
+
+def ftz(result: Tensor, exact: Callable[[], Tensor], sem: Semantics, unit: float = 1.0) -> Tensor:
     """Flush the tiny entries of an IEEE-rounded ``result`` (no-op under ``ieee``).
 
     ``|result| < min`` is tiny for sure, ``|result| > min`` is not; ``|result| == min`` is decided
-    by ``exact()``, the op recomputed in float64, against :attr:`Format.tiny_threshold`.
+    by ``exact()``, the op recomputed ``unit`` times larger where it is exact (float64 for
+    float32 operands) or rounded with an in-effect unbounded exponent (float64 operands, lifted by
+    2**64), against :attr:`Format.tiny_threshold`.
     """
     if not sem.flushes:
         return result
@@ -204,14 +217,32 @@ def ftz(result: Tensor, exact: Callable[[], Tensor], sem: Semantics) -> Tensor:
     tiny = mag < fmt.min_normal
     boundary = mag == fmt.min_normal
     if boundary.any():
-        tiny = tiny | (boundary & (exact().abs() < fmt.tiny_threshold))
+        tiny = tiny | (boundary & (exact().abs() < fmt.tiny_threshold * unit))
     return _signed_zero_where(tiny, result)
 
 
+def _operand(x: Tensor | float, fmt: Format) -> Tensor:
+    """``x`` in the format: rounded once by :func:`deeplinear.formats.cast` where it is another
+    type, because torch's casts saturate float8_e4m3fn and round float64 to bfloat16 twice."""
+    if not isinstance(x, Tensor):
+        try:
+            x = torch.as_tensor(x, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"expected a tensor or a number, got {type(x).__name__}") from None
+    if x.dtype == fmt.dtype:
+        return x
+    if x.is_complex():
+        raise ValueError(f"complex operands are not supported, got {x.dtype}")
+    from deeplinear.formats import cast  # formats builds on this module
+
+    return cast(x if x.is_floating_point() else x.double(), fmt)
+
+
 def _elementwise(op: Callable[[Tensor, Tensor], Tensor], a: Tensor, b: Tensor | float,
-                 sem: Semantics) -> Tensor:
+                 sem: Semantics | str) -> Tensor:
+    sem = as_semantics(sem)
     fmt = sem.fmt
-    a, b = torch.as_tensor(a, dtype=fmt.dtype), torch.as_tensor(b, dtype=fmt.dtype)
+    a, b = _operand(a, fmt), _operand(b, fmt)
     if fmt.dtype not in (torch.float32, torch.float64):
         # Exact in float64 (+, -, *), or rounded there innocuously (/, p <= 25); then one rounding
         # to the format, which also decides tiny-ness and overflow (torch has no float8 kernels).
@@ -220,42 +251,63 @@ def _elementwise(op: Callable[[Tensor, Tensor], Tensor], a: Tensor, b: Tensor | 
         a64, b64 = daz(a.double(), sem), daz(b.double(), sem)
         return cast(op(a64, b64), fmt, ftz=sem.flushes, saturate=sem.saturates)
     a, b = daz(a, sem), daz(b, sem)
-    r = ftz(op(a, b), lambda: op(a.double(), b.double()), sem)
+    if fmt.dtype == torch.float32:
+        r = ftz(op(a, b), lambda: op(a.double(), b.double()), sem)
+    elif op in (torch.mul, torch.div):  # float64: lift the product or quotient by 2**64
+        r = ftz(op(a, b), lambda: op(a * _UNIT, b), sem, _UNIT)
+    else:  # a float64 sum within a few ulps of min is exact: the result decides
+        r = ftz(op(a, b), lambda: op(a, b), sem)
     return r.clamp(-fmt.max, fmt.max) if sem.saturates else r
 
 
-def add(a: Tensor, b: Tensor | float, sem: Semantics) -> Tensor:
+def add(a: Tensor, b: Tensor | float, sem: Semantics | str) -> Tensor:
     return _elementwise(torch.add, a, b, sem)
 
 
-def sub(a: Tensor, b: Tensor | float, sem: Semantics) -> Tensor:
+def sub(a: Tensor, b: Tensor | float, sem: Semantics | str) -> Tensor:
     return _elementwise(torch.sub, a, b, sem)
 
 
-def mul(a: Tensor, b: Tensor | float, sem: Semantics) -> Tensor:
+def mul(a: Tensor, b: Tensor | float, sem: Semantics | str) -> Tensor:
     return _elementwise(torch.mul, a, b, sem)
 
 
-def div(a: Tensor, b: Tensor | float, sem: Semantics) -> Tensor:
+def div(a: Tensor, b: Tensor | float, sem: Semantics | str) -> Tensor:
     return _elementwise(torch.div, a, b, sem)
 
 
-def bias_add(x: Tensor, bias: Tensor, sem: Semantics) -> Tensor:
+def bias_add(x: Tensor, bias: Tensor, sem: Semantics | str) -> Tensor:
     """``x + bias`` broadcast over rows: an elementwise op, so it flushes under any FTZ."""
     return add(x, bias, sem)
 
 
-def scale(x: Tensor, exp: int, sem: Semantics) -> Tensor:
+def scale(x: Tensor, exp: int, sem: Semantics | str) -> Tensor:
     """Multiply by ``2**exp`` with one rounding: the op that moves values near min.
 
     ``2**exp`` need not be a normal number of the format (float32's 2**149 overflows, its 2**-130
     is subnormal and DAZ would read it as zero), so the product is formed in float64, where it is
     exact, and rounded once; where ``2**exp`` is normal that is bit for bit the format's multiply.
+    Beyond the format's whole exponent span every nonzero finite value overflows or rounds to
+    zero, so larger exponents are clamped to it (``2**exp`` stays a float64). float64 itself
+    takes exponents for which ``2**exp`` is a float64.
     """
+    sem = as_semantics(sem)
+    try:  # numpy and torch integers pass, floats do not
+        exp = operator.index(exp) if not isinstance(exp, bool) else None
+    except TypeError:
+        exp = None
+    if exp is None:
+        raise ValueError("scale takes an integer exponent, like -125")
     fmt = sem.fmt
-    x = daz(torch.as_tensor(x, dtype=fmt.dtype), sem)
-    exact = x.double() * 2.0**exp
-    if fmt.dtype not in (torch.float32, torch.float64):
+    x = daz(_operand(x, fmt), sem)
+    if fmt.dtype == torch.float64:
+        if not -1074 <= exp <= 1023:
+            raise ValueError(f"2**{exp} is no float64: float64 scale takes -1074 <= exp <= 1023")
+        r = ftz(x * 2.0**exp, lambda: x * 2.0 ** (exp + 64), sem, _UNIT)
+        return r.clamp(-fmt.max, fmt.max) if sem.saturates else r
+    span = fmt.max_exp - round(math.log2(fmt.min_subnormal)) + 2
+    exact = x.double() * 2.0 ** max(-span, min(exp, span))
+    if fmt.dtype != torch.float32:
         from deeplinear.formats import cast  # formats builds on this module
 
         return cast(exact, fmt, ftz=sem.flushes, saturate=sem.saturates)
@@ -263,20 +315,32 @@ def scale(x: Tensor, exp: int, sem: Semantics) -> Tensor:
     return r.clamp(-fmt.max, fmt.max) if sem.saturates else r
 
 
-def matmul(a: Tensor, b: Tensor, sem: Semantics) -> Tensor:
+def matmul(a: Tensor, b: Tensor, sem: Semantics | str) -> Tensor:
     """Matrix product under ``sem``.
 
     scope ``elementwise``: plain IEEE matmul, subnormals kept (cuBLAS). scope ``all``: inputs read
     through DAZ and the output flushed where ``|r| < min``. This is a *definition*: a BLAS kernel
     with FTZ/DAZ set also flushes its partial sums inside the accumulation, which no emulation can
     reproduce bit for bit (see ``tests/test_arithmetic.py`` for the measured agreement).
+
+    Formats narrower than float32 accumulate in float32 and round each output once to the format
+    (what torch's float16 and bfloat16 CPU matmuls do, checked bit for bit), with the format's own
+    overflow (NaN for float8_e4m3fn, where torch's float8 matmul saturates) and, for scope
+    ``all``, the tiny-after-rounding flush.
     """
-    dtype = sem.fmt.dtype
-    a, b = a.to(dtype), b.to(dtype)
-    if sem.scope == "elementwise" or not sem.flushes:
+    sem = as_semantics(sem)
+    fmt = sem.fmt
+    a, b = _operand(a, fmt), _operand(b, fmt)
+    flush = sem.flushes and sem.scope == "all"
+    if fmt.dtype not in (torch.float32, torch.float64):
+        from deeplinear.formats import cast  # formats builds on this module
+
+        r = (daz(a, sem) if flush else a).float() @ (daz(b, sem) if flush else b).float()
+        return cast(r, fmt, ftz=flush, saturate=sem.saturates)
+    if not flush:
         return a @ b
     r = daz(a, sem) @ daz(b, sem)
-    return _signed_zero_where(r.abs() < sem.fmt.min_normal, r)
+    return _signed_zero_where(r.abs() < fmt.min_normal, r)
 
 
 # --- hardware FTZ/DAZ on this CPU --------------------------------------------------------------
@@ -295,15 +359,21 @@ def hardware_ftz(enabled: bool = True) -> Iterator[None]:
     One thread is the only way to be sure inside the *current* thread's existing OpenMP pool;
     use :func:`run_with_hardware_ftz` for multi-threaded work.
     """
-    threads = torch.get_num_threads()
+    threads, before = torch.get_num_threads(), _ftz_is_on()
     if not torch.set_flush_denormal(enabled):
         raise RuntimeError("this CPU does not support flush-to-zero (needs SSE3 on x86)")
     torch.set_num_threads(1)
     try:
         yield
     finally:
-        torch.set_flush_denormal(False)
+        torch.set_flush_denormal(before)
         torch.set_num_threads(threads)
+
+
+def _ftz_is_on() -> bool:
+    """Whether this thread flushes now (torch can set the flag but not read it): a one-element
+    product, computed in this thread, whose exact value is subnormal."""
+    return bool(torch.tensor([2.0**-100]) * (2.0**-30) == 0)
 
 
 def run_with_hardware_ftz(fn: Callable[..., object], *args: object, **kwargs: object) -> object:

@@ -14,13 +14,16 @@ explicit elementwise function of the float32 value (``dead_zone`` for FTZ, ``sta
 gradual underflow). Layer 1 and every bias are identical by construction: multiplying a float32 by
 a power of two commutes with rounding to 24 bits with unbounded exponent, which is exactly when x86
 decides "tiny". The modes can differ only inside hidden matmuls, whose exact-mode partial sums are
-rounded on the subnormal grid (absolute spacing 2**-149) instead of to 24 relative bits.
+rounded on the subnormal grid (absolute spacing 2**-149) instead of to 24 relative bits. (Under
+DAZ, a subnormal *input*, weight or layer-1 bias is read as zero by exact mode only; data and
+trained weights are not that small.)
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+import operator
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Literal
 
@@ -28,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from deeplinear import arithmetic as ar
-from deeplinear.arithmetic import IEEE, TF_GPU, Semantics
+from deeplinear.arithmetic import IEEE, TF_GPU, Semantics, as_semantics
 
 if TYPE_CHECKING:
     from deeplinear.regimes import Regime
@@ -51,8 +54,10 @@ def parse_sizes(text: str | Sequence[int]) -> list[int]:
     """``"784,512,512,10"`` -> ``[784, 512, 512, 10]`` with a one-line error for bad input."""
     try:
         sizes = [int(s) for s in text.split(",")] if isinstance(text, str) else list(text)
-    except ValueError:
+    except (ValueError, TypeError):
         raise ValueError(f"bad sizes {text!r}: use integers like 784,512,10") from None
+    if any(isinstance(s, bool) or not isinstance(s, int) for s in sizes):
+        raise ValueError(f"bad sizes {text!r}: use integers like 784,512,10")
     if len(sizes) < 2 or any(s < 1 for s in sizes):
         raise ValueError(f"bad sizes {text!r}: need at least two positive layer widths")
     return sizes
@@ -75,25 +80,40 @@ class DeepLinear(nn.Module):
     the regime's own float operations (:meth:`~deeplinear.regimes.Regime.exact`).
     """
 
-    def __init__(self, sizes: Sequence[int], scale_exp: int = 125, semantics: Semantics = TF_GPU,
-                 generator: torch.Generator | None = None, regime: Regime | None = None) -> None:
+    def __init__(self, sizes: Sequence[int], scale_exp: int = 125,
+                 semantics: Semantics | str = TF_GPU, generator: torch.Generator | None = None,
+                 regime: Regime | None = None) -> None:
         super().__init__()
         self.sizes = parse_sizes(sizes)
         if len(self.sizes) < 3:
             raise ValueError("DeepLinear needs at least one hidden layer (sizes like 784,512,10)")
+        semantics = as_semantics(semantics)
+        try:  # numpy and torch integers pass, floats and strings do not
+            scale_exp = operator.index(scale_exp) if not isinstance(scale_exp, bool) else None
+        except TypeError:
+            scale_exp = None
+        if scale_exp is None:
+            raise ValueError("scale exponent must be an integer like 125")
         if regime is not None:
             if (scale_exp, semantics) != (125, TF_GPU):
                 raise ValueError("pass a regime or scale_exp/semantics, not both: "
                                  "the regime sets them")
             scale_exp, semantics = regime.scale_exp, regime.semantics if regime.native else IEEE
         self.regime = None if regime is None or regime.native else regime
-        fmt = semantics.fmt  # hidden values are u 2^-k: 2^-k must be a nonzero finite float
-        low, high = -math.floor(math.log2(fmt.max)), round(-math.log2(fmt.min_subnormal))
-        if not low <= scale_exp <= high:
-            raise ValueError(f"scale exponent {scale_exp} (--scale-exp) is out of range: 2^-k must "
-                             f"be a nonzero finite {fmt.name}, {low} <= k <= {high}; the 2017 "
-                             "net uses 125")
-        self.scale_exp = int(scale_exp)
+        if self.regime is None:
+            # Scaled mode is float32 arithmetic whose only rule is underflow: the format must be
+            # float32 and the scale must push hidden values down (k >= 0; k < 0 scales them up,
+            # where exact mode overflows and scaled mode cannot follow), 2^-k a nonzero float32.
+            if semantics.format != "float32":
+                raise ValueError(f"DeepLinear runs float32 (its scaled mode is float32 "
+                                 f"arithmetic), not {semantics.format}; other formats run as a "
+                                 "regime: DeepLinear(sizes, regime=deeplinear.regimes.Regime(...))")
+            high = round(-math.log2(semantics.fmt.min_subnormal))
+            if not 0 <= scale_exp <= high:
+                raise ValueError(f"scale exponent {scale_exp} (--scale-exp) is out of range: "
+                                 f"0 <= k <= {high} (2^-k must be a nonzero float32 that moves "
+                                 "hidden values toward underflow); the 2017 net uses 125")
+        self.scale_exp = scale_exp
         self.semantics = semantics
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
@@ -137,11 +157,12 @@ class DeepLinear(nn.Module):
         """
         if mode == "exact":
             if self.regime is None:
-                return self._trace_exact(x)
+                return self._trace_exact(self._input(x))
             with torch.no_grad():  # float32 linear layers, the regime's own float ops between
                 return self.trace(x, "scaled", self.regime.exact)
         if mode != "scaled":
             raise ValueError(f"unknown mode {mode!r}; use exact or scaled")
+        x = self._input(x)
         f = under or self.under()
         flush_matmul = self.semantics.matmul_flush
         out = []
@@ -157,6 +178,19 @@ class DeepLinear(nn.Module):
             h = f(u)
             out.append((u, h))
         return out
+
+    def _input(self, x: Tensor) -> Tensor:
+        """``x`` as float32 ``(..., sizes[0])``, or a one-line error naming what is wrong."""
+        n = self.sizes[0]
+        if not isinstance(x, Tensor):
+            raise ValueError(f"inputs must be a torch tensor of shape (batch, {n}), got "
+                             f"{type(x).__name__}")
+        if x.dim() == 0 or x.shape[-1] != n:
+            raise ValueError(f"inputs of shape {tuple(x.shape)} do not fit the net: it takes {n} "
+                             f"features, shape (batch, {n})")
+        if x.is_complex():
+            raise ValueError(f"inputs must be real, got {x.dtype}")
+        return x if x.dtype == torch.float32 else x.to(torch.float32)
 
     def _trace_exact(self, x: Tensor) -> list[tuple[Tensor, Tensor]]:
         sem, k = self.semantics, self.scale_exp
