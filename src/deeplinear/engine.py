@@ -82,8 +82,9 @@ def stacked_logits(net: DeepLinear, layout: Layout, members: Tensor, x: Tensor,
     ``x``, in the net's scaled mode: one ``bmm`` per layer, the rule applied in place.
 
     Bit-identical to loading each member into ``net`` and running ``net(x, mode="scaled")`` with
-    one thread, up to the sign of a flushed zero (see the module docstring). ``buf(name, *shape)`` supplies reused output tensors
-    (the engine's buffers); without it each layer allocates.
+    one thread, up to the sign of a flushed zero (see the module docstring). ``buf(name,
+    *shape)`` supplies reused output tensors (the engine's buffers); without it each layer
+    allocates.
     """
     rule, flush_matmul = inplace_rule(net), net.semantics.matmul_flush
     m, b = len(members), len(x)
