@@ -76,7 +76,13 @@ def test_eval_reproduces_the_final_accuracies(float_aware_run, capsys):
     (["--method", "backprop", "--pop", "10"], "--pop does not apply"),
     (["--steps", "0"], "steps = 0: must be >= 1"),
     (["--method", "es", "--eval-n", "0", "--batch-size", "0"], "batch_size = 0, eval_n = 0: must"),
-    (["--init-gain", "big"], "expected a number or 'he'"),
+    (["--init-gain", "big"], "expected a positive number or 'he'"),
+    (["--init-gain", "-1"], "expected a positive number or 'he', got '-1'"),
+    (["--init-gain", "nan"], "expected a positive number or 'he', got 'nan'"),
+    (["--method", "backprop", "--tau", "0.5"], "--tau applies to --method float-aware with "
+                                              "--surrogate smooth, not plain backprop"),
+    (["--surrogate", "ste", "--tau", "0.5"], "not --surrogate ste"),
+    (["--model", "mlp", "--tau", "0.5"], "--tau applies"),
     (["--method", "float-aware", "--sigma-scale", "none"], "--sigma-scale does not apply"),
     (["--resume"], "no checkpoint"),
     (["--method", "es", "--device", "tpu"], "unknown device 'tpu'"),
@@ -94,6 +100,23 @@ def test_impossible_configs_exit_2_with_one_line(tmp_path, capsys, argv, message
         rc = e.code
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and message in err
+
+
+def test_a_closed_pipe_is_not_an_error(float_aware_run):
+    """``deeplinear eval RUN --json | head -c1``: the reader is gone before anything is written."""
+    p = subprocess.Popen([sys.executable, "-m", "deeplinear", "eval", str(float_aware_run),
+                          "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()
+    assert p.wait(timeout=120) == 141
+    assert p.stderr.read() == b""
+
+
+def test_baseline_eval_does_not_claim_exact_mode(tmp_path, capsys):
+    rc, out = train(tmp_path, "--model", "softmax", "--sizes", "2,2", "--steps", "5")
+    assert rc == 0
+    capsys.readouterr()
+    assert main(["eval", str(out)]) == 0
+    assert "exact mode" not in capsys.readouterr().out
 
 
 def test_existing_run_is_not_overwritten(float_aware_run, capsys):
@@ -275,6 +298,36 @@ def test_init_from_refuses_other_sizes(float_aware_run, tmp_path, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "holds a deeplinear [2, 16, 16, 2]" in err
+
+
+def test_init_from_refuses_another_scale(float_aware_run, tmp_path, capsys):
+    argv = ["train", *TINY, "--out", str(tmp_path / "x"), "--init-from", str(float_aware_run),
+            "--scale-exp", "100"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "trained at --scale-exp 125, not 100" in err
+
+
+def test_a_run_that_fails_in_setup_leaves_no_directory(tmp_path, capsys):
+    out = tmp_path / "failed"
+    assert main(["train", *TINY, "--out", str(out), "--method", "cma-es",
+                 "--sizes", "2,128,128,2"]) == 2  # too many parameters for CMA-ES
+    assert "cma" in capsys.readouterr().err.lower()
+    assert not out.exists()
+
+
+def test_data_dir_is_recorded_as_an_absolute_path(tmp_path, monkeypatch, capsys):
+    from test_data import make_arrays, make_idx_dir  # tests/ is on sys.path under pytest
+
+    src = make_idx_dir(tmp_path / "idx", make_arrays())
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "m"
+    assert main(["train", "--dataset", "mnist", "--data-dir", "idx", "--model", "softmax",
+                 "--steps", "2", "--batch-size", "10", "--quiet", "--out", str(out)]) == 0
+    saved = json.loads((out / "config.json").read_text())["data"]["data_dir"]
+    assert saved == str(src.resolve())
+    monkeypatch.chdir(tmp_path.parent)  # eval from elsewhere finds the files
+    assert main(["eval", str(out), "--json"]) == 0
 
 
 def test_eval_measures_a_run_that_has_no_final_yet(tmp_path, capsys):

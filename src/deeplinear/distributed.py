@@ -190,9 +190,12 @@ class RayEvaluator:
                  max_retries: int = 2) -> None:
         ray = self._ray = require_ray()
         threads = threads or cfg.threads or 1
-        if (workers is not None and workers < 1) or threads < 1 or not timeout_s > 0:
-            raise ValueError(f"need workers >= 1, threads >= 1 and timeout_s > 0 (got {workers}, "
-                             f"{threads}, {timeout_s})")
+        for name, value, ok in (("--workers", workers, workers is None or workers >= 1),
+                                ("--threads", threads, threads >= 1),
+                                ("timeout_s", timeout_s, timeout_s > 0)):
+            if not ok:
+                raise ValueError(f"{name} must be >= 1, got {value}" if name != "timeout_s"
+                                 else f"timeout_s must be > 0, got {value}")
         if not isinstance(model, DeepLinear):
             raise ValueError(f"the Ray backend evaluates deep linear nets, not "
                              f"{type(model).__name__}")

@@ -16,6 +16,7 @@ Layout of a run directory::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -88,6 +89,17 @@ class Run:
         atomic_write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", cfg_path)
         (d / "metrics.jsonl").write_text("")
         return cls(d, config)
+
+    def discard_if_unstarted(self) -> None:
+        """Remove a fresh run's ``config.json`` and empty metrics (and the directory, if that
+        leaves it empty) when it failed before its first checkpoint: a setup error should not
+        leave a directory that looks like a run."""
+        if (self.dir / "checkpoint.pt").exists() or (self.dir / "final.pt").exists():
+            return
+        for name in ("config.json", "metrics.jsonl"):
+            (self.dir / name).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            self.dir.rmdir()
 
     def _truncate_metrics(self, step: int) -> None:
         path = self.dir / "metrics.jsonl"

@@ -24,8 +24,9 @@ class Parser(argparse.ArgumentParser):
 
 
 def summary(doc: str | None) -> str | None:
-    """A subcommand's ``--help`` description: the first line of its module docstring."""
-    return doc.splitlines()[0] if doc else None
+    """A subcommand's ``--help`` description: the first line of its module docstring, without
+    its reStructuredText quotes."""
+    return doc.splitlines()[0].replace("``", "") if doc else None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,7 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
-        return int(args.func(args) or 0)
+        rc = int(args.func(args) or 0)
+        sys.stdout.flush()  # here, so that a closed pipe is caught below, not at exit
+        return rc
+    except BrokenPipeError:  # the reader (``| head``) closed the pipe: not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except (ValueError, OSError, RuntimeError) as e:
         if os.environ.get("DEEPLINEAR_DEBUG"):
             raise

@@ -173,6 +173,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{spec['kind']} {'-'.join(map(str, spec['sizes']))} trained by "
               f"{payload.get('method', '?')}"
               + (f" (checkpoint at step {payload['step']})" if "step" in payload else "")
-              + f"; {res['dataset']} test set ({res['n_test']}), exact mode")
+              + f"; {res['dataset']} test set ({res['n_test']})"
+              + (", exact mode" if spec["kind"] == "deeplinear" else ""))
         print(format_results(res))
     return 0

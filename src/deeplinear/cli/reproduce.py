@@ -6,21 +6,25 @@ import argparse
 import sys
 from pathlib import Path
 
-from deeplinear.arithmetic import get_semantics
+from deeplinear.arithmetic import PRESETS, get_semantics
+from deeplinear.cli import summary
 from deeplinear.data import DATASETS
 from deeplinear.reproduce import BUDGETS, DEFAULT_DATASETS, reproduce
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("reproduce", help="train every method, evaluate in true float32, report",
-                       description=__doc__)
+                       description=summary(__doc__))
     p.add_argument("--dataset", default=",".join(DEFAULT_DATASETS),
                    help=f"comma-separated, from {', '.join(DATASETS)} (default: %(default)s)")
-    p.add_argument("--budget", default="quick", choices=sorted(BUDGETS))
+    p.add_argument("--budget", default="quick", choices=sorted(BUDGETS),
+                   help="smoke: seconds, a check that everything runs; quick (default): the "
+                        "README's figures, minutes; full: longer training")
     p.add_argument("--out", default="runs/reproduce", help="output directory")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of data, init, batches and noise")
     p.add_argument("--data-dir", default=None, help="directory holding the IDX files")
-    p.add_argument("--semantics", default="TF_GPU", help="the deep linear nets' semantics")
+    p.add_argument("--semantics", default="TF_GPU", choices=list(PRESETS),
+                   help="the deep linear nets' semantics (default: %(default)s)")
     p.add_argument("--study", default="methods", choices=["methods", "regimes"],
                    help="methods: the 2017 table (default); regimes: every float nonlinearity "
                         "(FTZ dead zone, subnormal staircase, absorption, saturation) x ES and "

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import math
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -47,9 +48,12 @@ def init_gain(text: str) -> float | str:
     if text == "he":
         return text
     try:
-        return float(text)
+        gain = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or 'he', got {text!r}") from None
+        gain = math.nan
+    if not (math.isfinite(gain) and gain > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number or 'he', got {text!r}")
+    return gain
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -90,7 +94,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--lr", type=float)
     t.add_argument("--weight-decay", type=float,
                    help="backprop (AdamW) and es: decoupled decay")
-    t.add_argument("--schedule", help="backprop only: cosine | step | constant")
+    t.add_argument("--schedule", help="backprop, float-aware: cosine | step | constant")
     t.add_argument("--init-gain", type=init_gain,
                    help="deep linear: pre-activation std at init, in dead-zone half-widths, "
                    "or 'he' (He init, no calibration); with --init-from it rescales the loaded "
@@ -160,6 +164,15 @@ def check_method(model: str, method: str, surrogate: str | None) -> str:
     return "blind"
 
 
+def check_tau(tau: float | None, surrogate: str) -> None:
+    """``--tau`` is the smooth surrogate's width: an error anywhere else (the backprop trainer has
+    the field for every surrogate, so the generic check would let it through)."""
+    if tau is not None and surrogate != "smooth":
+        what = "plain backprop" if surrogate == "blind" else f"--surrogate {surrogate}"
+        raise ValueError(f"--tau applies to --method float-aware with --surrogate smooth, not "
+                         f"{what}; drop it")
+
+
 def make_config(trainer: ModuleType, args: argparse.Namespace, surrogate: str) -> Any:
     """The trainer's Config from the flags given; a flag it has no field for is an error."""
     fields = {f.name for f in dataclasses.fields(trainer.Config)}
@@ -218,8 +231,10 @@ def build_model(kind: str, sizes: list[int], scale_exp: int = 125, semantics: An
     raise ValueError(f"unknown model {kind!r}; use {', '.join(MODELS)}")
 
 
-def load_weights(model: nn.Module, source: str, kind: str, sizes: list[int]) -> None:
-    """Copy a finished run's weights into ``model`` (``--init-from``); same model and sizes."""
+def load_weights(model: nn.Module, source: str, kind: str, sizes: list[int],
+                 scale_exp: int | None = None) -> None:
+    """Copy a finished run's weights into ``model`` (``--init-from``); same model, sizes and (for
+    a deep linear net) scale: the same weights at another scale are another function."""
     from deeplinear.cli.eval import load_final
 
     payload = load_final(source)
@@ -227,6 +242,10 @@ def load_weights(model: nn.Module, source: str, kind: str, sizes: list[int]) -> 
     if spec["kind"] != kind or list(spec["sizes"]) != sizes:
         raise ValueError(f"{source} holds a {spec['kind']} {spec['sizes']}, not a {kind} {sizes}; "
                          "pass a run of the same model and --sizes")
+    saved = spec.get("scale_exp")
+    if scale_exp is not None and saved is not None and saved != scale_exp:
+        raise ValueError(f"{source} was trained at --scale-exp {saved}, not {scale_exp}; pass "
+                         f"--scale-exp {saved} (--init-gain moves a net against the dead zone)")
     model.load_state_dict(payload["state_dict"])
 
 
@@ -255,6 +274,7 @@ def run(args: argparse.Namespace) -> int:
 
     check_model_flags(args)
     surrogate = check_method(args.model, args.method, args.surrogate)
+    check_tau(args.tau, surrogate)
     trainer = trainer_module(args.method)
     rescale = None  # --init-gain with --init-from: the loaded net's rescaling, not the trainer's
     if args.init_from is not None:  # the trainer starts from the loaded weights, not its init
@@ -262,12 +282,15 @@ def run(args: argparse.Namespace) -> int:
         args.init_gain = "he"
     cfg = make_config(trainer, args, surrogate)
     semantics = get_semantics(args.semantics)
+    if args.data_dir is not None:  # recorded absolute: eval and --resume may run elsewhere
+        args.data_dir = str(Path(args.data_dir).resolve())
     data = load_dataset(args.dataset, data_dir=args.data_dir, seed=args.data_seed,
                         n_train=args.n_train, n_test=args.n_test)
     sizes = resolve_sizes(args, data.n_features, data.n_classes, args.dataset)
     model = build_model(args.model, sizes, args.scale_exp, semantics, args.seed)
     if args.init_from is not None and not args.resume:  # on resume the checkpoint holds them
-        load_weights(model, args.init_from, args.model, sizes)
+        load_weights(model, args.init_from, args.model, sizes,
+                     args.scale_exp if args.model == "deeplinear" else None)
         if rescale is not None:
             from deeplinear.train.backprop import calibrate
 
@@ -287,9 +310,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"resuming {out} from step {run_dir.resumed_state['step']}", file=sys.stderr)
     from deeplinear.distributed import backend
 
-    with backend(args.backend, model, data, cfg, method=args.method, workers=args.workers,
-                 address=args.ray_address) as extra:
-        rows = trainer.train(model, data, cfg, run=run_dir, progress=not args.quiet, **extra)
+    try:
+        with backend(args.backend, model, data, cfg, method=args.method, workers=args.workers,
+                     address=args.ray_address) as extra:
+            rows = trainer.train(model, data, cfg, run=run_dir, progress=not args.quiet, **extra)
+    except Exception:
+        if not args.resume:
+            run_dir.discard_if_unstarted()
+        raise
     results = final_results(model, data)
     run_dir.save_final({
         "state_dict": model.state_dict(), "model": config["model"],
