@@ -51,11 +51,14 @@ def test_net_sizes_by_name_or_widths():
         net_sizes("big")
 
 
-@pytest.mark.parametrize("bad", [{"pops": (3,)}, {"modes": ("dense",)}, {"device": "tpu"},
-                                 {"batches": (0,)}, {"nets": ("x",)}, {"threads": 0},
-                                 {"peak_n": 0}])
-def test_bad_config_is_a_value_error(bad):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize(("bad", "match"), [
+    ({"pops": (3,)}, "even"), ({"modes": ("dense",)}, "unknown mode"), ({"device": "tpu"}, "tpu"),
+    ({"batches": (0,)}, "batch"), ({"nets": ("x",)}, "unknown net"), ({"threads": 0}, "threads"),
+    ({"peak_n": 0}, "peak_n"), ({"pops": ()}, "no pops"), ({"nets": ()}, "no nets"),
+    ({"nets": ("8,4",)}, "no hidden layer"),
+])
+def test_bad_config_is_a_value_error(bad, match):
+    with pytest.raises(ValueError, match=match):
         BenchConfig(**bad)
 
 

@@ -23,8 +23,8 @@ Sections of a report:
 - ``targets``: low-rank vs full-rank generation time on the 2017 net at pop 1000.
 - ``ftz_share``: the share of evaluation time spent emulating the flush (the engine's in-place
   rule replaced by identity vs real).
-- ``exact``: the net's exact-mode forward (true scale, subnormal arithmetic, ~200x slower on x86
-  CPUs) vs scaled mode, one member.
+- ``exact``: the net's exact-mode forward (true scale, subnormal arithmetic; 12-27x slower on the
+  2-core Xeon VM of ``benchmarks/README.md``) vs scaled mode, one member.
 """
 
 from __future__ import annotations
@@ -85,8 +85,12 @@ class BenchConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        empty = [k for k in ("nets", "pops", "batches", "modes") if not getattr(self, k)]
+        if empty:
+            raise ValueError(f"no {empty[0]} to measure: give at least one")
         for name in (*self.nets, *self.exact_nets):
-            net_sizes(name)
+            if len(net_sizes(name)) < 3:
+                raise ValueError(f"net {name!r} has no hidden layer: give widths like 64,256,10")
         bad = [m for m in self.modes if m not in MODES]
         if bad:
             raise ValueError(f"unknown mode {bad[0]!r}; choose from {', '.join(MODES)}")
@@ -410,10 +414,14 @@ def format_report(r: dict[str, Any]) -> str:
         f"{m.get('load_avg_1m_end', math.nan):.2f} at end",
         f"sgemm peak ({cfg['device']}, {peak['n']}x{peak['n']}): {peak['gflops']:.0f} GFLOP/s "
         f"at start, {r['peak_after']['gflops']:.0f} at end",
-        f"settings: sigma {cfg['sigma']}, low-rank rank {cfg['rank']}, >= {cfg['repeats']} "
+        f"settings: sigma {cfg['sigma']}"
+        + (f", low-rank rank {cfg['rank']}" if "lowrank" in cfg["modes"] else "")
+        + f", >= {cfg['repeats']} "
         f"generations and {cfg['min_time']} s per row (median), seed {cfg['seed']}",
         "GFLOP/s: 2*batch*sum(in*out) per member forward over evaluation time (dense-equivalent);"
         " exec: FLOPs the engine executes (low-rank: x@W1 once per generation); %peak: exec/sgemm",
+        "mem: resident memory one generation adds beyond pages earlier rows already touched "
+        "(0: none new), so it depends on which rows ran before",
         "",
         f"{'net':7s} {'mode':7s} {'pop':>5s} {'batch':>5s} {'gen/s':>7s} {'s/gen':>7s} "
         f"{'eval s':>7s} {'member/s':>9s} {'GFLOP/s':>8s} {'exec':>7s} {'%peak':>6s} "
