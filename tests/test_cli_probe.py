@@ -4,8 +4,18 @@ import matplotlib.image
 import pytest
 
 from deeplinear.cli import main
+from deeplinear.regimes import KINDS
 
 SMALL = ["probe", "--sizes", "64,32,10", "--n", "32"]
+
+
+def one_line_error(capsys) -> str:
+    """The CLI's contract for bad input: one ``deeplinear probe: error:`` line, no traceback."""
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("deeplinear probe: error:")
+    assert "Traceback" not in captured.err + captured.out
+    return err
 
 
 def test_json_output(capsys):
@@ -46,10 +56,7 @@ def test_plot_writes_a_png(tmp_path, capsys):
 ])
 def test_bad_input_is_one_line_exit_2(args, words, capsys):
     assert main([*SMALL, *args]) == 2
-    captured = capsys.readouterr()
-    err = captured.err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("deeplinear probe: error:")
-    assert words in err and "Traceback" not in captured.err + captured.out
+    assert words in one_line_error(capsys)
 
 
 def test_plot_path_is_checked_before_computing(tmp_path, capsys):
@@ -57,3 +64,63 @@ def test_plot_path_is_checked_before_computing(tmp_path, capsys):
     assert main(["probe", "--plot", str(tmp_path / "p.png")]) == 2  # the big default net
     captured = capsys.readouterr()
     assert captured.out == "" and "is a directory" in captured.err
+
+
+# --- --regime / --format ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("regime, valid", [
+    ("ftz-deadzone:9999", "[0, 253]"),  # used to overflow in math.ldexp
+    ("subnormal-staircase:9999", "[23, 253]"),
+    ("saturation:-9999", "[0, 253]"),
+    ("ftz-deadzone:-9999", "[0, 253]"),
+    ("absorption:9999", "[-103, 127]"),
+])
+def test_out_of_range_regime_parameter_is_one_line_exit_2(regime, valid, capsys):
+    assert main(["probe", "--regime", regime]) == 2
+    assert f"choose {'j' if 'absorption' in regime else 'k'} in {valid}" in one_line_error(capsys)
+
+
+@pytest.mark.parametrize("flag, value", [  # given equal to its default is still given
+    ("--sizes", "784,512,512,10"), ("--semantics", "all"), ("--n", "256"), ("--n", "0"),
+    ("--n-fit", "7"), ("--scale-exp", "125"),
+])
+@pytest.mark.parametrize("mode", [["--regime", "ftz-deadzone:125"], ["--format", "float16"]])
+def test_net_flags_in_regime_mode_are_an_error_naming_the_flag(mode, flag, value, capsys):
+    assert main(["probe", *mode, flag, value]) == 2
+    err = one_line_error(capsys)
+    assert f"{flag} applies to the net probe" in err and mode[0] in err
+
+
+@pytest.mark.parametrize("value", ["", " "])
+def test_empty_regime_is_an_error_not_all(value, capsys):
+    assert main(["probe", "--regime", value]) == 2
+    assert "--regime is empty" in one_line_error(capsys)
+
+
+def test_format_alone_sweeps_every_regime_as_the_help_says(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "1000")  # no wrapping inside the phrases checked
+    with pytest.raises(SystemExit):
+        main(["probe", "--help"])
+    help_text = capsys.readouterr().out
+    assert "without --regime, it sweeps all regimes" in help_text
+    assert main(["probe", "--format", "float8_e5m2", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["format"] == "float8_e5m2" and list(r["sweeps"]) == list(KINDS)
+
+
+def test_help_is_plain_text_and_keeps_the_documented_defaults(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "1000")
+    with pytest.raises(SystemExit):
+        main(["probe", "--help"])
+    out = capsys.readouterr().out
+    assert "``" not in out and "\ndeeplinear probe: how nonlinear" in out
+    for default in ("the 2017 net 784,512,512,10", "(default: all)", "(default: 256)",
+                    "(default: 125)", "(default: 4 x (input width + 1))"):
+        assert default in out
+
+
+def test_regime_plot_says_where_it_went(tmp_path, capsys):
+    path = tmp_path / "r.png"
+    assert main(["probe", "--regime", "ftz-deadzone:125", "--plot", str(path)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"plot written to {path}"
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

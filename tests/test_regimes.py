@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import platform
+import re
 
 import pytest
 import torch
@@ -125,6 +126,27 @@ def test_regime_parameters_and_errors() -> None:
         Regime("absorption", 16, "float16")
     with pytest.raises(ValueError, match="integer exponent"):
         Regime("ftz-deadzone", 125.0)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("fmt", FORMAT_NAMES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_parameter_range_is_tight_and_anything_outside_is_a_value_error(kind: str,
+                                                                        fmt: str) -> None:
+    """param_range is exactly where threshold and extent are normal float32 values; beyond it,
+    even 2^9999 (which math.ldexp cannot form), Regime raises a ValueError naming the range."""
+    lo, hi = rg.param_range(kind, fmt)
+    assert lo <= rg.default_param(kind, fmt) <= hi
+    assert all(lo <= p <= hi for p in rg.default_sweep(kind, fmt))
+    f32 = FORMATS["float32"]
+    for p in (lo, hi):
+        r = Regime(kind, p, fmt)  # type: ignore[arg-type]
+        assert f32.min_normal <= min(r.threshold, r.extent) <= max(r.threshold, r.extent) <= f32.max
+    in_range = re.escape(f"in [{lo}, {hi}]")
+    for p in (lo - 1, hi + 1, 9999, -9999, 10**6, -(10**6), 10**400):
+        with pytest.raises(ValueError, match=in_range):
+            Regime(kind, p, fmt)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match=in_range):
+            Regime.parse(f"{kind}:{p}", fmt)
 
 
 def test_rounding_activations_have_zero_derivative_and_ste_passes_through() -> None:

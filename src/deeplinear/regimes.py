@@ -91,6 +91,33 @@ def default_sweep(kind: str, fmt: Format | str) -> list[int]:
     return list(range(d - 2, d + 4))
 
 
+def param_range(kind: str, fmt: Format | str) -> tuple[int, int]:
+    """The parameters :class:`Regime` accepts, ``lo <= param <= hi``: those whose scales in units
+    of the net (:attr:`Regime.threshold` and :attr:`Regime.extent`) are normal float32 values,
+    and for absorption whose ``c = 2^j`` is a normal value of the format. Computed from the
+    exponents alone, so that checking a parameter such as 9999 never overflows."""
+    fmt = fmt if isinstance(fmt, Format) else get_format(fmt)
+    _check_kind(kind)
+    if kind == "saturation":  # max 2^-k
+        lo, hi = _exponents_within(fmt.max)
+        return -hi, -lo
+    scales = {"ftz-deadzone": (fmt.min_normal,), "absorption": (fmt.eps,),  # ulp(2^j) = eps 2^j
+              "subnormal-staircase": (fmt.min_subnormal, fmt.min_normal)}[kind]
+    bounds = [_exponents_within(c) for c in scales]
+    if kind == "absorption":
+        bounds.append((fmt.min_exp, fmt.max_exp))
+    return max(lo for lo, _ in bounds), min(hi for _, hi in bounds)
+
+
+def _exponents_within(c: float) -> tuple[int, int]:
+    """The range of ``e`` for which ``c 2^e`` is a normal float32, exactly: compared as
+    (mantissa, exponent) pairs from :func:`math.frexp`, since ``2^e`` itself may overflow."""
+    mc, ec = math.frexp(c)
+    ml, el = math.frexp(_F32.min_normal)
+    mh, eh = math.frexp(_F32.max)
+    return el - ec + (mc < ml), eh - ec - (mc > mh)
+
+
 def _check_kind(kind: str) -> None:
     if kind not in KINDS:
         raise ValueError(f"unknown regime {kind!r}; choose one of {', '.join(KINDS)}")
@@ -127,15 +154,14 @@ class Regime:
         fmt = get_format(self.format)
         if isinstance(self.param, bool) or not isinstance(self.param, int):
             raise ValueError(f"regime parameter must be an integer exponent, got {self.param!r}")
-        if self.kind == "absorption" and not fmt.min_exp <= self.param <= fmt.max_exp:
-            raise ValueError(f"absorption in {self.format} needs c = 2^{self.param} to be a normal "
-                             f"{self.format}: choose j in [{fmt.min_exp}, "
-                             f"{fmt.max_exp}]")
-        for scale in (self.threshold, self.extent):
-            if not _F32.min_normal <= scale <= _F32.max:
-                raise ValueError(f"{self.label}: its scale in units of the net ({scale:g}) is not "
-                                 "a normal float32; choose a parameter nearer "
-                                 f"{default_param(self.kind, fmt)}")
+        lo, hi = param_range(self.kind, fmt)
+        if not lo <= self.param <= hi:
+            absorption = self.kind == "absorption"
+            why = (f"c = 2^j must be a normal {self.format} and its ulp a normal float32"
+                   if absorption else "its scale in units of the net must be a normal float32")
+            name = "j" if absorption else "k"
+            raise ValueError(f"{self.label} is out of range: {why}, so choose {name} in "
+                             f"[{lo}, {hi}] (default {default_param(self.kind, fmt)})")
 
     @classmethod
     def parse(cls, text: str, format: str = "float32") -> Regime:

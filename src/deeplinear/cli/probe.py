@@ -22,29 +22,41 @@ from deeplinear.probes import make_nets, plot_implicit_activation, probe_report
 from deeplinear.regimes import KINDS, format_probe_report, plot_sweeps
 from deeplinear.regimes import probe_report as regime_probe
 
+# The net probe's flags: None in the parser, so that giving one in regime mode is an error
+# rather than silently ignored; these are the defaults their help documents.
+NET_DEFAULTS: dict[str, Any] = {"sizes": "784,512,512,10", "semantics": "all", "n": 256,
+                                "n_fit": None, "scale_exp": 125}
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "probe", help="nonlinearity diagnostics of a deep linear net at init",
-        description=summary(__doc__))
-    p.add_argument("--sizes", default="784,512,512,10",
-                   help="layer widths, input first (default: the 2017 net 784,512,512,10)")
-    p.add_argument("--semantics", default="all",
-                   help=f"{' | '.join(PRESETS)} | all, or a comma-separated list (default: all)")
+        description=summary(__doc__))  # plain text, not RST
+    p.add_argument("--sizes", default=None,
+                   help="layer widths, input first (default: the 2017 net "
+                        f"{NET_DEFAULTS['sizes']})")
+    p.add_argument("--semantics", default=None,
+                   help=f"{' | '.join(PRESETS)} | all, or a comma-separated list "
+                        f"(default: {NET_DEFAULTS['semantics']})")
     p.add_argument("--seed", type=int, default=0, help="seed of weights and inputs (default: 0)")
-    p.add_argument("--n", type=int, default=256,
-                   help="random inputs for the defects and occupancy (default: 256)")
+    p.add_argument("--n", type=int, default=None,
+                   help="random inputs for the defects and occupancy "
+                        f"(default: {NET_DEFAULTS['n']})")
     p.add_argument("--n-fit", type=int, default=None,
                    help="inputs for the affine fit (default: 4 x (input width + 1))")
-    p.add_argument("--scale-exp", type=int, default=125, help="the scale 2^k (default: 125)")
+    p.add_argument("--scale-exp", type=int, default=None,
+                   help=f"the scale 2^k (default: {NET_DEFAULTS['scale_exp']})")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--plot", metavar="FILE.png", default=None,
                    help="also draw the implicit activation and occupancy to this PNG")
     p.add_argument("--regime", default=None,
-                   help="instead, sweep a regime's implicit activation on N(0,1): "
-                        f"{' | '.join(KINDS)} | all, or KIND:PARAM for one parameter")
+                   help="instead of probing a net, sweep a regime's implicit activation on "
+                        f"N(0,1): {' | '.join(KINDS)} | all, or KIND:PARAM for one parameter; "
+                        "the net flags (--sizes, --semantics, --n, --n-fit, --scale-exp) are "
+                        "then an error")
     p.add_argument("--format", default=None, choices=list(FORMATS),
-                   help="format of the --regime sweep (default float32; alone: --regime all)")
+                   help="format of the regime sweep (default: float32); given without "
+                        "--regime, it sweeps all regimes, as --regime all does")
     p.set_defaults(func=run)
 
 
@@ -128,24 +140,50 @@ def format_report(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _net_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The net flags as given, the documented defaults where not."""
+    return {name: default if getattr(args, name) is None else getattr(args, name)
+            for name, default in NET_DEFAULTS.items()}
+
+
+def _run_regimes(args: argparse.Namespace, plot: Path | None) -> int:
+    """``--regime`` / ``--format``: strength sweeps of the regimes, no net involved."""
+    mode = "--regime" if args.regime is not None else "--format"
+    for name in NET_DEFAULTS:
+        if getattr(args, name) is not None:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag} applies to the net probe, not to the regime sweep that "
+                             f"{mode} asks for; drop {flag} or {mode}")
+    if args.regime is not None and not args.regime.strip():
+        raise ValueError("--regime is empty; use " + " | ".join(KINDS) + " | all, or KIND:PARAM")
+    regimes = regime_probe("all" if args.regime is None else args.regime,
+                           args.format or "float32", seed=args.seed)
+    if plot is not None:
+        regimes["plot"] = str(plot_sweeps(plot, regimes["sweeps"]))
+    if args.json:
+        print(json.dumps(regimes, indent=2))
+    else:
+        print(format_probe_report(regimes))
+        if plot is not None:
+            print(f"plot written to {plot}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
-    sizes = parse_sizes(args.sizes)
-    names = _semantics_names(args.semantics)
     plot = _check_plot_path(args.plot) if args.plot else None
     if args.regime is not None or args.format is not None:
-        regimes = regime_probe(args.regime or "all", args.format or "float32", seed=args.seed)
-        if plot is not None:
-            regimes["plot"] = str(plot_sweeps(plot, regimes["sweeps"]))
-        print(json.dumps(regimes, indent=2) if args.json else format_probe_report(regimes))
-        return 0
-    if args.n < 1:
-        raise ValueError(f"--n must be a positive number of inputs, got {args.n}")
+        return _run_regimes(args, plot)
+    net = _net_settings(args)
+    sizes = parse_sizes(net["sizes"])
+    names = _semantics_names(net["semantics"])
+    if net["n"] < 1:
+        raise ValueError(f"--n must be a positive number of inputs, got {net['n']}")
     start = time.perf_counter()
-    report = probe_report(sizes, names, seed=args.seed, n=args.n, n_fit=args.n_fit,
-                          scale_exp=args.scale_exp)
+    report = probe_report(sizes, names, seed=args.seed, n=net["n"], n_fit=net["n_fit"],
+                          scale_exp=net["scale_exp"])
     report["total_seconds"] = time.perf_counter() - start
     if plot is not None:
-        nets = make_nets(sizes, names, args.seed, args.scale_exp)
+        nets = make_nets(sizes, names, args.seed, net["scale_exp"])
         plot_implicit_activation(plot, nets, {k: v["occupancy"]
                                               for k, v in report["semantics"].items()})
         report["plot"] = str(plot)
