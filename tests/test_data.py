@@ -106,6 +106,7 @@ def offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     for name, entry in list(data.MNIST_LIKE.items()):
         monkeypatch.setitem(data.MNIST_LIKE, name, dataclasses.replace(entry, mirrors=(dead,)))
     monkeypatch.setenv("DEEPLINEAR_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("DEEPLINEAR_MIRROR", raising=False)
     for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(data, "RETRY_DELAYS_S", ())
@@ -115,6 +116,7 @@ class Server(ThreadingHTTPServer):
     files: dict[str, bytes]  # URL path -> body
     requests: list[tuple[str, str | None]]  # (path, Range header)
     honor_range: bool
+    cuts: dict[str, int]  # URL path -> how many more responses to cut off after a third
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -139,7 +141,11 @@ class Handler(BaseHTTPRequestHandler):
             self.send_response(200)
         self.send_header("Content-Length", str(len(body) - start))
         self.end_headers()
-        self.wfile.write(body[start:])
+        end = len(body)
+        if self.server.cuts.get(self.path, 0) > 0:  # a dropped connection: HTTP/1.0 closes it
+            self.server.cuts[self.path] -= 1
+            end = start + (len(body) - start) // 3
+        self.wfile.write(body[start:end])
 
     def log_message(self, *args: object) -> None:
         pass
@@ -148,7 +154,7 @@ class Handler(BaseHTTPRequestHandler):
 @pytest.fixture
 def server() -> Iterator[Server]:
     srv = Server(("127.0.0.1", 0), Handler)
-    srv.files, srv.requests, srv.honor_range = {}, [], True
+    srv.files, srv.requests, srv.honor_range, srv.cuts = {}, [], True, {}
     thread = threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     yield srv
@@ -380,6 +386,13 @@ def test_load_dataset_errors() -> None:
         data.load_dataset("rings", n_train=5000)
 
 
+@pytest.mark.parametrize("name", ["spirals", "rings", "checkerboard", "parity", "digits"])
+def test_load_dataset_refuses_data_dir_for_built_in_sets(tmp_path: Path, name: str) -> None:
+    for directory in (tmp_path, tmp_path / "does-not-exist"):
+        with pytest.raises(ValueError, match="--data-dir applies to mnist, fashion-mnist, kmnist"):
+            data.load_dataset(name, data_dir=directory)
+
+
 # --- MNIST-like: lookup order, cache, download --------------------------------------------------
 
 
@@ -477,17 +490,108 @@ def test_download_checksum_mismatch(
     tmp_path: Path, server: Server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     files = gz_files(make_arrays())
-    use_mirrors(monkeypatch, [serve(server, "m", gz_files(make_arrays(seed=1)))], files)
+    other = gz_files(make_arrays(seed=1))
+    use_mirrors(monkeypatch, [serve(server, "a", other), serve(server, "b", other)], files)
+    monkeypatch.setattr(data, "RETRY_DELAYS_S", (0.0, 0.0))
     with pytest.raises(DataError, match=r"could not download .* MD5 .* expected") as err:
         data.load_mnist_like("mnist", cache_dir=tmp_path)
-    assert_one_line_naming(err, IMAGES_TRAIN)
+    msg = assert_one_line_naming(err, IMAGES_TRAIN)
+    assert "checksum did not match" in msg and "connection" not in msg
+    # the same bytes would come again: each mirror is asked once, then the next one
+    assert [path for path, _ in server.requests] == [f"/a/{IMAGES_TRAIN}", f"/b/{IMAGES_TRAIN}"]
     assert not list((tmp_path / "mnist").iterdir())  # nothing unverified is left behind
+
+
+def test_download_checksum_mismatch_moves_to_next_mirror(
+    tmp_path: Path, server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    files = gz_files(make_arrays())
+    wrong = serve(server, "wrong", gz_files(make_arrays(seed=1)))
+    use_mirrors(monkeypatch, [wrong, serve(server, "good", files)], files)
+    monkeypatch.setattr(data, "RETRY_DELAYS_S", (0.0, 0.0))
+    data.load_mnist_like("mnist", cache_dir=tmp_path)
+    assert [path for path, _ in server.requests if path.endswith(LABELS_TEST)] == [
+        f"/wrong/{LABELS_TEST}",
+        f"/good/{LABELS_TEST}",
+    ]
+
+
+def test_dropped_connection_resumes(
+    tmp_path: Path, server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    arrays = make_arrays(n_train=200)
+    files = gz_files(arrays)
+    use_mirrors(monkeypatch, [serve(server, "m", files)], files)
+    monkeypatch.setattr(data, "RETRY_DELAYS_S", (0.0,))
+    server.cuts[f"/m/{IMAGES_TRAIN}"] = 1
+    ds = data.load_mnist_like("mnist", cache_dir=tmp_path)
+    np.testing.assert_allclose(ds.x_train.numpy(), arrays[0].reshape(200, 16) / 255, rtol=1e-6)
+    assert [rng for path, rng in server.requests if path == f"/m/{IMAGES_TRAIN}"] == [
+        None,
+        f"bytes={len(files[IMAGES_TRAIN]) // 3}-",  # the rest, not the whole file again
+    ]
+    assert not list((tmp_path / "mnist").glob("*.part"))
+
+
+def test_dropped_connection_keeps_the_partial_file(
+    tmp_path: Path, server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    files = gz_files(make_arrays(n_train=200))
+    use_mirrors(monkeypatch, [serve(server, "m", files)], files)
+    server.cuts[f"/m/{IMAGES_TRAIN}"] = 1
+    with pytest.raises(DataError, match=r"truncated: .* after \d+ of \d+ bytes") as err:
+        data.load_mnist_like("mnist", cache_dir=tmp_path)  # one try only (the fixture)
+    assert "checksum" not in assert_one_line_naming(err, IMAGES_TRAIN)
+    part = tmp_path / "mnist" / f"{IMAGES_TRAIN}.part"
+    assert part.read_bytes() == files[IMAGES_TRAIN][: len(files[IMAGES_TRAIN]) // 3]
+    data.load_mnist_like("mnist", cache_dir=tmp_path)  # the next run resumes it
+    assert [rng for path, rng in server.requests if path == f"/m/{IMAGES_TRAIN}"] == [
+        None,
+        f"bytes={len(files[IMAGES_TRAIN]) // 3}-",
+    ]
 
 
 def test_download_without_a_server(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"from any mirror .*--data-dir") as err:
         data.load_mnist_like("kmnist", cache_dir=tmp_path)
-    assert_one_line_naming(err, IMAGES_TRAIN)
+    assert "check your connection" in assert_one_line_naming(err, IMAGES_TRAIN)
+
+
+def test_each_failed_attempt_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(data, "RETRY_DELAYS_S", (0.0, 0.0))
+    with pytest.raises(DataError):
+        data.load_mnist_like("kmnist", cache_dir=tmp_path)
+    (dead,) = data.MNIST_LIKE["kmnist"].mirrors
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == f"downloading {dead}{IMAGES_TRAIN} -> {tmp_path / 'kmnist' / IMAGES_TRAIN}"
+    for k, line in enumerate(lines[1:], 1):
+        assert line.startswith(f"attempt {k}/3 for {dead}{IMAGES_TRAIN} failed: ")
+        assert "refused" in line.lower()
+        assert line.endswith("; retrying in 0s") == (k < 3)
+    assert len(lines) == 4
+
+
+def test_mirror_from_environment(
+    tmp_path: Path, server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    files = gz_files(make_arrays())
+    use_mirrors(monkeypatch, [serve(server, "table", files)], files)
+    env = serve(server, "env", files).removesuffix("/")  # the slash is optional
+    monkeypatch.setenv("DEEPLINEAR_MIRROR", f" http://127.0.0.1:{closed_port()}/ , {env}")
+    data.load_mnist_like("mnist", cache_dir=tmp_path)
+    assert sorted(path for path, _ in server.requests) == sorted(f"/env/{n}" for n in files)
+
+
+@pytest.mark.parametrize("value", ["127.0.0.1/mnist/", "ftp://host/mnist/"])
+def test_mirror_from_environment_must_be_http(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    monkeypatch.setenv("DEEPLINEAR_MIRROR", value)
+    with pytest.raises(DataError, match="not an http") as err:
+        data.load_mnist_like("mnist", cache_dir=tmp_path)
+    assert_one_line_naming(err, "DEEPLINEAR_MIRROR")
 
 
 def test_download_missing_on_mirror(
@@ -513,6 +617,18 @@ def test_corrupt_cached_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     with pytest.raises(DataError, match="delete it") as err:
         data.load_mnist_like("mnist", cache_dir=tmp_path)
     assert_one_line_naming(err, str(cache / IMAGES_TEST))
+
+
+def test_own_files_in_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    arrays = make_arrays()
+    files = gz_files(arrays)
+    use_mirrors(monkeypatch, [f"http://127.0.0.1:{closed_port()}/"], files)
+    cache = make_idx_dir(tmp_path / "mnist", arrays)
+    (cache / IMAGES_TEST).write_bytes(gzip.compress(idx_bytes(arrays[2]), mtime=1))  # re-gzipped
+    with pytest.raises(DataError, match="cached file has MD5") as err:
+        data.load_mnist_like("mnist", cache_dir=tmp_path)
+    assert f"--data-dir {cache} " in assert_one_line_naming(err, str(cache / IMAGES_TEST))
+    np.testing.assert_array_equal(data.load_mnist_like("mnist", data_dir=cache).y_test, arrays[3])
 
 
 def test_no_download_and_empty_cache(tmp_path: Path) -> None:

@@ -67,6 +67,13 @@ def test_cli_resume_says_when_there_is_nothing_to_resume(tmp_path, capsys):
     assert "nothing to resume" not in capsys.readouterr().err
 
 
+def test_cli_data_dir_with_only_built_in_datasets_is_an_error(tmp_path, capsys):
+    assert main(["reproduce", "--budget", "smoke", "--dataset", "checkerboard", "--data-dir",
+                 str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "checkerboard are built in, so drop --data-dir" in err
+
+
 def test_cli_regimes_study_refuses_resume(tmp_path, capsys):
     assert main(["reproduce", "--study", "regimes", "--out", str(tmp_path), "--resume"]) == 2
     err = capsys.readouterr().err.strip()

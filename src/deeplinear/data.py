@@ -8,9 +8,9 @@ deterministic for a seed, so a run can be resumed or reproduced bit for bit.
 MNIST-format files are looked up, in order, in a directory the user names, in the Debian package
 directory (``dataset-fashion-mnist`` ships ``/usr/share/datasets/fashion-mnist/``), in the cache
 (``$DEEPLINEAR_CACHE`` or ``~/.cache/deeplinear``, one subdirectory per dataset), and finally
-downloaded into the cache from public mirrors with MD5 verification, retries and resume. Only the
-stdlib's urllib touches the network. Every failure is a :class:`DataError` whose one-line message
-names the file and says how to fix it.
+downloaded into the cache from public mirrors (or ``$DEEPLINEAR_MIRROR``) with MD5 verification,
+retries and resume. Only the stdlib's urllib touches the network. Every failure is a
+:class:`DataError` whose one-line message names the file and says how to fix it.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import hashlib
 import http.client
 import math
 import os
-import shutil
 import sys
 import time
 import urllib.error
@@ -380,6 +379,22 @@ def cache_root() -> Path:
     return Path(os.environ.get("DEEPLINEAR_CACHE") or Path.home() / ".cache" / "deeplinear")
 
 
+def mirrors_for(source: MnistLike) -> tuple[str, ...]:
+    """``$DEEPLINEAR_MIRROR`` (base URLs, comma-separated) if set, else the dataset's own mirrors.
+
+    Why: a local or institutional copy can then serve the files, still checked against the MD5s,
+    without editing the table. A missing final slash is added, as the file name is appended.
+    """
+    urls = [u.strip() for u in os.environ.get("DEEPLINEAR_MIRROR", "").split(",") if u.strip()]
+    for url in urls:
+        if not url.startswith(("http://", "https://")):
+            raise DataError(
+                f"DEEPLINEAR_MIRROR: {url!r} is not an http(s) URL; set it to base URLs such as "
+                "http://host/mnist/, comma-separated"
+            )
+    return tuple(u if u.endswith("/") else u + "/" for u in urls) or source.mirrors
+
+
 def _md5sum(path: Path) -> str:
     h = hashlib.md5(usedforsecurity=False)
     with open(path, "rb") as f:
@@ -388,8 +403,13 @@ def _md5sum(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fetch_once(url: str, part: Path) -> None:
-    """Append the rest of ``url`` to ``part``, asking for a byte range when a prefix is there."""
+def _fetch_once(url: str, part: Path) -> bool:
+    """Append the rest of ``url`` to ``part``, asking for a byte range when a prefix is there.
+
+    Returns whether it resumed (kept a prefix). A body shorter than its Content-Length (206: the
+    rest of the file) raises and keeps ``part``, so the next attempt resumes: http.client returns
+    a cut body without raising.
+    """
     offset = part.stat().st_size if part.exists() else 0
     headers = {"User-Agent": "deeplinear"}
     if offset:
@@ -402,47 +422,92 @@ def _fetch_once(url: str, part: Path) -> None:
         if e.code == 416:  # the .part is as long as the file or longer: start over
             part.unlink()
         raise
-    with response, open(part, "ab" if response.status == 206 else "wb") as f:
-        shutil.copyfileobj(response, f, 1 << 20)
+    length = response.headers.get("Content-Length", "")
+    expected = int(length) if length.isdigit() else None
+    received = 0
+    resumed = response.status == 206
+    with response, open(part, "ab" if resumed else "wb") as f:
+        while chunk := response.read(1 << 20):
+            f.write(chunk)
+            received += len(chunk)
+    if expected is not None and received < expected:
+        raise ConnectionError(
+            f"transfer truncated: the server closed the connection after {received} of "
+            f"{expected} bytes"
+        )
+    return resumed
+
+
+_MISMATCH = "checksum mismatch"
+
+
+def _attempt(url: str, part: Path, md5: str) -> tuple[str, bool] | None:
+    """One try: None once ``part`` has the right MD5, else (why not, whether a retry can help).
+
+    A missing file (HTTP 4xx) or a whole file with the wrong MD5 is not worth a retry: that mirror
+    would answer the same. A wrong MD5 deletes ``part``, so after a resumed download, whose prefix
+    may be the bad part, the retry fetches the whole file.
+    """
+    try:
+        resumed = _fetch_once(url, part)
+    except urllib.error.HTTPError as e:
+        return f"HTTP {e.code}", e.code >= 500 or e.code in (408, 416, 429)
+    except (OSError, http.client.HTTPException) as e:  # refused, reset, timeout, truncated
+        return str(getattr(e, "reason", e)) or type(e).__name__, True
+    got = _md5sum(part)
+    if got == md5:
+        return None
+    part.unlink()
+    return f"{_MISMATCH}: MD5 {got}, expected {md5}", resumed
+
+
+def _from_mirror(url: str, part: Path, md5: str) -> str | None:
+    """Up to len(RETRY_DELAYS_S) + 1 tries at ``url``: None once ``part`` is verified, else why not.
+
+    Each failed try says why on stderr, so a slow failure is not a row of identical lines.
+    """
+    tries = len(RETRY_DELAYS_S) + 1
+    for attempt, delay in enumerate((*RETRY_DELAYS_S, None), 1):
+        failure = _attempt(url, part, md5)
+        if failure is None:
+            return None
+        reason, retry = failure
+        retry = retry and delay is not None
+        then = f"; retrying in {delay:g}s" if retry else ""
+        print(f"attempt {attempt}/{tries} for {url} failed: {reason}{then}", file=sys.stderr)
+        if not retry:
+            break
+        time.sleep(delay)
+    return reason
 
 
 def fetch(mirrors: tuple[str, ...], dest: Path, md5: str) -> Path:
     """Fetch ``dest.name`` from the first mirror that serves it with the right MD5.
 
-    Bytes go to ``dest.name + '.part'`` (resumed with an HTTP Range request if a previous run left
-    one) and only a verified file is renamed to ``dest``, so ``dest`` is never half-written.
+    Bytes go to ``dest.name + '.part'`` (resumed with an HTTP Range request when an attempt or a
+    previous run left one) and only a verified file is renamed to ``dest``, so ``dest`` is never
+    half-written.
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     failures = []
     for base in mirrors:
         url = base + dest.name
-        for delay in (*RETRY_DELAYS_S, None):
-            print(f"downloading {url} -> {dest}", file=sys.stderr)
-            try:
-                _fetch_once(url, part)
-            except urllib.error.HTTPError as e:
-                reason = f"HTTP {e.code}"
-                if e.code < 500 and e.code not in (408, 416, 429):
-                    failures.append(f"{url}: {reason}")
-                    break  # the mirror does not have it: retrying will not help
-            except (OSError, http.client.HTTPException) as e:  # refused, reset, timeout, cut short
-                reason = str(getattr(e, "reason", e)) or type(e).__name__
-            else:
-                got = _md5sum(part)
-                if got == md5:
-                    os.replace(part, dest)
-                    return dest
-                part.unlink()
-                reason = f"MD5 {got}, expected {md5}"
-            if delay is None:
-                failures.append(f"{url}: {reason}")
-            else:
-                time.sleep(delay)
-    raise DataError(
-        f"could not download {dest.name} from any mirror ({'; '.join(failures)}); "
-        "pass --data-dir with the IDX files or check your connection"
-    )
+        print(f"downloading {url} -> {dest}", file=sys.stderr)
+        reason = _from_mirror(url, part, md5)
+        if reason is None:
+            os.replace(part, dest)
+            return dest
+        failures.append((url, reason))
+    if all(reason.startswith(_MISMATCH) for _, reason in failures):
+        fix = (
+            "the checksum did not match: pass --data-dir with your own IDX files or set "
+            "DEEPLINEAR_MIRROR to a mirror of the original files"
+        )
+    else:
+        fix = "pass --data-dir with the IDX files, set DEEPLINEAR_MIRROR, or check your connection"
+    details = "; ".join(f"{url}: {reason}" for url, reason in failures)
+    raise DataError(f"could not download {dest.name} from any mirror ({details}); {fix}")
 
 
 def load_mnist_like(
@@ -473,10 +538,10 @@ def load_mnist_like(
             if got != md5:
                 raise DataError(
                     f"{path}: cached file has MD5 {got}, expected {md5}; delete it to download "
-                    "it again"
+                    f"it again, or pass --data-dir {cache} to use these files unchecked"
                 )
         elif download:
-            fetch(source.mirrors, path, md5)
+            fetch(mirrors_for(source), path, md5)
         else:
             raise DataError(
                 f"{path}: not in the cache and downloads are off; pass --data-dir with the IDX "
@@ -501,8 +566,13 @@ def load_dataset(
 ) -> Dataset:
     """Any dataset by name; ``n_train``/``n_test`` take a seeded random subset of each split.
 
-    ``data_dir`` only matters for the MNIST-like sets (see :func:`load_mnist_like`).
+    ``data_dir`` is for the MNIST-like sets (see :func:`load_mnist_like`); the generated and
+    built-in sets refuse it rather than ignore it, so a user who passes it learns it has no effect.
     """
+    if data_dir is not None and name in (*SYNTHETIC, "digits"):
+        raise DataError(
+            f"--data-dir applies to {', '.join(MNIST_LIKE)}; {name} is built in, so drop --data-dir"
+        )
     if name in SYNTHETIC:
         ds = SYNTHETIC[name](seed=seed)
     elif name == "digits":

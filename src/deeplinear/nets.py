@@ -8,15 +8,15 @@ Mathematically this is one affine map (see :mod:`deeplinear.collapse`). In float
 values live near 1e-38, where the semantics' underflow rule acts as a hidden activation.
 
 ``exact`` mode executes exactly that, every op through :mod:`deeplinear.arithmetic`: the ground
-truth, but on x86 subnormal products make it slow (12-27x for whole nets here). ``scaled`` mode
-runs the same network in units of 2**-scale_exp, where every value is normal and each underflow becomes an
-explicit elementwise function of the float32 value (``dead_zone`` for FTZ, ``staircase`` for IEEE
-gradual underflow). Layer 1 and every bias are identical by construction: multiplying a float32 by
-a power of two commutes with rounding to 24 bits with unbounded exponent, which is exactly when x86
+truth, but on x86 subnormal products make it slow (12-27x for whole nets here). ``scaled`` mode runs
+the same network in units of 2**-scale_exp, where every value is normal and each underflow becomes
+an explicit elementwise function of the float32 value (``dead_zone`` for FTZ, ``staircase`` for IEEE
+gradual underflow). Layer 1 and every bias are identical by construction: multiplying a float32 by a
+power of two commutes with rounding to 24 bits with unbounded exponent, which is exactly when x86
 decides "tiny". The modes can differ only inside hidden matmuls, whose exact-mode partial sums are
-rounded on the subnormal grid (absolute spacing 2**-149) instead of to 24 relative bits. (Under
-DAZ, a subnormal *input*, weight or layer-1 bias is read as zero by exact mode only; data and
-trained weights are not that small.)
+rounded on the subnormal grid (absolute spacing 2**-149) instead of to 24 relative bits. (Under DAZ,
+a subnormal *input*, weight or layer-1 bias is read as zero by exact mode only; data and trained
+weights are not that small.)
 """
 
 from __future__ import annotations

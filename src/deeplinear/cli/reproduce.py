@@ -8,7 +8,7 @@ from pathlib import Path
 
 from deeplinear.arithmetic import PRESETS, get_semantics
 from deeplinear.cli import summary
-from deeplinear.data import DATASETS
+from deeplinear.data import DATASETS, MNIST_LIKE
 from deeplinear.reproduce import BUDGETS, DEFAULT_DATASETS, reproduce
 
 
@@ -42,6 +42,9 @@ def run(args: argparse.Namespace) -> int:
     if unknown or not datasets:
         raise ValueError(f"unknown dataset {', '.join(unknown) or '(none)'}; "
                          f"choose from {', '.join(DATASETS)}")
+    if args.data_dir is not None and not any(d in MNIST_LIKE for d in datasets):
+        raise ValueError(f"--data-dir applies to {', '.join(MNIST_LIKE)}; {', '.join(datasets)} "
+                         "are built in, so drop --data-dir")
     if args.study == "regimes":
         if args.resume:
             raise ValueError("--resume continues a --study methods reproduction; the regimes "
@@ -67,7 +70,8 @@ def run_regimes_study(datasets: tuple[str, ...], args: argparse.Namespace) -> in
     out = make_dir(Path(args.out))
     tables = []
     for name in datasets:
-        result = study(name, budget=args.budget, seed=args.seed, data_dir=args.data_dir,
+        result = study(name, budget=args.budget, seed=args.seed,
+                       data_dir=args.data_dir if name in MNIST_LIKE else None,
                        progress=True)
         (out / f"regimes_{name}.json").write_text(json.dumps(result, indent=1))
         tables.append(format_study(result))

@@ -69,7 +69,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help=f"float-aware gradient of the underflow (default {DEFAULT_SURROGATE})")
     p.add_argument("--dataset", required=True, help="spirals, rings, checkerboard, parity, "
                    "digits, mnist, fashion-mnist or kmnist")
-    p.add_argument("--data-dir", default=None, help="directory with the MNIST-format IDX files")
+    p.add_argument("--data-dir", default=None,
+                   help="directory with the MNIST-format IDX files (mnist, fashion-mnist, kmnist); "
+                   "without it they are downloaded into $DEEPLINEAR_CACHE (default "
+                   "~/.cache/deeplinear) from $DEEPLINEAR_MIRROR (comma-separated base URLs) or "
+                   "the built-in mirrors")
     p.add_argument("--data-seed", type=int, default=0,
                    help="seed of synthetic data and of --n-train/--n-test subsets (default 0)")
     p.add_argument("--n-train", type=int, default=None, help="random subset of the train split")
