@@ -292,20 +292,16 @@ def test_resume_does_not_reload_the_init_from_run(float_aware_run, tmp_path):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_init_from_refuses_other_sizes(float_aware_run, tmp_path, capsys):
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--sizes", "2,8,8,2"], "holds a deeplinear [2, 16, 16, 2]"),
+    (["--scale-exp", "100"], "trained at --scale-exp 125, not 100"),
+])
+def test_init_from_refuses_another_model(float_aware_run, tmp_path, capsys, flags, message):
     argv = ["train", *TINY, "--out", str(tmp_path / "x"), "--init-from", str(float_aware_run),
-            "--sizes", "2,8,8,2"]
+            *flags]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "holds a deeplinear [2, 16, 16, 2]" in err
-
-
-def test_init_from_refuses_another_scale(float_aware_run, tmp_path, capsys):
-    argv = ["train", *TINY, "--out", str(tmp_path / "x"), "--init-from", str(float_aware_run),
-            "--scale-exp", "100"]
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "trained at --scale-exp 125, not 100" in err
+    assert len(err.splitlines()) == 1 and message in err
 
 
 def test_a_run_that_fails_in_setup_leaves_no_directory(tmp_path, capsys):

@@ -185,6 +185,24 @@ def as_semantics(sem: Semantics | str) -> Semantics:
     return sem if isinstance(sem, Semantics) else get_semantics(sem)
 
 
+def integer(value: object) -> int | None:
+    """``value`` as a Python int if it is an integer (numpy and torch integers too, not bools),
+    else None: for exponents, where 2.5 or "125" must be an error, not silently truncated."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def _cast(x: Tensor, fmt: Format, **flags: bool) -> Tensor:
+    """:func:`deeplinear.formats.cast`, imported here on use: formats builds on this module."""
+    from deeplinear.formats import cast
+
+    return cast(x, fmt, **flags)
+
+
 def _signed_zero_where(mask: Tensor, x: Tensor) -> Tensor:
     """x with the masked entries replaced by a zero of the same sign (what x86 FTZ/DAZ return)."""
     return torch.where(mask, x * 0, x)
@@ -233,9 +251,7 @@ def _operand(x: Tensor | float, fmt: Format) -> Tensor:
         return x
     if x.is_complex():
         raise ValueError(f"complex operands are not supported, got {x.dtype}")
-    from deeplinear.formats import cast  # formats builds on this module
-
-    return cast(x if x.is_floating_point() else x.double(), fmt)
+    return _cast(x if x.is_floating_point() else x.double(), fmt)
 
 
 def _elementwise(op: Callable[[Tensor, Tensor], Tensor], a: Tensor, b: Tensor | float,
@@ -246,17 +262,16 @@ def _elementwise(op: Callable[[Tensor, Tensor], Tensor], a: Tensor, b: Tensor | 
     if fmt.dtype not in (torch.float32, torch.float64):
         # Exact in float64 (+, -, *), or rounded there innocuously (/, p <= 25); then one rounding
         # to the format, which also decides tiny-ness and overflow (torch has no float8 kernels).
-        from deeplinear.formats import cast  # formats builds on this module
-
         a64, b64 = daz(a.double(), sem), daz(b.double(), sem)
-        return cast(op(a64, b64), fmt, ftz=sem.flushes, saturate=sem.saturates)
+        return _cast(op(a64, b64), fmt, ftz=sem.flushes, saturate=sem.saturates)
     a, b = daz(a, sem), daz(b, sem)
+    r = op(a, b)
     if fmt.dtype == torch.float32:
-        r = ftz(op(a, b), lambda: op(a.double(), b.double()), sem)
+        r = ftz(r, lambda: op(a.double(), b.double()), sem)
     elif op in (torch.mul, torch.div):  # float64: lift the product or quotient by 2**64
-        r = ftz(op(a, b), lambda: op(a * _UNIT, b), sem, _UNIT)
+        r = ftz(r, lambda: op(a * _UNIT, b), sem, _UNIT)
     else:  # a float64 sum within a few ulps of min is exact: the result decides
-        r = ftz(op(a, b), lambda: op(a, b), sem)
+        r = ftz(r, lambda: r, sem)
     return r.clamp(-fmt.max, fmt.max) if sem.saturates else r
 
 
@@ -291,27 +306,21 @@ def scale(x: Tensor, exp: int, sem: Semantics | str) -> Tensor:
     zero, so larger exponents are clamped to it (``2**exp`` stays a float64). float64 itself
     takes exponents for which ``2**exp`` is a float64.
     """
-    sem = as_semantics(sem)
-    try:  # numpy and torch integers pass, floats do not
-        exp = operator.index(exp) if not isinstance(exp, bool) else None
-    except TypeError:
-        exp = None
-    if exp is None:
+    sem, k = as_semantics(sem), integer(exp)
+    if k is None:
         raise ValueError("scale takes an integer exponent, like -125")
     fmt = sem.fmt
     x = daz(_operand(x, fmt), sem)
     if fmt.dtype == torch.float64:
-        if not -1074 <= exp <= 1023:
-            raise ValueError(f"2**{exp} is no float64: float64 scale takes -1074 <= exp <= 1023")
-        r = ftz(x * 2.0**exp, lambda: x * 2.0 ** (exp + 64), sem, _UNIT)
-        return r.clamp(-fmt.max, fmt.max) if sem.saturates else r
-    span = fmt.max_exp - round(math.log2(fmt.min_subnormal)) + 2
-    exact = x.double() * 2.0 ** max(-span, min(exp, span))
-    if fmt.dtype != torch.float32:
-        from deeplinear.formats import cast  # formats builds on this module
-
-        return cast(exact, fmt, ftz=sem.flushes, saturate=sem.saturates)
-    r = ftz(exact.to(fmt.dtype), lambda: exact, sem)
+        if not -1074 <= k <= 1023:
+            raise ValueError(f"2**{k} is no float64: float64 scale takes -1074 <= exp <= 1023")
+        r = ftz(x * 2.0**k, lambda: x * 2.0 ** (k + 64), sem, _UNIT)
+    else:
+        span = fmt.max_exp - round(math.log2(fmt.min_subnormal)) + 2
+        exact = x.double() * 2.0 ** max(-span, min(k, span))
+        if fmt.dtype != torch.float32:
+            return _cast(exact, fmt, ftz=sem.flushes, saturate=sem.saturates)
+        r = ftz(exact.to(fmt.dtype), lambda: exact, sem)
     return r.clamp(-fmt.max, fmt.max) if sem.saturates else r
 
 
@@ -333,10 +342,8 @@ def matmul(a: Tensor, b: Tensor, sem: Semantics | str) -> Tensor:
     a, b = _operand(a, fmt), _operand(b, fmt)
     flush = sem.flushes and sem.scope == "all"
     if fmt.dtype not in (torch.float32, torch.float64):
-        from deeplinear.formats import cast  # formats builds on this module
-
         r = (daz(a, sem) if flush else a).float() @ (daz(b, sem) if flush else b).float()
-        return cast(r, fmt, ftz=flush, saturate=sem.saturates)
+        return _cast(r, fmt, ftz=flush, saturate=sem.saturates)
     if not flush:
         return a @ b
     r = daz(a, sem) @ daz(b, sem)

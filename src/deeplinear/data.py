@@ -556,6 +556,12 @@ SYNTHETIC = {"spirals": spirals, "rings": rings, "checkerboard": checkerboard, "
 DATASETS: tuple[str, ...] = (*SYNTHETIC, "digits", *MNIST_LIKE)
 
 
+def data_dir_for(name: str, data_dir: str | None) -> str | None:
+    """``data_dir`` where ``name`` reads IDX files, None for the built-in sets (which refuse
+    one): for callers that hand one directory to several datasets."""
+    return data_dir if name in MNIST_LIKE else None
+
+
 def load_dataset(
     name: str,
     *,
@@ -569,7 +575,7 @@ def load_dataset(
     ``data_dir`` is for the MNIST-like sets (see :func:`load_mnist_like`); the generated and
     built-in sets refuse it rather than ignore it, so a user who passes it learns it has no effect.
     """
-    if data_dir is not None and name in (*SYNTHETIC, "digits"):
+    if data_dir is not None and name in DATASETS and name not in MNIST_LIKE:
         raise DataError(
             f"--data-dir applies to {', '.join(MNIST_LIKE)}; {name} is built in, so drop --data-dir"
         )

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import operator
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Literal
 
@@ -88,12 +87,10 @@ class DeepLinear(nn.Module):
         if len(self.sizes) < 3:
             raise ValueError("DeepLinear needs at least one hidden layer (sizes like 784,512,10)")
         semantics = as_semantics(semantics)
-        try:  # numpy and torch integers pass, floats and strings do not
-            scale_exp = operator.index(scale_exp) if not isinstance(scale_exp, bool) else None
-        except TypeError:
-            scale_exp = None
-        if scale_exp is None:
+        k = ar.integer(scale_exp)
+        if k is None:
             raise ValueError("scale exponent must be an integer like 125")
+        scale_exp = k
         if regime is not None:
             if (scale_exp, semantics) != (125, TF_GPU):
                 raise ValueError("pass a regime or scale_exp/semantics, not both: "

@@ -26,7 +26,7 @@ from deeplinear import evaluate, probes
 from deeplinear.arithmetic import PRESETS, TF_GPU, Semantics
 from deeplinear.bench import cpu_model
 from deeplinear.collapse import collapse_gap
-from deeplinear.data import MNIST_LIKE, Dataset, load_dataset
+from deeplinear.data import Dataset, data_dir_for, load_dataset
 from deeplinear.nets import MLP, DeepLinear, SoftmaxRegression, default_sizes
 from deeplinear.report import (
     plot_decision_regions,
@@ -232,14 +232,15 @@ def reproduce(datasets: tuple[str, ...] = DEFAULT_DATASETS, budget: str | Budget
     out = Path(out)
     make_dir(out)
     t0 = time.perf_counter()
-    dirs = {name: data_dir if name in MNIST_LIKE else None for name in datasets}  # built-ins
-    loaded = [load_dataset(name, data_dir=dirs[name], seed=seed) for name in datasets]
+    loaded = [load_dataset(name, data_dir=data_dir_for(name, data_dir), seed=seed)
+              for name in datasets]
     shapes = [default_sizes(d.n_features, d.n_classes) for d in loaded]
     threads = threads or default_threads(shapes)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)  # once, before any parallel op (see deeplinear.train.es)
     try:
-        tasks = [run_task(name, data, steps, semantics, seed, out, resume, dirs[name])
+        tasks = [run_task(name, data, steps, semantics, seed, out, resume,
+                          data_dir_for(name, data_dir))
                  for name, data in zip(datasets, loaded, strict=True)]
     finally:
         torch.set_num_threads(before)

@@ -119,7 +119,7 @@ def rebuild(payload: dict[str, Any]) -> torch.nn.Module:
 def load_data(payload: dict[str, Any], dataset: str | None = None, data_dir: str | None = None,
               n_test: int | None = None) -> Dataset:
     """The dataset the weights were trained on, split as in training (or ``dataset`` instead)."""
-    from deeplinear.data import MNIST_LIKE, load_dataset
+    from deeplinear.data import data_dir_for, load_dataset
 
     spec = payload.get("data", {})
     name = dataset or spec.get("name")
@@ -127,7 +127,7 @@ def load_data(payload: dict[str, Any], dataset: str | None = None, data_dir: str
         raise ValueError("the weights do not say which dataset they trained on; pass --dataset")
     if name != spec.get("name"):
         spec = {}  # another dataset: none of the run's data settings apply
-    recorded = spec.get("data_dir") if name in MNIST_LIKE else None  # older runs kept others'
+    recorded = data_dir_for(name, spec.get("data_dir"))  # older runs kept one for built-ins
     return load_dataset(name, data_dir=data_dir or recorded, seed=spec.get("seed", 0),
                         n_train=spec.get("n_train"),
                         n_test=n_test if n_test is not None else spec.get("n_test"))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from deeplinear.arithmetic import PRESETS, get_semantics
 from deeplinear.cli import summary
-from deeplinear.data import DATASETS, MNIST_LIKE
+from deeplinear.data import DATASETS, MNIST_LIKE, data_dir_for
 from deeplinear.reproduce import BUDGETS, DEFAULT_DATASETS, reproduce
 
 
@@ -71,7 +71,7 @@ def run_regimes_study(datasets: tuple[str, ...], args: argparse.Namespace) -> in
     tables = []
     for name in datasets:
         result = study(name, budget=args.budget, seed=args.seed,
-                       data_dir=args.data_dir if name in MNIST_LIKE else None,
+                       data_dir=data_dir_for(name, args.data_dir),
                        progress=True)
         (out / f"regimes_{name}.json").write_text(json.dumps(result, indent=1))
         tables.append(format_study(result))

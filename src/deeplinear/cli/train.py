@@ -293,8 +293,7 @@ def run(args: argparse.Namespace) -> int:
     sizes = resolve_sizes(args, data.n_features, data.n_classes, args.dataset)
     model = build_model(args.model, sizes, args.scale_exp, semantics, args.seed)
     if args.init_from is not None and not args.resume:  # on resume the checkpoint holds them
-        load_weights(model, args.init_from, args.model, sizes,
-                     args.scale_exp if args.model == "deeplinear" else None)
+        load_weights(model, args.init_from, args.model, sizes, args.scale_exp)
         if rescale is not None:
             from deeplinear.train.backprop import calibrate
 
