@@ -341,3 +341,15 @@ def test_eval_measures_a_run_that_has_no_final_yet(tmp_path, capsys):
     assert main(["eval", str(out / "checkpoint.pt")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "needs its run's config.json" in err
+
+
+def test_version_is_the_package_version(capsys):
+    import importlib.metadata
+
+    import deeplinear
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"deeplinear {deeplinear.__version__}"
+    assert importlib.metadata.version("deeplinear") == deeplinear.__version__  # one source

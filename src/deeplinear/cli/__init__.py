@@ -13,6 +13,8 @@ import os
 import sys
 from typing import NoReturn
 
+from deeplinear import __version__
+
 COMMANDS = ("probe", "train", "eval", "reproduce", "bench")
 
 
@@ -34,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="deeplinear",
         description="Nonlinear computation in deep linear networks, through float underflow.",
     )
+    parser.add_argument("--version", action="version", version=f"deeplinear {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f"deeplinear.cli.{name}").add_parser(sub)
