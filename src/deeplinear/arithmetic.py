@@ -25,7 +25,7 @@ import operator
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -185,7 +185,7 @@ def as_semantics(sem: Semantics | str) -> Semantics:
     return sem if isinstance(sem, Semantics) else get_semantics(sem)
 
 
-def integer(value: object) -> int | None:
+def integer(value: Any) -> int | None:
     """``value`` as a Python int if it is an integer (numpy and torch integers too, not bools),
     else None: for exponents, where 2.5 or "125" must be an error, not silently truncated."""
     if isinstance(value, bool):

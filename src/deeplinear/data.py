@@ -25,6 +25,7 @@ import time
 import urllib.error
 import urllib.request
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -191,7 +192,7 @@ def digits(seed: int = 0, *, test_frac: float = 0.25) -> Dataset:
 # --- IDX files -----------------------------------------------------------------------------------
 
 # IDX type code -> big-endian element type (http://yann.lecun.com/exdb/mnist/, "IDX FILE FORMAT")
-_IDX_TYPES = {
+_IDX_TYPES: dict[int, np.dtype] = {
     0x08: np.dtype(">u1"),
     0x09: np.dtype(">i1"),
     0x0B: np.dtype(">i2"),
@@ -472,11 +473,11 @@ def _from_mirror(url: str, part: Path, md5: str) -> str | None:
         if failure is None:
             return None
         reason, retry = failure
-        retry = retry and delay is not None
-        then = f"; retrying in {delay:g}s" if retry else ""
-        print(f"attempt {attempt}/{tries} for {url} failed: {reason}{then}", file=sys.stderr)
-        if not retry:
+        if not retry or delay is None:  # None: the last attempt
+            print(f"attempt {attempt}/{tries} for {url} failed: {reason}", file=sys.stderr)
             break
+        print(f"attempt {attempt}/{tries} for {url} failed: {reason}; retrying in {delay:g}s",
+              file=sys.stderr)
         time.sleep(delay)
     return reason
 
@@ -552,7 +553,8 @@ def load_mnist_like(
 
 # --- one entry point -----------------------------------------------------------------------------
 
-SYNTHETIC = {"spirals": spirals, "rings": rings, "checkerboard": checkerboard, "parity": parity}
+SYNTHETIC: dict[str, Callable[..., Dataset]] = {
+    "spirals": spirals, "rings": rings, "checkerboard": checkerboard, "parity": parity}
 DATASETS: tuple[str, ...] = (*SYNTHETIC, "digits", *MNIST_LIKE)
 
 

@@ -93,10 +93,11 @@ class BlogExample:
     unit_is_min: bool  # sides shown in units of min (associativity) or of 1 (distributivity)
     needs: str
 
-    def tensors(self, sem: Semantics) -> tuple[Tensor, ...]:
+    def tensors(self, sem: Semantics) -> tuple[Tensor, Tensor, Tensor]:
         """The format's values nearest to the blog's (0.4*min is itself a subnormal)."""
-        return tuple(torch.tensor(v, dtype=torch.float64).to(sem.fmt.dtype)
-                     for v in self.values(sem.fmt.min_normal))
+        a, b, c = (torch.tensor(v, dtype=torch.float64).to(sem.fmt.dtype)
+                   for v in self.values(sem.fmt.min_normal))
+        return a, b, c
 
 
 BLOG_EXAMPLES: tuple[BlogExample, ...] = (
@@ -401,7 +402,8 @@ def plot_implicit_activation(path: str | Path, nets: Mapping[str, DeepLinear],
     deep_unit = int(lin[-1].abs().argmax())
     panels = 3 if occupancy_by_name else 2
     fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.4), constrained_layout=True)
-    styles = [dict(lw=3.5, alpha=0.45), dict(lw=1.6), dict(lw=1.2, ls="--"), dict(lw=1, ls=":")]
+    styles: list[dict[str, Any]] = [dict(lw=3.5, alpha=0.45), dict(lw=1.6),
+                                    dict(lw=1.2, ls="--"), dict(lw=1, ls=":")]
     for i, (name, net) in enumerate(nets.items()):
         style = styles[i % len(styles)]
         act = implicit_activation(net, x0, d, t, 0, unit, mode)

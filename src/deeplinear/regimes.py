@@ -351,6 +351,7 @@ def probe_report(spec: str = "all", format: str = "float32", n: int = 1 << 18,
     ``KIND:PARAM`` (one parameter), on one N(0,1) sample. JSON-ready."""
     get_format(format)
     z = normal_sample(n, seed)
+    sweeps: dict[str, list[Strength]]
     if spec == "all":
         sweeps = {kind: sweep(kind, format, z=z) for kind in KINDS}
     elif ":" in spec:
@@ -380,8 +381,8 @@ def plot_sweeps(path: str | Path, sweeps: Mapping[str, Sequence[Strength | Mappi
     fig, axes = plt.subplots(len(sweeps), 2, figsize=(10, 3.2 * len(sweeps)), squeeze=False,
                              layout="tight")
     u = torch.linspace(-span, span, 4001)
-    for (name, rows), (left, right) in zip(sweeps.items(), axes, strict=True):
-        rows = [_row(s) for s in rows]
+    for (name, given), (left, right) in zip(sweeps.items(), axes, strict=True):
+        rows = [_row(s) for s in given]
         for s in rows:
             f = Regime(s["kind"], s["param"], s["format"]).activation(u)
             left.plot(u.numpy(), f.numpy(), lw=1, label=f"{s['param']}")
@@ -477,8 +478,11 @@ def _torch_rows(device: str, setting: str, run: Callable[[Callable[[], Any]], An
     rows = _underflow_rows(backend, setting, scale, matmul)
     for name, dtype in (("float16", torch.float16), ("bfloat16", torch.bfloat16)):
         j = _ABSORB if name == "float16" else FORMATS[name].precision - 2
-        c = 2.0**j
-        out = run(lambda dtype=dtype, c=c: ((on(u).to(dtype) + c) - c).float().cpu())
+
+        def absorb(dtype: torch.dtype = dtype, c: float = 2.0**j) -> Tensor:
+            return ((on(u).to(dtype) + c) - c).float().cpu()
+
+        out = run(absorb)
         rows.append(Observation(backend, setting, f"(x + 2^{j}) - 2^{j} in {name}",
                                 *classify(out, u, [Regime("absorption", j, name)])))
     out = run(lambda: (on(u) * 2.0**_SAT).to(torch.float8_e4m3fn).float().cpu() * 2.0**-_SAT)

@@ -295,8 +295,10 @@ def run(args: argparse.Namespace) -> int:
     if args.init_from is not None and not args.resume:  # on resume the checkpoint holds them
         load_weights(model, args.init_from, args.model, sizes, args.scale_exp)
         if rescale is not None:
+            from deeplinear.nets import DeepLinear
             from deeplinear.train.backprop import calibrate
 
+            assert isinstance(model, DeepLinear)  # check_model_flags: --init-gain is deep only
             calibrate(model, data.x_train[:2000], rescale, center=False, output=False)
     data_spec = {"name": args.dataset, "data_dir": args.data_dir, "seed": args.data_seed,
                  "n_train": args.n_train, "n_test": args.n_test}
@@ -309,7 +311,7 @@ def run(args: argparse.Namespace) -> int:
     run_dir = Run.open(out, config, resume=args.resume,
                        defaults={"trainer": dataclasses.asdict(trainer.Config()),
                                  "rescale_gain": None})
-    if args.resume:
+    if run_dir.resumed_state is not None:
         print(f"resuming {out} from step {run_dir.resumed_state['step']}", file=sys.stderr)
     from deeplinear.distributed import backend
 

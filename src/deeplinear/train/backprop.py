@@ -182,8 +182,8 @@ def train(model: nn.Module, data: Dataset, cfg: Config, run: Run | None = None,
     if n_in != data.n_features or n_out != data.n_classes:
         raise ValueError(f"model maps {n_in} -> {n_out} but {data.name} has {data.n_features} "
                          f"features and {data.n_classes} classes; fix the sizes")
-    deep = isinstance(model, DeepLinear)
-    if not deep and cfg.surrogate != "blind":
+    net = model if isinstance(model, DeepLinear) else None  # the deep linear net, if it is one
+    if net is None and cfg.surrogate != "blind":
         raise ValueError(f"surrogate {cfg.surrogate!r} needs a deep linear model; "
                          f"{type(model).__name__} has no underflow to see")
     n = len(data.x_train)
@@ -194,8 +194,8 @@ def train(model: nn.Module, data: Dataset, cfg: Config, run: Run | None = None,
     x, y = data.x_train.to(device), data.y_train.to(device)
     per_epoch = n // cfg.batch_size
 
-    if deep:
-        under = make_under(model, cfg.surrogate, cfg.tau)
+    if net is not None:
+        under = make_under(net, cfg.surrogate, cfg.tau)
 
         def forward(xb: Tensor) -> Tensor:
             return model(xb, mode="scaled", under=under)
@@ -205,9 +205,9 @@ def train(model: nn.Module, data: Dataset, cfg: Config, run: Run | None = None,
     ftz = torch.set_flush_denormal(False)  # True where the CPU can flush (x86 with SSE3)
     g = torch.Generator().manual_seed(cfg.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    state = run.resumed_state if run is not None else None
     rows: list[dict[str, Any]] = []
-    if state is not None:
+    if run is not None and run.resumed_state is not None:
+        state = run.resumed_state
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"], g)
@@ -215,8 +215,8 @@ def train(model: nn.Module, data: Dataset, cfg: Config, run: Run | None = None,
         loss_sum, loss_n = state["loss_sum"], state["loss_n"]
         rows = run.metrics()
     else:
-        if deep and cfg.init_gain is not None:
-            calibrate(model, x[:2000], cfg.init_gain, cfg.center)
+        if net is not None and cfg.init_gain is not None:
+            calibrate(net, x[:2000], cfg.init_gain, cfg.center)
         start, perm, wall0, loss_sum, loss_n = 0, torch.empty(0, dtype=torch.long), 0.0, 0.0, 0
     n_eval = min(cfg.eval_n, n, len(data.x_test))
     bar = Progress(total=cfg.steps, desc="backprop", start_step=start) if progress else None
@@ -249,8 +249,8 @@ def train(model: nn.Module, data: Dataset, cfg: Config, run: Run | None = None,
             row = {"step": done, "epoch": done / per_epoch, "lr": lr,
                    "wall_s": wall0 + time.perf_counter() - t0, "loss": loss_sum / loss_n,
                    **scores(model, data, n_eval)}
-            if deep:
-                row["flushed"] = _flushed_fraction(model, data.x_test[:1000].to(device))
+            if net is not None:
+                row["flushed"] = _flushed_fraction(net, data.x_test[:1000].to(device))
             loss_sum, loss_n = 0.0, 0
             rows.append(row)
             if run is not None:
