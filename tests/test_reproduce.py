@@ -1,11 +1,20 @@
 import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
-from deeplinear.arithmetic import IEEE
+from deeplinear import report
+from deeplinear.arithmetic import IEEE, TF_GPU
 from deeplinear.cli import main
-from deeplinear.reproduce import Budget, default_threads, reproduce
+from deeplinear.data import load_dataset
+from deeplinear.nets import SoftmaxRegression
+from deeplinear.reproduce import Budget, Method, command, default_threads, reproduce, run_method
 
 TINY = Budget(backprop_steps=30, es={"steps": 4, "pop": 8})
 
@@ -27,12 +36,20 @@ def test_writes_results_report_and_plots(out):
     assert aware["evaluated_in"].startswith("exact")
     assert set(aware["portability"]["test_acc"]) >= {"TF_GPU", "IEEE", "CPU_FTZ_DAZ", "collapsed"}
     assert aware["test_acc"] == aware["portability"]["test_acc"]["TF_GPU"]
+    spec = torch.load(out / "checkerboard" / "deep-linear-openai-es" / "final.pt",
+                      weights_only=False)["model"]
+    assert f"scale 2^{spec['scale_exp']}." in task["description"]  # the nets' own, not a copy
     for plot in task["plots"]:
         assert (out / plot).read_bytes().startswith(b"\x89PNG")
     assert any(p.endswith("_regions.png") for p in task["plots"])
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == len(task["plots"])
-    assert "Portability" in (out / "report.md").read_text()
+    assert "http" not in html and "<script" not in html  # self-contained
+    md = (out / "report.md").read_text()
+    assert "Portability" in md
+    assert md.count(results["header"]) == 1
+    assert "--seed 0" in md and "--semantics TF_GPU" in md and "Machine: " in md
+    assert "Total wall time" in md
 
 
 def test_resume_reuses_finished_methods(out):
@@ -100,7 +117,7 @@ def test_a_second_run_gives_the_same_numbers(out, tmp_path):
 ])
 def test_resume_refuses_finished_runs_made_with_other_settings(out, changes, differs):
     args = {"budget": TINY, "seed": 0, **changes}
-    with pytest.raises(ValueError, match=f"differs in {differs}.*another --out"):
+    with pytest.raises(ValueError, match=f"differs in .*{differs}.*another --out"):
         reproduce(("checkerboard",), args.pop("budget"), out, resume=True, **args)
 
 
@@ -109,3 +126,106 @@ def test_eval_reads_a_method_of_the_reproduction(out, capsys):
     assert main(["eval", str(out / "checkerboard" / "deep-linear-openai-es"), "--json"]) == 0
     evaluated = json.loads(capsys.readouterr().out)
     assert evaluated["test_acc"] == results["deep linear, OpenAI-ES"]["portability"]["test_acc"]
+
+
+def test_header_command_names_every_setting_that_changes_the_numbers():
+    assert command(("spirals",), "quick", 0, TF_GPU, None, None, False) == (
+        "deeplinear reproduce --budget quick --seed 0 --dataset spirals --semantics TF_GPU")
+    assert command(("mnist", "digits"), "full", 3, IEEE, "/data", 2, True) == (
+        "deeplinear reproduce --budget full --seed 3 --dataset mnist,digits --semantics IEEE "
+        "--data-dir /data --threads 2 --resume")
+
+
+def test_eval_measures_an_unfinished_method_at_its_checkpoint(out, tmp_path, capsys):
+    """A killed reproduction leaves checkpoint.pt and config.json: eval reads them."""
+    results = json.loads((out / "results.json").read_text())["tasks"][0]["methods"]
+    for slug, name, key in [("deep-linear-openai-es", "deep linear, OpenAI-ES", "portability"),
+                            ("relu-mlp", "ReLU MLP", None)]:
+        shutil.copytree(out / "checkerboard" / slug, tmp_path / slug)
+        (tmp_path / slug / "final.pt").unlink()
+        assert main(["eval", str(tmp_path / slug), "--json"]) == 0
+        got = json.loads(capsys.readouterr().out)["test_acc"]
+        assert got == (results[name][key]["test_acc"] if key
+                       else {"float32": results[name]["test_acc"]})
+
+
+def test_eval_of_a_reproduction_directory_names_a_method_directory(out, capsys):
+    assert main(["eval", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pass one method's run directory, e.g. " in err
+    suggested = Path(err.strip().rsplit("e.g. ", 1)[1])
+    assert (suggested / "final.pt").exists()
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage"])
+def test_resume_with_a_torn_final_pt_is_one_line_naming_it(tmp_path, capsys, content):
+    final = tmp_path / "checkerboard" / "softmax-regression" / "final.pt"
+    final.parent.mkdir(parents=True)
+    final.write_bytes(content)
+    assert main(["reproduce", "--budget", "smoke", "--dataset", "checkerboard", "--out",
+                 str(tmp_path), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{final}: corrupt" in err
+
+
+def test_cli_trains_each_dataset_once_and_records_data_dir_absolute(tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr("deeplinear.cli.reproduce.reproduce",
+                        lambda datasets, budget, out, seed, data_dir, *a: seen.update(
+                            datasets=datasets, data_dir=data_dir))
+    monkeypatch.chdir(tmp_path)
+    assert main(["reproduce", "--dataset", "mnist, digits,mnist", "--data-dir", "idx"]) == 0
+    assert seen == {"datasets": ("mnist", "digits"), "data_dir": str(tmp_path / "idx")}
+
+
+def test_eval_seconds_exclude_training(tmp_path):
+    @dataclass
+    class Config:
+        seed: int = 0
+
+    def train(model, data, cfg, run):
+        time.sleep(0.3)
+        return [{"step": 1, "wall_s": 0.3, "test_acc": 0.5}]
+
+    method = Method("softmax regression", lambda s, g: SoftmaxRegression(s[0], s[-1]),
+                    SimpleNamespace(Config=Config, train=train), {})
+    _, res = run_method(method, load_dataset("checkerboard"), [2, 2], 0, tmp_path, False)
+    assert res["wall_s"] == 0.3 and res["eval_s"] < 0.3
+
+
+def captured_figure(monkeypatch):
+    figs = []
+    monkeypatch.setattr(report, "save_figure", lambda fig, path: figs.append(fig) or path)
+    return figs
+
+
+def test_occupancy_plot_ticks_each_layer_at_the_centre_of_its_bars(monkeypatch, tmp_path):
+    figs = captured_figure(monkeypatch)
+    methods = {"a": {"occupancy": [0.1, 0.2, 0.3]}, "b": {"occupancy": [0.3, 0.2, 0.1]},
+               "softmax": {}}
+    report.plot_occupancy({"dataset": "toy", "methods": methods}, tmp_path / "o.png")
+    ax = figs[0].axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["1", "2", "3"]
+    centres = np.array([p.get_x() + p.get_width() / 2 for p in ax.patches]).reshape(2, 3)
+    assert np.allclose(centres.mean(0), ax.get_xticks())
+    report.plt.close(figs[0])
+
+
+def test_decision_regions_plot_has_a_title(monkeypatch, tmp_path):
+    figs = captured_figure(monkeypatch)
+    xx, yy = np.meshgrid(np.linspace(0, 1, 4), np.linspace(0, 1, 4))
+    report.plot_decision_regions({"m": (xx, yy, (xx > yy).astype(int))}, np.zeros((2, 2)),
+                                 np.array([0, 1]), tmp_path / "r.png", "toy: predicted class")
+    assert figs[0].get_suptitle() == "toy: predicted class"
+    report.plt.close(figs[0])
+
+
+def test_resume_reuses_runs_written_before_config_recorded_model_and_data(out, tmp_path):
+    shutil.copytree(out, tmp_path, dirs_exist_ok=True)
+    for final in tmp_path.glob("checkerboard/*/final.pt"):
+        payload = torch.load(final, weights_only=False)
+        del payload["config"]["model"], payload["config"]["data"]
+        torch.save(payload, final)
+    before = {f: f.stat().st_mtime_ns for f in tmp_path.glob("checkerboard/*/final.pt")}
+    reproduce(("checkerboard",), TINY, tmp_path, seed=0, resume=True)
+    assert {f: f.stat().st_mtime_ns for f in before} == before

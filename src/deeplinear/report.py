@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 from pathlib import Path
 from typing import Any
 
@@ -49,27 +48,36 @@ def plot_learning_curves(task: dict[str, Any], path: Path) -> Path:
 
 
 def plot_occupancy(task: dict[str, Any], path: Path) -> Path:
-    """Fraction of each hidden layer's values the underflow flushed, per deep linear method."""
-    fig, ax = plt.subplots(figsize=(6, 3.2), layout="tight")
+    """Fraction of each layer's values the underflow flushed, per deep linear method.
+
+    One group of bars per layer, ticked 1..L at the group's centre (the last is the output)."""
+    fig, ax = plt.subplots(figsize=(6, 3.8), layout="tight")
     items = [(n, r["occupancy"]) for n, r in task["methods"].items() if r.get("occupancy")]
     width = 0.8 / max(len(items), 1)
     for i, (name, occ) in enumerate(items):
-        xs = [j + i * width for j in range(len(occ))]
+        xs = [j + (i - (len(items) - 1) / 2) * width for j in range(len(occ))]
         ax.bar(xs, [100 * v for v in occ], width=width, label=name)
-    ax.set_xlabel("layer")
+    layers = max((len(occ) for _, occ in items), default=0)
+    ax.set_xticks(range(layers), [str(j + 1) for j in range(layers)])
+    ax.set_xlabel("layer (the last is the output)")
     ax.set_ylabel("flushed (%)")
+    ax.set_ylim(0, 100)
     ax.set_title(f"{task['dataset']}: dead-zone occupancy (exact mode, test set)")
-    ax.legend(fontsize=7)
+    # below the axes: bars of any height reach the top, where a legend inside would hide them
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
     return save_figure(fig, path)
 
 
-def plot_decision_regions(panels: dict[str, Any], x: Any, y: Any, path: Path) -> Path:
+def plot_decision_regions(panels: dict[str, Any], x: Any, y: Any, path: Path,
+                          title: str) -> Path:
     """2-D tasks: each method's predicted class over a grid, with the test points on top.
 
-    ``panels`` maps a method to ``(xx, yy, zz)`` grid coordinates and predicted classes.
+    ``panels`` maps a method to ``(xx, yy, zz)`` grid coordinates and predicted classes;
+    ``title`` says which data and how the nets were run (the panels carry only method names).
     """
     n = len(panels)
-    fig, axes = plt.subplots(1, n, figsize=(2.6 * n, 2.8), squeeze=False, layout="tight")
+    fig, axes = plt.subplots(1, n, figsize=(2.6 * n, 3.0), squeeze=False, layout="tight")
+    fig.suptitle(title, fontsize=9)
     for ax, (name, (xx, yy, zz)) in zip(axes[0], panels.items(), strict=True):
         ax.contourf(xx, yy, zz, alpha=0.35, cmap="coolwarm", levels=1)
         ax.scatter(x[:, 0], x[:, 1], c=y, s=2, cmap="coolwarm")
@@ -116,9 +124,6 @@ def render(results: dict[str, Any], out: Path) -> tuple[Path, Path]:
         if port:
             md.append("Portability: test accuracy of the same weights in true float32 under each "
                       "semantics, and of their collapsed affine map.\n\n" + port + "\n")
-        for key, title in [("probes", "Probes of trained nets")]:
-            if task.get(key):
-                md.append(f"{title}:\n\n```\n{json.dumps(task[key], indent=1)}\n```\n")
         for plot in task.get("plots", []):
             p = out / plot
             md.append(f"![{plot}]({plot})\n")
@@ -130,18 +135,12 @@ def render(results: dict[str, Any], out: Path) -> tuple[Path, Path]:
 
 
 def _to_html(markdown: str, images: list[tuple[str, Path]]) -> str:
-    """A small Markdown subset (headings, tables, code, images) to HTML with inline images."""
+    """The Markdown subset :func:`render` writes (headings, paragraphs, tables, images) to HTML
+    with inline images."""
     embedded = {name: base64.b64encode(p.read_bytes()).decode() for name, p in images}
     body: list[str] = []
-    in_code = in_table = False
+    in_table = False
     for line in markdown.splitlines():
-        if line.startswith("```"):
-            body.append("</pre>" if in_code else "<pre>")
-            in_code = not in_code
-            continue
-        if in_code:
-            body.append(html.escape(line))
-            continue
         if line.startswith("|"):
             cells = [c.strip() for c in line.strip("|").split("|")]
             if set("".join(cells)) <= set("-"):
@@ -169,6 +168,6 @@ def _to_html(markdown: str, images: list[tuple[str, Path]]) -> str:
         body.append("</table>")
     style = ("body{font-family:sans-serif;max-width:60em;margin:2em auto}"
              "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px}"
-             "img{max-width:100%}pre{background:#f6f6f6;padding:1em;overflow:auto}")
+             "img{max-width:100%}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>deeplinear report</title>"
             f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")

@@ -25,6 +25,7 @@ from torch import nn
 from deeplinear import evaluate, probes
 from deeplinear.arithmetic import PRESETS, TF_GPU, Semantics
 from deeplinear.bench import cpu_model
+from deeplinear.cli.eval import load_final
 from deeplinear.collapse import collapse_gap
 from deeplinear.data import Dataset, data_dir_for, load_dataset
 from deeplinear.nets import MLP, DeepLinear, SoftmaxRegression, default_sizes
@@ -112,17 +113,20 @@ def run_method(method: Method, data: Dataset, sizes: list[int], seed: int, out: 
     torch.manual_seed(seed)  # the baselines' nn.Linear init draws from the global generator
     model = method.make(sizes, torch.Generator().manual_seed(seed))
     cfg = make_config(method.trainer, seed, method.overrides)
+    data_spec = data_spec or {"name": data.name, "seed": seed}
+    # "model" and "data" let ``deeplinear eval`` measure an unfinished run's checkpoint.pt
+    derived = {"model": model_spec(model), "data": data_spec}
     config = {"method": method.name, "dataset": data.name, "sizes": sizes,
-              "trainer": dataclasses.asdict(cfg)}
+              "trainer": dataclasses.asdict(cfg), **derived}
     semantics = dataclasses.asdict(model.semantics) if isinstance(model, DeepLinear) else None
     if semantics is not None:
         config["semantics"] = semantics
     defaults = {"trainer": dataclasses.asdict(method.trainer.Config()),
-                "semantics": dataclasses.asdict(TF_GPU)}  # runs older than that entry
+                "semantics": dataclasses.asdict(TF_GPU),  # runs older than that entry
+                **derived}  # older runs lack these; they follow from the settings above
     final = out / "final.pt"
-    t0 = time.perf_counter()
     if resume and final.exists():
-        payload = torch.load(final, weights_only=False, map_location="cpu")
+        payload = load_final(final)  # a torn or foreign file: a one-line error naming it
         saved, asked = json.loads(json.dumps([payload.get("config", {}), config]))
         diff = differences(saved, asked, json.loads(json.dumps(defaults)))
         if diff:
@@ -136,9 +140,9 @@ def run_method(method: Method, data: Dataset, sizes: list[int], seed: int, out: 
         curve = method.trainer.train(model, data, cfg, run=run)
         wall = (curve[-1]["wall_s"] if curve else 0.0)
         run.save_final({"state_dict": model.state_dict(), "curve": curve, "wall_s": wall,
-                        "config": config, "model": model_spec(model), "semantics": semantics,
-                        "method": method.name,
-                        "data": data_spec or {"name": data.name, "seed": seed}})
+                        "config": config, "semantics": semantics, "method": method.name,
+                        **derived})
+    t0 = time.perf_counter()
     res: dict[str, Any] = {"curve": curve, "wall_s": wall}
     if isinstance(model, DeepLinear):
         n = TRAIN_EVAL_N  # exact mode runs subnormal arithmetic: a subset of a large train set
@@ -181,34 +185,34 @@ def run_task(name: str, data: Dataset, steps: Budget, semantics: Semantics, seed
              resume: bool, data_dir: str | None = None) -> dict[str, Any]:
     """Every method on one dataset, then the task's plots."""
     sizes = default_sizes(data.n_features, data.n_classes)
+    models, measured = {}, {}
+    for m in methods(steps, semantics):
+        print(f"[{name}] {m.name}", flush=True)
+        models[m.name], measured[m.name] = run_method(
+            m, data, sizes, seed, out / name / _slug(m.name), resume,
+            {"name": name, "data_dir": data_dir, "seed": seed})
+    aware = models["deep linear, float-aware backprop"]
     task: dict[str, Any] = {
         "dataset": name, "sizes": sizes,
         "description": (f"{data.n_features} features, {data.n_classes} classes, "
                         f"{len(data.y_train)} train / {len(data.y_test)} test; deep linear "
-                        f"sizes {'-'.join(map(str, sizes))}, scale 2^125."
+                        f"sizes {'-'.join(map(str, sizes))}, scale 2^{aware.scale_exp}."
                         + (f" Deep linear train accuracy on the first {TRAIN_EVAL_N} train "
                            "samples (exact mode is slow)." if len(data.y_train) > TRAIN_EVAL_N
                            else "")),
-        "methods": {},
+        "methods": measured,
     }
-    models = {}
-    for m in methods(steps, semantics):
-        print(f"[{name}] {m.name}", flush=True)
-        models[m.name], task["methods"][m.name] = run_method(
-            m, data, sizes, seed, out / name / _slug(m.name), resume,
-            {"name": name, "data_dir": data_dir, "seed": seed})
     task["plots"] = [
         plot_learning_curves(task, out / f"{name}_curves.png").name,
         plot_occupancy(task, out / f"{name}_occupancy.png").name,
     ]
-    aware = models["deep linear, float-aware backprop"]
     task["plots"].append(probes.plot_implicit_activation(
         out / f"{name}_activation.png", same_weights_under_presets(aware)).name)
     if data.n_features == 2:
         panels = {n: decision_grid(m, data) for n, m in models.items()}
         task["plots"].append(plot_decision_regions(
-            panels, data.x_test.numpy(), data.y_test.numpy(),
-            out / f"{name}_regions.png").name)
+            panels, data.x_test.numpy(), data.y_test.numpy(), out / f"{name}_regions.png",
+            f"{name}: predicted class (deep linear nets in exact mode), test points on top").name)
     return task
 
 
@@ -222,10 +226,29 @@ def default_threads(sizes: list[list[int]]) -> int:
     return 1 if max(max(s[1:-1]) for s in sizes) <= 256 else torch.get_num_threads()
 
 
+def command(datasets: tuple[str, ...], budget: str | Budget, seed: int, semantics: Semantics,
+            data_dir: str | None, threads: int | None, resume: bool) -> str:
+    """The ``deeplinear reproduce`` line that repeats a run, for its report's header.
+
+    Why every setting that changes the numbers: a header that drops one (say ``--semantics
+    IEEE``) names a command that computes a different table. A custom :class:`Budget` or
+    :class:`Semantics` (Python API only) shows as its repr.
+    """
+    sem = next((name for name, s in PRESETS.items() if s == semantics), repr(semantics))
+    flags = [f"--budget {budget}", f"--seed {seed}", f"--dataset {','.join(datasets)}",
+             f"--semantics {sem}"]
+    flags += [f"--data-dir {data_dir}"] if data_dir is not None else []
+    flags += [f"--threads {threads}"] if threads is not None else []
+    flags += ["--resume"] if resume else []
+    return " ".join(["deeplinear reproduce", *flags])
+
+
 def reproduce(datasets: tuple[str, ...] = DEFAULT_DATASETS, budget: str | Budget = "quick",
               out: str | Path = "runs/reproduce", seed: int = 0, data_dir: str | None = None,
               resume: bool = False, semantics: Semantics = TF_GPU,
               threads: int | None = None) -> dict[str, Any]:
+    """Train and measure every method on each dataset; write results.json, report.md and
+    report.html (from those same results) into ``out``, and return the results."""
     if isinstance(budget, str) and budget not in BUDGETS:
         raise ValueError(f"unknown budget {budget!r}; use {' or '.join(BUDGETS)}")
     steps = BUDGETS[budget] if isinstance(budget, str) else budget
@@ -235,20 +258,22 @@ def reproduce(datasets: tuple[str, ...] = DEFAULT_DATASETS, budget: str | Budget
     loaded = [load_dataset(name, data_dir=data_dir_for(name, data_dir), seed=seed)
               for name in datasets]
     shapes = [default_sizes(d.n_features, d.n_classes) for d in loaded]
-    threads = threads or default_threads(shapes)
+    used = threads or default_threads(shapes)
     before = torch.get_num_threads()
-    torch.set_num_threads(threads)  # once, before any parallel op (see deeplinear.train.es)
+    torch.set_num_threads(used)  # once, before any parallel op (see deeplinear.train.es)
     try:
         tasks = [run_task(name, data, steps, semantics, seed, out, resume,
                           data_dir_for(name, data_dir))
                  for name, data in zip(datasets, loaded, strict=True)]
     finally:
         torch.set_num_threads(before)
+    cmd = command(datasets, budget, seed, semantics, data_dir, threads, resume)
     results = {
-        "header": (f"Command: `deeplinear reproduce --budget {budget} --seed {seed} "
-                   f"--dataset {','.join(datasets)}`. Machine: {cpu_model()}, "
-                   f"{threads} torch thread(s), torch {torch.__version__}. "
-                   f"Total wall time {time.perf_counter() - t0:.0f} s."),
+        "header": (f"Command: `{cmd}`. Machine: {cpu_model()}, "
+                   f"{used} torch thread(s), torch {torch.__version__}. "
+                   f"Total wall time {time.perf_counter() - t0:.0f} s"
+                   + (" (this invocation; --resume reuses finished methods)" if resume else "")
+                   + "."),
         "tasks": tasks,
     }
     (out / "results.json").write_text(json.dumps(results, indent=1))

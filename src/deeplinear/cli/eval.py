@@ -50,8 +50,10 @@ def load_final(path: str | Path) -> dict[str, Any]:
     if path.is_dir():
         found = [path / n for n in ("final.pt", "checkpoint.pt") if (path / n).exists()]
         if not found:
-            raise FileNotFoundError(f"{path}: no final.pt or checkpoint.pt here; pass a run "
-                                    "directory that deeplinear train or reproduce wrote")
+            methods = sorted(path.glob("*/*/final.pt"))  # a reproduction: one run per method
+            fix = (f"pass one method's run directory, e.g. {methods[0].parent}" if methods
+                   else "pass a run directory that deeplinear train or reproduce wrote")
+            raise FileNotFoundError(f"{path}: no final.pt or checkpoint.pt here; {fix}")
         path = found[0]
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file; pass a run's final.pt (train it first)")
@@ -87,14 +89,18 @@ def load_final(path: str | Path) -> dict[str, Any]:
 
 
 def from_checkpoint(ckpt: dict[str, Any], path: Path) -> dict[str, Any]:
-    """The parts of a final.pt that a checkpoint and its run's ``config.json`` hold."""
+    """The parts of a final.pt that a checkpoint and its run's ``config.json`` hold.
+
+    ``deeplinear train`` records a preset's name; ``reproduce`` records the semantics itself
+    (none for its baselines)."""
     try:
         config = json.loads((path.parent / "config.json").read_text())
-        semantics = get_semantics(config["semantics"])
+        semantics = config.get("semantics")
+        if isinstance(semantics, str):
+            semantics = dataclasses.asdict(get_semantics(semantics))
         return {"state_dict": ckpt["model"], "model": config["model"], "data": config["data"],
-                "semantics": dataclasses.asdict(semantics), "method": config["method"],
-                "step": ckpt["step"]}
-    except (OSError, KeyError, TypeError, json.JSONDecodeError) as e:
+                "semantics": semantics, "method": config["method"], "step": ckpt["step"]}
+    except (OSError, KeyError, TypeError, AttributeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: a checkpoint needs its run's config.json beside it "
                          f"({type(e).__name__}: {e}); pass the run directory") from None
 

@@ -37,7 +37,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    datasets = tuple(d.strip() for d in args.dataset.split(",") if d.strip())
+    # each once: a repeated name would train its dataset twice (the second time refused)
+    datasets = tuple(dict.fromkeys(d.strip() for d in args.dataset.split(",") if d.strip()))
     unknown = [d for d in datasets if d not in DATASETS]
     if unknown or not datasets:
         raise ValueError(f"unknown dataset {', '.join(unknown) or '(none)'}; "
@@ -45,6 +46,8 @@ def run(args: argparse.Namespace) -> int:
     if args.data_dir is not None and not any(d in MNIST_LIKE for d in datasets):
         raise ValueError(f"--data-dir applies to {', '.join(MNIST_LIKE)}; {', '.join(datasets)} "
                          "are built in, so drop --data-dir")
+    if args.data_dir is not None:  # recorded absolute: eval and --resume may run elsewhere
+        args.data_dir = str(Path(args.data_dir).resolve())
     if args.study == "regimes":
         if args.resume:
             raise ValueError("--resume continues a --study methods reproduction; the regimes "
