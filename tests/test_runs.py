@@ -30,6 +30,20 @@ def test_resume_truncates_metrics_after_checkpoint_and_checks_config(tmp_path):
         Run.open(tmp_path, {"lr": 0.2}, resume=True)
 
 
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: (d / "checkpoint.pt").write_bytes(b""), "checkpoint.pt: corrupt or not a"),
+    (lambda d: (d / "checkpoint.pt").write_bytes(b"not a zip"), "checkpoint.pt: corrupt"),
+    (lambda d: torch.save([1, 2], d / "checkpoint.pt"), "checkpoint.pt: not a deeplinear"),
+    (lambda d: (d / "config.json").write_text("{"), "config.json: not valid JSON"),
+])
+def test_resume_from_a_damaged_run_is_one_line_naming_the_file(tmp_path, damage, message):
+    Run.open(tmp_path, {"lr": 0.1}).checkpoint({"step": 1})
+    damage(tmp_path)
+    with pytest.raises(ValueError, match=message) as e:
+        Run.open(tmp_path, {"lr": 0.1}, resume=True)
+    assert len(str(e.value).splitlines()) == 1 and "another --out" in str(e.value)
+
+
 def test_resume_accepts_a_run_written_before_a_setting_existed(tmp_path):
     """A setting added since (absent from the saved config) resumes at its default only."""
     run = Run.open(tmp_path, {"trainer": {"lr": 0.1}, "seed": 0})

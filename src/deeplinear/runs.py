@@ -20,8 +20,10 @@ import contextlib
 import json
 import math
 import os
+import pickle
 import sys
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -54,6 +56,18 @@ def atomic_write_text(text: str, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def load_file(path: Path, what: str, fix: str) -> Any:
+    """``torch.load`` of a run's file (on the CPU: trainers move it), or a one-line error that
+    names the file and ``fix``: a damaged or foreign file must not surface as an unpickling
+    traceback."""
+    try:
+        return torch.load(path, weights_only=False, map_location="cpu")
+    except (pickle.UnpicklingError, EOFError, RuntimeError, zipfile.BadZipFile,
+            AttributeError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: corrupt or not a deeplinear {what} ({first}); {fix}") from None
+
+
 @dataclass
 class Run:
     """A run directory opened for writing (fresh) or for resuming."""
@@ -73,13 +87,20 @@ class Run:
         if resume:
             if not ckpt.exists():
                 raise FileNotFoundError(f"cannot resume: no checkpoint in {d}; drop --resume")
-            saved = json.loads(cfg_path.read_text())
+            try:
+                saved = json.loads(cfg_path.read_text())
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{cfg_path}: not valid JSON ({e}); restore it or start the run "
+                                 "again in another --out") from None
             asked, known = json.loads(json.dumps([config, defaults or {}]))  # as saved: lists
             diff = differences(saved, asked, known)
             if diff:
                 raise ValueError(f"cannot resume {d}: config differs in {', '.join(diff)}; "
                                  "resume with the run's own settings or start another --out")
-            state = torch.load(ckpt, weights_only=False, map_location="cpu")  # trainers move it
+            state = load_file(ckpt, "checkpoint", "start the run again in another --out")
+            if not isinstance(state, dict) or "step" not in state:
+                raise ValueError(f"{ckpt}: not a deeplinear checkpoint (no step); start the run "
+                                 "again in another --out")
             run = cls(d, config, state)
             run._truncate_metrics(state["step"])
             return run

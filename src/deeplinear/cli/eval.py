@@ -9,8 +9,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import pickle
-import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +17,7 @@ import torch
 from deeplinear.arithmetic import PRESETS, Semantics, get_semantics
 from deeplinear.cli import summary
 from deeplinear.cli.train import build_model, format_results
+from deeplinear.runs import load_file
 
 if TYPE_CHECKING:
     from deeplinear.data import Dataset
@@ -57,13 +56,7 @@ def load_final(path: str | Path) -> dict[str, Any]:
         path = found[0]
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file; pass a run's final.pt (train it first)")
-    try:
-        payload = torch.load(path, weights_only=False, map_location="cpu")
-    except (pickle.UnpicklingError, EOFError, RuntimeError, zipfile.BadZipFile,
-            AttributeError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path}: corrupt or not a deeplinear final.pt ({first}); "
-                         "retrain or pass the right file") from None
+    payload = load_file(path, "final.pt", "retrain or pass the right file")
     if isinstance(payload, dict) and "state_dict" not in payload and "step" in payload:
         payload = from_checkpoint(payload, path)
     missing = [k for k in ("state_dict", "model")
