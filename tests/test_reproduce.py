@@ -229,3 +229,11 @@ def test_resume_reuses_runs_written_before_config_recorded_model_and_data(out, t
     before = {f: f.stat().st_mtime_ns for f in tmp_path.glob("checkerboard/*/final.pt")}
     reproduce(("checkerboard",), TINY, tmp_path, seed=0, resume=True)
     assert {f: f.stat().st_mtime_ns for f in before} == before
+
+
+def test_html_renders_inline_code_and_bold_as_tags():
+    page = report._to_html("Command: `deeplinear reproduce --seed 0` <b>, **bold**\n\n"
+                           "| a | `b` |\n|---|---|\n| **1** | 2 |\n", [])
+    assert "<code>deeplinear reproduce --seed 0</code>" in page and "`" not in page
+    assert "<strong>bold</strong>" in page and "<td><strong>1</strong></td>" in page
+    assert "&lt;b&gt;" in page  # the text itself stays escaped

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import html
+import re
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +135,12 @@ def render(results: dict[str, Any], out: Path) -> tuple[Path, Path]:
     return out / "report.md", html_path
 
 
+def _inline(text: str) -> str:
+    """Escaped text with Markdown's inline `code` and **bold** as tags."""
+    text = re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text))
+    return re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", text)
+
+
 def _to_html(markdown: str, images: list[tuple[str, Path]]) -> str:
     """The Markdown subset :func:`render` writes (headings, paragraphs, tables, images) to HTML
     with inline images."""
@@ -149,7 +156,7 @@ def _to_html(markdown: str, images: list[tuple[str, Path]]) -> str:
             if not in_table:
                 body.append("<table>")
                 in_table = True
-            row = "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in cells)
+            row = "".join(f"<{tag}>{_inline(c)}</{tag}>" for c in cells)
             body.append(f"<tr>{row}</tr>")
             continue
         if in_table:
@@ -161,9 +168,9 @@ def _to_html(markdown: str, images: list[tuple[str, Path]]) -> str:
                         f'{embedded[name]}">')
         elif line.startswith("#"):
             level = len(line) - len(line.lstrip("#"))
-            body.append(f"<h{level}>{html.escape(line.lstrip('#').strip())}</h{level}>")
+            body.append(f"<h{level}>{_inline(line.lstrip('#').strip())}</h{level}>")
         elif line.strip():
-            body.append(f"<p>{html.escape(line)}</p>")
+            body.append(f"<p>{_inline(line)}</p>")
     if in_table:
         body.append("</table>")
     style = ("body{font-family:sans-serif;max-width:60em;margin:2em auto}"
