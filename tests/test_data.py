@@ -382,8 +382,10 @@ def test_load_dataset_names_and_subsets(tmp_path: Path) -> None:
 def test_load_dataset_errors() -> None:
     with pytest.raises(DataError, match=r"unknown dataset 'cifar'.*spirals.*kmnist"):
         data.load_dataset("cifar")
-    with pytest.raises(DataError, match=r"n_train=5000 .* 1500 train"):
+    with pytest.raises(DataError, match=r"n_train=5000 .* 1500 train.*--n-train between 1 and"):
         data.load_dataset("rings", n_train=5000)
+    with pytest.raises(DataError, match=r"n_test=0 .* 500 test.*--n-test between 1 and 500"):
+        data.load_dataset("rings", n_test=0)
 
 
 @pytest.mark.parametrize("name", ["spirals", "rings", "checkerboard", "parity", "digits"])

@@ -70,7 +70,8 @@ def _take(
     if n is None:
         return x, y
     if not 0 < n <= len(x):
-        raise DataError(f"n_{split}={n} is out of range: {ds.name} has {len(x)} {split} samples")
+        raise DataError(f"n_{split}={n} is out of range: {ds.name} has {len(x)} {split} samples; "
+                        f"pass --n-{split} between 1 and {len(x)}, or leave it out for all")
     idx = torch.randperm(len(x), generator=g)[:n]
     return x[idx], y[idx]
 
