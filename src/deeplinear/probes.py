@@ -381,8 +381,8 @@ def probe_report(sizes: Sequence[int] | str,
 def plot_implicit_activation(path: str | Path, nets: Mapping[str, DeepLinear],
                              occupancy_by_name: Mapping[str, Sequence[float]] | None = None,
                              unit: int = 0, seed: int = 0, points: int = 1201,
-                             mode: Mode = "exact") -> Path:
-    """PNG of what underflow does, one line per semantics.
+                             mode: Mode = "exact", title: str | None = None) -> Path:
+    """PNG of what underflow does, one line per semantics; ``title`` says whose weights.
 
     Left: layer-1 ``unit`` along :func:`unit_ray`, ``u -> h`` (the implicit activation itself).
     Middle: the layer-2 unit with the largest float-blind value along ``x = s * x0`` for a random
@@ -402,6 +402,8 @@ def plot_implicit_activation(path: str | Path, nets: Mapping[str, DeepLinear],
     deep_unit = int(lin[-1].abs().argmax())
     panels = 3 if occupancy_by_name else 2
     fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.4), constrained_layout=True)
+    if title:
+        fig.suptitle(title, fontsize=10)
     styles: list[dict[str, Any]] = [dict(lw=3.5, alpha=0.45), dict(lw=1.6),
                                     dict(lw=1.2, ls="--"), dict(lw=1, ls=":")]
     for i, (name, net) in enumerate(nets.items()):

@@ -185,7 +185,9 @@ def run(args: argparse.Namespace) -> int:
     if plot is not None:
         nets = make_nets(sizes, names, args.seed, net["scale_exp"])
         plot_implicit_activation(plot, nets, {k: v["occupancy"]
-                                              for k, v in report["semantics"].items()})
+                                              for k, v in report["semantics"].items()},
+                                 title=f"a He-initialised {'-'.join(map(str, sizes))} net "
+                                       f"(seed {args.seed}) under each semantics")
         report["plot"] = str(plot)
     if args.json:
         print(json.dumps(report, indent=2))
