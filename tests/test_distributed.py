@@ -274,6 +274,16 @@ def test_more_workers_than_cpus_is_refused_before_starting_any(runtime, data):
         dist.RayEvaluator(make_model(), data, make_cfg(), workers=3, threads=2)
 
 
+@pytest.mark.parametrize("kwargs, match", [
+    ({"threads": 0}, "--threads must be >= 1, got 0"), ({"workers": 0}, "--workers must be >= 1"),
+    ({"timeout_s": 0.0}, "timeout_s must be > 0"),
+])
+def test_bad_evaluator_arguments_are_refused_before_ray_starts(data, kwargs, match):
+    """``threads=0`` too: it used to fall through to the config's thread count."""
+    with pytest.raises(ValueError, match=match):
+        dist.RayEvaluator(make_model(), data, make_cfg(threads=2), **kwargs)
+
+
 def test_missing_ray_is_one_clear_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(dist.DistributedError, match=r"^Ray is not installed: pip install "

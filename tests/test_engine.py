@@ -6,7 +6,14 @@ import torch
 
 from deeplinear import es
 from deeplinear.arithmetic import CPU_FTZ_DAZ, IEEE, TF_GPU
-from deeplinear.engine import CHUNK_CACHE_BYTES, Engine, inplace_rule, member_losses
+from deeplinear.engine import (
+    CHUNK_CACHE_BYTES,
+    Engine,
+    inplace_rule,
+    member_accuracy,
+    member_errors,
+    member_losses,
+)
 from deeplinear.nets import DeepLinear
 
 SIZES = [24, 40, 32, 5]
@@ -79,6 +86,46 @@ def test_chunking_does_not_change_a_bit(rank):
     assert Engine(net, s, max_bytes=1).members_per_chunk(BATCH) == 2
 
 
+@pytest.mark.parametrize("pop, chunk", [(2, 2), (2, 16), (6, 4), (6, 16), (14, 4), (14, 6)])
+def test_full_rank_is_bit_identical_for_any_chunk_and_population(pop, chunk):
+    """Chunks that do not divide the population (a last chunk of one pair) and chunks larger than
+    the population give the members' own forward passes exactly."""
+    net, s, p, x, _y = setup(pop=pop)
+    with one_thread():
+        ref = one_by_one(net, p, x)
+    assert torch.equal(Engine(net, s, chunk=chunk).logits(p, x), ref)
+
+
+@pytest.mark.parametrize("rank", [0, 2])
+def test_buffers_are_allocated_once_and_reused(rank):
+    net, s, pop, x, y = setup(rank=rank, pop=14)
+    engine = Engine(net, s, chunk=4)
+    engine.losses(pop, x, y)
+    first = {k: v.data_ptr() for k, v in engine._bufs.items()}
+    nxt = es.ask(s, es.State(pop.theta * 1.01, pop.theta, pop.theta, generation=1))
+    engine.losses(nxt, x, y)
+    assert {k: v.data_ptr() for k, v in engine._bufs.items()} == first
+
+
+def test_a_diverged_member_is_nan_alone_and_its_error_is_nan_too():
+    """sigma 10**12.4: 13 of 20 members overflow to NaN logits. The others keep their own exact
+    losses; a NaN member's argmax still names a class (accuracy up to 42% here), so its error
+    fitness is NaN, to rank worst as its loss does."""
+    net, s, pop, x, y = setup(sigma=10**12.4, pop=20)
+    loss, acc = Engine(net, s, chunk=4).losses(pop, x, y, with_accuracy=True)
+    with one_thread():
+        logits = one_by_one(net, pop, x)
+    ref = member_losses(logits, y)
+    bad = ~torch.isfinite(loss)
+    assert 0 < bad.sum() < pop.size and (acc[bad] > 0).any()
+    assert torch.equal(loss[~bad], ref[~bad]) and not torch.isfinite(ref[bad]).any()
+    assert torch.equal(acc[~bad], member_accuracy(logits, y)[~bad])
+    err = member_errors(loss, acc)
+    assert err[bad].isnan().all() and torch.equal(err[~bad], 1 - acc[~bad].double())
+    fitness = es.shaped_fitness(err)
+    assert (fitness[bad] == fitness.max()).all() and (fitness[~bad] < fitness.max()).all()
+
+
 @pytest.mark.parametrize("batch", [100, 1000])
 def test_chunks_are_the_largest_whose_working_set_fits_the_cache_budget(batch):
     sizes = [784, 512, 512, 10]
@@ -91,10 +138,12 @@ def test_chunks_are_the_largest_whose_working_set_fits_the_cache_budget(batch):
         assert c % 2 == 0 and c * per_member <= CHUNK_CACHE_BYTES < (c + 2) * per_member
 
 
-@pytest.mark.parametrize("semantics", [TF_GPU, CPU_FTZ_DAZ], ids=["tf_gpu", "daz"])
-def test_lowrank_is_exactly_its_claimed_formulation(semantics):
-    """``h @ W +- (h @ A) @ Bs.T``, then bias and rule as in the net's scaled mode."""
-    net, s, pop, x, _y = setup(semantics, rank=3)
+@pytest.mark.parametrize("semantics, rank", [(TF_GPU, 3), (CPU_FTZ_DAZ, 3), (TF_GPU, 7)],
+                         ids=["tf_gpu", "daz", "rank_above_the_output_width"])
+def test_lowrank_is_exactly_its_claimed_formulation(semantics, rank):
+    """``h @ W +- (h @ A) @ Bs.T``, then bias and rule as in the net's scaled mode; a rank above a
+    layer's width (7 > 5 outputs) is allowed: the perturbation is then full rank."""
+    net, s, pop, x, _y = setup(semantics, rank=rank)
     rule, layout = net.under(), s.layout
     factors = pop.lowrank_factors(range(s.pairs))
     refs = []

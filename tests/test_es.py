@@ -158,6 +158,9 @@ def test_tell_survives_nan_members_and_refuses_a_stale_population():
     assert torch.isfinite(state.theta).all() and state.theta.abs().max() > 0
     with pytest.raises(ValueError, match="ask again"):
         es.tell(s, state, pop, losses)
+    other = strategy(pop=8, sigma_blocks="weights.0=0")
+    with pytest.raises(ValueError, match="another strategy"):
+        es.tell(other, state, es.ask(s, state), losses)
 
 
 def test_weight_decay_pulls_towards_zero_when_the_loss_is_flat():
@@ -175,6 +178,40 @@ def test_sigma_schedule_decays_to_a_floor_and_state_round_trips():
     es.tell(s, state, es.ask(s, state), torch.randn(s.pop))
     back = es.State.from_state_dict(state.state_dict())
     assert back.generation == 1 and torch.equal(back.m, state.m) and torch.equal(back.v, state.v)
+
+
+def test_a_long_sigma_decay_stops_at_its_floor_and_never_reaches_zero():
+    """Without a floor, 0.05 * 0.5**g is 5e-324 at g = 1070 (theta turned NaN) and 0.0 at 1100
+    (ZeroDivisionError); so a decaying sigma must have one, and with it a late generation is an
+    ordinary one."""
+    s = strategy(sigma=0.05, sigma_decay=0.5, sigma_min=1e-4)
+    state = es.init(s, torch.randn(s.layout.n))
+    for state.generation in (1070, 1100):
+        pop = es.ask(s, state)
+        assert pop.sigma == 1e-4
+        es.tell(s, state, pop, torch.randn(pop.size))
+        assert torch.isfinite(state.theta).all()
+
+
+def test_the_first_adam_step_is_lr_along_the_sign_of_the_estimate_in_net_units():
+    """Bias correction: after one generation ``m_hat / sqrt(v_hat) = g / |g|``, so every free
+    coordinate moves by ``lr`` in normalised units, ``lr * scale`` in the net's."""
+    s = strategy(sizes=(6, 5, 3), pop=8, lr=0.02, sigma_blocks="biases.1=3")
+    state = es.init(s, torch.zeros(s.layout.n))
+    pop = es.ask(s, state)
+    losses = torch.randn(pop.size)
+    g = es.gradient(pop, losses)
+    es.tell(s, state, pop, losses)
+    torch.testing.assert_close(state.theta, -0.02 * s.scale * g.sign(), rtol=1e-5, atol=1e-9)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(0, 2**64 - 1), st.integers(0, 10**6), st.integers(0, 40))
+def test_every_offset_leaves_a_whole_noise_vector_inside_the_table(seed, generation, extra):
+    s = strategy(sizes=(2, 3, 2), rank=0, seed=seed, pop=16, table_size=18 + extra)  # noise_dim 17
+    offsets = s.offsets(generation)
+    assert len(offsets) == s.pairs
+    assert all(o >= 0 and o + s.noise_dim <= s.table_size for o in offsets)
 
 
 @pytest.mark.parametrize("rank", [0, 2])
@@ -199,6 +236,7 @@ def test_a_frozen_block_is_never_perturbed_updated_or_decayed(rank):
 @pytest.mark.parametrize("spec, match", [
     ("weights.9=0", "not in this net"), ("weights.0", "NAME=FACTOR"), ("biases.0=-1", ">= 0"),
     ("weights.0=x", "NAME=FACTOR"), ("weights.0=inf", "finite"),
+    ("weights.0=0, weights.0=2", "'weights.0' is given twice"),
     ("weights.0=0,biases.0=0,weights.1=0,biases.1=0,weights.2=0,biases.2=0", "freeze every"),
 ])
 def test_bad_sigma_blocks_are_clear_errors(spec, match):
@@ -211,6 +249,13 @@ def test_bad_sigma_blocks_are_clear_errors(spec, match):
     ({"lr": -1.0}, "lr must be > 0, got -1.0"), ({"sigma_decay": 1.5}, r"sigma_decay must be in"),
     ({"weight_decay": float("nan")}, "weight_decay must be >= 0, got nan"),
     ({"rank": -1}, "rank"), ({"sigma_scale": "x"}, "sigma_scale"), ({"table_size": 10}, "small"),
+    ({"sigma": math.inf}, "sigma must be finite, got inf"),
+    ({"lr": math.inf}, "lr must be finite, got inf"),
+    ({"weight_decay": math.inf}, "weight_decay must be finite, got inf"),
+    ({"sigma": 0.1, "sigma_min": 0.2}, "sigma_min 0.2 is above sigma 0.1"),
+    ({"lr": 0.01, "lr_min": 0.1}, "lr_min 0.1 is above lr 0.01"),
+    ({"sigma_decay": 0.99}, "sigma_decay 0.99 needs sigma_min > 0"),
+    ({"lr": 0.1, "weight_decay": 10.0}, r"lr \* weight_decay = 1 must be < 1"),
 ])
 def test_bad_hyperparameters_are_clear_errors(kw, match):
     with pytest.raises(ValueError, match=match):

@@ -100,17 +100,45 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
     assert strip(train(net(seed=2), rings(), cfg, final, progress=False)) == strip(ref_rows)
 
 
-def test_a_generation_with_no_finite_loss_stops_with_a_clear_error():
+@pytest.mark.parametrize("fitness", ["loss", "error"])
+def test_a_generation_with_no_finite_loss_stops_with_a_clear_error(fitness):
+    """Also with fitness=error: NaN logits still have an argmax, so their accuracy alone would
+    let a diverged generation go on."""
     data = rings()
     data.x_train[:] = float("nan")
+    cfg = Config(steps=3, init_gain=None, fitness=fitness, **FAST)
     with pytest.raises(es.DivergedError, match="generation 0"):
-        train(net(), data, Config(steps=3, init_gain=None, **FAST), progress=False)
+        train(net(), data, cfg, progress=False)
+
+
+def test_lowrank_resume_with_schedules_and_decay_is_bit_identical(tmp_path):
+    """Stopped at a checkpoint and resumed, a low-rank run whose sigma and lr decay to their
+    floors and whose weights decay ends exactly as the uninterrupted one: every schedule is a
+    function of the checkpointed generation."""
+    cfg = Config(steps=24, eval_every=6, checkpoint_every=6, perturbation="lowrank", rank=2,
+                 sigma_decay=0.9, sigma_min=0.01, lr_decay=0.9, lr_min=0.01,
+                 weight_decay=0.5, fitness="error", **FAST)
+    config = dataclasses.asdict(cfg)
+    whole = net()
+    ref = train(whole, rings(), cfg, Run.open(tmp_path / "whole", config), progress=False)
+    assert ref[-1]["sigma"] == cfg.sigma_min  # the floor was reached before the stop
+    train(net(), rings(), dataclasses.replace(cfg, steps=18), Run.open(tmp_path / "part", config),
+          progress=False)
+    run = Run.open(tmp_path / "part", config, resume=True)
+    assert run.resumed_state["step"] == 18
+    resumed = net(seed=1)
+    rows = train(resumed, rings(), cfg, run, progress=False)
+    assert all(torch.equal(a, b) for a, b in
+               zip(whole.state_dict().values(), resumed.state_dict().values(), strict=True))
+    assert [r["test_acc"] for r in rows] == [r["test_acc"] for r in ref]
 
 
 @pytest.mark.parametrize("changes, match", [
     ({"perturbation": "sparse"}, "perturbation"), ({"fitness": "reward"}, "fitness"),
     ({"pop": 9}, "even"), ({"steps": 0}, "steps"), ({"init_gain": 0.0}, "init_gain"),
     ({"batch_size": 10_000}, "batch_size"), ({"device": "cuda:x"}, "unknown device 'cuda:x'"),
+    ({"sigma_decay": 0.9}, "needs sigma_min > 0"), ({"sigma_min": 1.0}, "above sigma"),
+    ({"sigma_blocks": "weights.7=0"}, "not in this net"),
 ])
 def test_bad_config_is_a_clear_error(changes, match):
     with pytest.raises(ValueError, match=match):

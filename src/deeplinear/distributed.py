@@ -189,7 +189,7 @@ class RayEvaluator:
                  threads: int | None = None, timeout_s: float = 300.0,
                  max_retries: int = 2) -> None:
         ray = self._ray = require_ray()
-        threads = threads or cfg.threads or 1
+        threads = threads if threads is not None else cfg.threads or 1  # 0 is an error
         for name, value, ok in (("--workers", workers, workers is None or workers >= 1),
                                 ("--threads", threads, threads >= 1),
                                 ("timeout_s", timeout_s, timeout_s > 0)):

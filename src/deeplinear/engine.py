@@ -76,6 +76,16 @@ def member_accuracy(logits: Tensor, y: Tensor) -> Tensor:
     return (logits.argmax(-1) == y).float().mean(-1)
 
 
+def member_errors(loss: Tensor, accuracy: Tensor) -> Tensor:
+    """``1 - accuracy`` as a fitness, NaN where the loss is not finite.
+
+    Why: a diverged member's argmax over NaN logits still names a class, so its accuracy is
+    whatever that class scores (measured up to 42% on a 5-class batch); its error must rank it
+    worst as its loss would, and a generation of only such members must stop the run.
+    """
+    return torch.where(torch.isfinite(loss), 1 - accuracy.double(), math.nan)
+
+
 def stacked_logits(net: DeepLinear, layout: Layout, members: Tensor, x: Tensor,
                    buf: Callable[..., Tensor] | None = None) -> Tensor:
     """Logits ``(m, batch, classes)`` of ``m`` parameter vectors ``members`` ``(m, layout.n)`` on
@@ -145,7 +155,11 @@ class Engine:
     @torch.no_grad()
     def losses(self, pop: Population, x: Tensor, y: Tensor,
                with_accuracy: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-        """Mean cross-entropy of each member on ``(x, y)``, shape ``(pop.size,)`` (+ accuracy)."""
+        """Mean cross-entropy of each member on ``(x, y)``, shape ``(pop.size,)`` (+ accuracy).
+
+        A member whose weights overflow gets its own NaN or inf loss (the fitness shaping ranks
+        it worst); no other member's value changes, as each row of a product is its own sum.
+        """
         if len(y) != len(x):
             raise ValueError(f"got {len(x)} inputs but {len(y)} labels; pass one label per row")
         y = y.to(self.device)

@@ -4,9 +4,10 @@ Why ES: the network's only nonlinearity is the underflow rule, a dead zone whose
 almost everywhere and which jumps at the threshold; backprop cannot see the jump, a search
 distribution smooths it. The strategy is the textbook one: antithetic pairs, centred-rank fitness
 shaping, Adam on the gradient estimate, decoupled L2 weight decay (``theta *= 1 - lr * wd`` per
-generation, as AdamW: its strength does not depend on the scale of the noisy estimate), and
-schedules ``max(sigma_min, sigma * sigma_decay**g)`` (likewise for ``lr``) that are
-pure functions of the generation ``g``.
+generation, as AdamW: its strength does not depend on the scale of the noisy estimate; so
+``lr * weight_decay < 1``), and schedules ``max(sigma_min, sigma * sigma_decay**g)`` (likewise
+for ``lr``) that are pure functions of the generation ``g`` (a floor is at most its start, and a
+decaying sigma needs one: 0 is no floor, sigma would reach 0 and the estimate divides by it).
 
 Coordinates. The strategy works in *normalised* coordinates ``theta' = theta / scale``, one scale
 per parameter from the :class:`Layout`: with ``sigma_scale='fan_in'`` a weight matrix gets
@@ -43,6 +44,7 @@ from torch import Tensor, nn
 from deeplinear.nets import parse_sizes
 
 SIGMA_SCALES = ("fan_in", "none")
+TABLE_SIZE = 1 << 25  # default noise table: 128 MiB of float32, 50x the 2017 net's parameters
 _MASK64 = (1 << 64) - 1
 
 
@@ -195,7 +197,7 @@ class Strategy:
     weight_decay: float = 0.0
     rank: int = 0
     seed: int = 0
-    table_size: int = 1 << 25
+    table_size: int = TABLE_SIZE
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8
@@ -217,12 +219,35 @@ class Strategy:
                                ("weight_decay", self.weight_decay >= 0, ">= 0")):
             if not ok:  # NaN fails every comparison, so it lands here too
                 raise ValueError(f"{name} must be {need}, got {getattr(self, name)}")
+        self._check_schedules()
         if self.rank < 0:
             raise ValueError(f"rank must be 0 (full-rank noise) or >= 1, got {self.rank}")
         _ = self.scale  # building it checks sigma_scale and sigma_blocks, with their own errors
         if self.table_size <= self.noise_dim:
             raise ValueError(f"noise table of {self.table_size} values is too small for "
                              f"{self.noise_dim} noise values per member; raise table_size")
+
+    def _check_schedules(self) -> None:
+        """Schedules that cannot work: an infinite value, a floor above the start (it would
+        silently replace it), a decaying sigma without a floor (it reaches 0 in float64, after
+        ~1080 generations at decay 0.5 or ~74,000 at 0.99, and the estimate divides by it: NaN
+        weights, then ZeroDivisionError), and a decay factor ``1 - lr * weight_decay`` that is
+        not positive (it flips or zeroes theta)."""
+        for name in ("sigma", "sigma_min", "lr", "lr_min", "weight_decay"):
+            if math.isinf(getattr(self, name)):
+                raise ValueError(f"{name} must be finite, got {getattr(self, name)}")
+        for name in ("sigma", "lr"):
+            start, floor = getattr(self, name), getattr(self, f"{name}_min")
+            if floor > start:
+                raise ValueError(f"{name}_min {floor} is above {name} {start}: the floor would "
+                                 f"replace the start; lower {name}_min")
+        if self.sigma_decay < 1 and self.sigma_min == 0:
+            raise ValueError(f"sigma_decay {self.sigma_decay} needs sigma_min > 0: without a "
+                             "floor sigma decays to 0 and the ES estimate divides by it")
+        if self.lr * self.weight_decay >= 1:
+            raise ValueError(f"lr * weight_decay = {self.lr * self.weight_decay:g} must be < 1 "
+                             "(theta is multiplied by 1 - lr * weight_decay each generation); "
+                             "lower weight_decay")
 
     @property
     def pairs(self) -> int:
@@ -305,6 +330,8 @@ def parse_sigma_blocks(spec: str) -> dict[str, float]:
         if not factor >= 0 or math.isinf(factor):
             raise ValueError(f"bad sigma block {item!r}: write NAME=FACTOR with a finite "
                              "FACTOR >= 0, e.g. weights.0=0,biases.1=2")
+        if name.strip() in out:
+            raise ValueError(f"sigma block {name.strip()!r} is given twice; keep one")
         out[name.strip()] = factor
     return out
 
@@ -475,8 +502,12 @@ def gradient(pop: Population, losses: Tensor) -> Tensor:
 def tell(strategy: Strategy, state: State, pop: Population, losses: Tensor) -> State:
     """Update ``state`` in place from the members' losses (lower is better) and return it.
 
-    Adam step on the gradient estimate in normalised coordinates, then decoupled decay.
+    Adam step on the gradient estimate in normalised coordinates, then decoupled decay. A frozen
+    block (scale 0) keeps its values: it is not decayed, and its step is multiplied by its scale
+    (its Adam moments still follow the estimate, unused).
     """
+    if pop.strategy != strategy:  # its noise and scale would mix with this one's lr and scale
+        raise ValueError("population comes from another strategy than the one told; ask this one")
     if pop.generation != state.generation:
         raise ValueError(f"population of generation {pop.generation} told to a state at "
                          f"generation {state.generation}; ask again")

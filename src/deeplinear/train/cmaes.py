@@ -37,7 +37,13 @@ import torch
 
 from deeplinear import es
 from deeplinear.data import Dataset
-from deeplinear.engine import CHUNK_CACHE_BYTES, member_accuracy, member_losses, stacked_logits
+from deeplinear.engine import (
+    CHUNK_CACHE_BYTES,
+    member_accuracy,
+    member_errors,
+    member_losses,
+    stacked_logits,
+)
 from deeplinear.nets import DeepLinear
 from deeplinear.runs import Progress, Run, rng_state, set_rng_state
 from deeplinear.train import check_evolution_config, check_evolvable, scores
@@ -67,6 +73,8 @@ class Config:
             raise ValueError(f"pop must be >= 2, got {self.pop}")
         if not (self.sigma > 0 and math.isfinite(self.sigma)):
             raise ValueError(f"sigma must be a positive number, got {self.sigma}")
+        if not 0 <= self.seed < 2**32:  # numpy's RandomState takes no other seed
+            raise ValueError(f"seed must be in [0, 2**32) for CMA-ES, got {self.seed}")
 
 
 def _cma() -> Any:
@@ -80,11 +88,12 @@ def _cma() -> Any:
 def strategy(theta: np.ndarray, cfg: Config) -> Any:
     """A ``cma.CMAEvolutionStrategy`` around ``theta`` drawing from its own seeded RandomState.
 
-    ``cma`` also seeds numpy's global generator with its ``seed`` option (``cfg.seed + 1``: 0
-    would mean "from the clock"); no sample depends on it. Its stopping rules are off: the run
-    lasts ``cfg.steps`` generations.
+    ``cma`` seeds numpy's global generator from its ``seed`` option only when it samples with
+    ``np.random.randn``; with our ``randn`` it would merely warn that the seed is unused, so the
+    option is NaN ("no seeding") and the global generator is never touched. Its stopping rules
+    are off: the run lasts ``cfg.steps`` generations.
     """
-    opts = {"seed": cfg.seed + 1, "randn": np.random.RandomState(cfg.seed).randn,
+    opts = {"seed": math.nan, "randn": np.random.RandomState(cfg.seed).randn,
             "verbose": -9, "verb_log": 0, "verb_disp": 0, "maxiter": math.inf,
             "tolfun": 0, "tolfunhist": 0, "tolx": 0, "tolstagnation": math.inf,
             "tolflatfitness": math.inf, "tolconditioncov": False}
@@ -100,17 +109,19 @@ def fitness(model: DeepLinear, layout: es.Layout, candidates: list[np.ndarray], 
     mean of the finite ones.
 
     The candidates run stacked, a chunk at a time (:func:`deeplinear.engine.stacked_logits`: one
-    bmm per layer, bit-identical to loading each into ``model`` with one thread).
+    bmm per layer, bit-identical to loading each into ``model`` with one thread). A bmm over one
+    matrix runs as a plain ``mm``, which may split its reduction across threads and round
+    otherwise: so a candidate alone in its chunk runs twice in one batch, one copy kept.
     """
     members = torch.from_numpy(np.asarray(candidates, dtype=np.float32))
-    per_chunk = max(1, CHUNK_CACHE_BYTES // (4 * len(x) * sum(layout.sizes[1:])))
+    per_chunk = max(2, CHUNK_CACHE_BYTES // (4 * len(x) * sum(layout.sizes[1:])))
     values: list[float] = []
     for chunk in members.split(per_chunk):
-        logits = stacked_logits(model, layout, chunk, x)
-        if kind == "loss":
-            values += member_losses(logits, y).tolist()
-        else:
-            values += (1.0 - member_accuracy(logits, y).double()).tolist()
+        logits = stacked_logits(model, layout, chunk.repeat(2, 1) if len(chunk) == 1 else chunk,
+                                x)[:len(chunk)]
+        loss = member_losses(logits, y)
+        values += (loss if kind == "loss" else member_errors(loss, member_accuracy(logits, y))
+                   ).tolist()
     finite = [v for v in values if math.isfinite(v)]
     if not finite:
         raise es.DivergedError(f"all {len(values)} candidates of generation {generation} have "

@@ -29,7 +29,7 @@ import torch
 
 from deeplinear import es
 from deeplinear.data import Dataset
-from deeplinear.engine import DEFAULT_MAX_BYTES, Engine
+from deeplinear.engine import DEFAULT_MAX_BYTES, Engine, member_errors
 from deeplinear.nets import DeepLinear
 from deeplinear.runs import Progress, Run, rng_state, set_rng_state
 from deeplinear.train import (
@@ -62,10 +62,10 @@ class Config:
     weight_decay: float = 0.0  # decoupled: theta *= 1 - lr * weight_decay per generation
     perturbation: str = "full"  # full | lowrank (EGGROLL)
     rank: int = 1  # lowrank only
-    fitness: str = "loss"  # loss (mean cross-entropy) | error (1 - accuracy) on the minibatch
+    fitness: str = "loss"  # loss (mean cross-entropy) | error (1 - accuracy; NaN on NaN/inf loss)
     init_gain: float | None = 2.0  # pre-activation std at init, in thresholds (None: He init)
     center: bool = True  # centre layer 1's pre-activations at init
-    table_size: int = 1 << 25  # shared noise table (float32 values)
+    table_size: int = es.TABLE_SIZE  # shared noise table (float32 values)
     max_mb: int = DEFAULT_MAX_BYTES >> 20  # engine buffers
     threads: int | None = None  # torch threads, set once at the start
     device: str = "cpu"  # cpu | cuda | cuda:N
@@ -137,7 +137,7 @@ def train(model: DeepLinear, data: Dataset, cfg: Config, run: Run | None = None,
             loss, acc = engine.losses(pop, xb, yb, with_accuracy=True)
         else:
             loss, acc = evaluate(pop, idx)
-        es.tell(strategy, state, pop, loss if cfg.fitness == "loss" else 1 - acc)
+        es.tell(strategy, state, pop, loss if cfg.fitness == "loss" else member_errors(loss, acc))
         finite = loss[torch.isfinite(loss)]
         loss_sum, loss_n = loss_sum + float(finite.mean()), loss_n + 1
         done = gen + 1
