@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
+from typing import Literal, overload
 
 import numpy as np
 import torch
@@ -152,6 +153,14 @@ class Engine:
         return max(2, min(c // 2 * 2, s.pop))
 
     # -- evaluation ------------------------------------------------------------------------------
+    @overload
+    def losses(self, pop: Population, x: Tensor, y: Tensor,
+               with_accuracy: Literal[False] = False) -> Tensor: ...
+
+    @overload
+    def losses(self, pop: Population, x: Tensor, y: Tensor,
+               with_accuracy: Literal[True]) -> tuple[Tensor, Tensor]: ...
+
     @torch.no_grad()
     def losses(self, pop: Population, x: Tensor, y: Tensor,
                with_accuracy: bool = False) -> Tensor | tuple[Tensor, Tensor]:
@@ -184,13 +193,13 @@ class Engine:
             raise ValueError(f"need x of shape (batch, {n_in}), got {tuple(x.shape)}")
         x = x.to(self.device, torch.float32).contiguous()
         c = self.members_per_chunk(len(x))
-        base = None
+        base = None  # low rank: x @ W1, shared by every member
         if self.strategy.rank:
             w1, _ = self.strategy.layout.layer(pop.theta, 0)
             base = torch.mm(x, w1, out=self._buf("base", len(x), w1.shape[1]))
         for start in range(0, pop.size, c):
             pairs = range(start // 2, min(start + c, pop.size) // 2)
-            if self.strategy.rank:
+            if base is not None:
                 yield start, self._chunk_lowrank(pop, pairs, x, base)
             else:
                 yield start, self._chunk_full(pop, pairs, x)
@@ -212,7 +221,7 @@ class Engine:
             return self._chunk_lowrank(pop, [pairs[0], pairs[0]], x, base)[:2]
         layout, k, b = self.strategy.layout, len(pairs), len(x)
         factors = pop.lowrank_factors(pairs)
-        h = None
+        h = x  # the layer's input (layer 1 reads it through base and x @ A)
         for i, (a, bs, db) in enumerate(factors):
             w, bias = layout.layer(pop.theta, i)
             n_in, n_out = w.shape

@@ -139,7 +139,7 @@ class Layout:
         return s
 
     def _params(self, net: nn.Module) -> dict[str, Tensor]:
-        params = dict(net.named_parameters())
+        params: dict[str, Tensor] = dict(net.named_parameters())
         if {k: tuple(v.shape) for k, v in params.items()} != {b.name: b.shape for b in self.blocks}:
             raise ValueError(f"net does not match layout {','.join(map(str, self.sizes))}: "
                              "build the strategy from this net's sizes")
@@ -354,8 +354,8 @@ class State:
 
     @classmethod
     def from_state_dict(cls, d: dict[str, Any], device: str = "cpu") -> State:
-        return cls(*(d[k].to(device, copy=True) for k in ("theta", "m", "v")),
-                   int(d["generation"]))
+        theta, m, v = (d[k].to(device, copy=True) for k in ("theta", "m", "v"))
+        return cls(theta, m, v, int(d["generation"]))
 
 
 def init(strategy: Strategy, theta: Tensor) -> State:

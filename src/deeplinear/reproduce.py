@@ -28,7 +28,7 @@ from deeplinear.bench import cpu_model
 from deeplinear.cli.eval import load_final
 from deeplinear.collapse import collapse_gap
 from deeplinear.data import Dataset, data_dir_for, load_dataset
-from deeplinear.nets import MLP, DeepLinear, SoftmaxRegression, default_sizes
+from deeplinear.nets import MLP, DeepLinear, Mode, SoftmaxRegression, default_sizes
 from deeplinear.report import (
     plot_decision_regions,
     plot_learning_curves,
@@ -176,7 +176,7 @@ def decision_grid(model: nn.Module, data: Dataset, n: int = 200) -> tuple[Any, A
     xs, ys = (torch.linspace(float(lo[i]), float(hi[i]), n) for i in (0, 1))
     xx, yy = torch.meshgrid(xs, ys, indexing="xy")
     grid = torch.stack([xx.reshape(-1), yy.reshape(-1)], 1)
-    mode = "exact" if isinstance(model, DeepLinear) else "scaled"
+    mode: Mode = "exact" if isinstance(model, DeepLinear) else "scaled"
     zz = evaluate.logits(model, grid, mode).argmax(1).reshape(n, n)
     return xx.numpy(), yy.numpy(), zz.numpy()
 
@@ -192,6 +192,7 @@ def run_task(name: str, data: Dataset, steps: Budget, semantics: Semantics, seed
             m, data, sizes, seed, out / name / _slug(m.name), resume,
             {"name": name, "data_dir": data_dir, "seed": seed})
     aware = models["deep linear, float-aware backprop"]
+    assert isinstance(aware, DeepLinear)  # methods() builds it
     task: dict[str, Any] = {
         "dataset": name, "sizes": sizes,
         "description": (f"{data.n_features} features, {data.n_classes} classes, "

@@ -142,9 +142,9 @@ def train(model: DeepLinear, data: Dataset, cfg: Config, run: Run | None = None,
     x, y = data.x_train, data.y_train
 
     g = torch.Generator().manual_seed(cfg.seed)
-    saved = run.resumed_state if run is not None else None
     rows: list[dict[str, Any]] = []
-    if saved is not None:
+    if run is not None and run.resumed_state is not None:
+        saved = run.resumed_state
         opt = pickle.loads(saved["cma"])
         set_rng_state(saved["rng"], g)
         start, wall0, loss_sum, loss_n = saved["step"], saved["wall_s"], saved["loss_sum"], \
@@ -181,7 +181,7 @@ def train(model: DeepLinear, data: Dataset, cfg: Config, run: Run | None = None,
             rows.append(row)
             if run is not None:
                 run.log(row)
-        if is_ckpt:
+        if is_ckpt and run is not None:
             run.checkpoint({"step": done, "cma": pickle.dumps(opt), "rng": rng_state(g),
                             "model": model.state_dict(), "wall_s": wall0 + time.perf_counter() - t0,
                             "loss_sum": loss_sum, "loss_n": loss_n, "config": asdict(cfg)})

@@ -113,9 +113,9 @@ def train(model: DeepLinear, data: Dataset, cfg: Config, run: Run | None = None,
     strategy = cfg.strategy(layout)
     engine = Engine(model, strategy, max_bytes=cfg.max_mb << 20)
     g = torch.Generator().manual_seed(cfg.seed)
-    saved = run.resumed_state if run is not None else None
     rows: list[dict[str, Any]] = []
-    if saved is not None:
+    if run is not None and run.resumed_state is not None:
+        saved = run.resumed_state
         state = es.State.from_state_dict(saved["es"], cfg.device)
         set_rng_state(saved["rng"], g)
         wall0, loss_sum, loss_n = saved["wall_s"], saved["loss_sum"], saved["loss_n"]
@@ -152,7 +152,7 @@ def train(model: DeepLinear, data: Dataset, cfg: Config, run: Run | None = None,
             rows.append(row)
             if run is not None:
                 run.log(row)
-        if is_ckpt:
+        if is_ckpt and run is not None:
             run.checkpoint({"step": done, "es": state.state_dict(), "rng": rng_state(g),
                             "model": model.state_dict(), "wall_s": wall0 + time.perf_counter() - t0,
                             "loss_sum": loss_sum, "loss_n": loss_n, "config": asdict(cfg)})
