@@ -43,8 +43,9 @@ def readout(h_train: torch.Tensor, y_train: torch.Tensor, h_test: torch.Tensor,
 
     opt.step(closure)
     with torch.no_grad():
-        return tuple(float(((z @ w + c).argmax(1) == y).float().mean())  # type: ignore[return-value]
-                     for z, y in ((a, y_train), (b, y_test)))
+        train, test = (float(((z @ w + c).argmax(1) == y).float().mean())
+                       for z, y in ((a, y_train), (b, y_test)))
+    return train, test
 
 
 def main(argv: list[str] | None = None) -> int:
