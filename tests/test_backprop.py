@@ -223,3 +223,22 @@ def test_bad_settings_are_one_line_errors(rings, model, cfg, match):
 def test_cuda_without_a_gpu_names_the_fix(rings):
     with pytest.raises(ValueError, match="no CUDA device here; use --device cpu"):
         train(deep(), rings, Config(device="cuda"), progress=False)
+
+
+def test_flushed_fraction_sees_a_flush_inside_the_matmul():
+    """Under scope 'all' (CPU_FTZ_DAZ) trace's u is already flushed inside the matmul, so
+    counting ``u != 0 and h == 0`` on it missed every unit whose whole dot product underflowed
+    (measured 0.25 instead of 0.46 here); the logged 'flushed' is probes.occupancy's mean."""
+    from deeplinear.arithmetic import CPU_FTZ_DAZ, TF_GPU
+    from deeplinear.probes import occupancy
+
+    x = torch.rand(64, 64, generator=torch.Generator().manual_seed(1))
+    fractions = {}
+    for sem in (CPU_FTZ_DAZ, TF_GPU):
+        net = DeepLinear((64, 32, 32, 10), semantics=sem,
+                         generator=torch.Generator().manual_seed(0))
+        hidden = occupancy(net, x, "scaled")[:-1]
+        fractions[sem.underflow] = backprop._flushed_fraction(net, x)
+        assert fractions[sem.underflow] == pytest.approx(sum(hidden) / len(hidden))
+    # same weights and inputs: scope only moves where the flush happens, not how much is flushed
+    assert fractions["ftz_daz"] == pytest.approx(fractions["ftz"], abs=0.02)

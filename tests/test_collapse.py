@@ -59,3 +59,22 @@ def test_collapse_gap_on_the_blog_net(mode, uniform_inputs):
     assert gaps["ftz"].relative > 0.05
     assert gaps["ftz_daz"].relative > 0.05
     assert set(gaps["ieee"].as_dict()) == {"relative", "max_abs", "argmax_agreement"}
+
+
+def test_collapse_gap_bad_inputs_are_one_line_errors():
+    net = DeepLinear((4, 5, 3), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="4 features"):
+        collapse_gap(net, torch.rand(3, 5))
+    with pytest.raises(ValueError, match="torch tensor"):
+        collapse_gap(net, [[1.0] * 4])  # type: ignore[arg-type]
+    x = torch.rand(3, 4)
+    x[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):  # was a silent nan gap with agreement 1.0
+        collapse_gap(net, x)
+
+
+def test_collapse_gap_of_one_row_and_of_float64_inputs():
+    net = DeepLinear((4, 5, 3), semantics=IEEE, generator=torch.Generator().manual_seed(0))
+    x = torch.rand(4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    gap = collapse_gap(net, x)  # one row: was an IndexError from argmax(1)
+    assert gap.argmax_agreement == 1.0 and gap.relative < 1e-6

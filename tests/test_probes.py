@@ -163,3 +163,19 @@ def test_probe_report_small_net():
         probe_report("64,32,10", ["GPU"])
     with pytest.raises(ValueError, match="n_fit"):
         probe_report("64,32,10", ["IEEE"], n_fit=100)
+
+
+def test_unit_out_of_range_and_dead_units_are_clear_errors():
+    net = make_nets("8,4,3", ["TF_GPU"], seed=0)["TF_GPU"]
+    with pytest.raises(ValueError, match="unit 4 out of range"):
+        unit_ray(net, unit=4)  # was an IndexError deep in torch
+    x0, d = unit_ray(net, unit=0)
+    t = torch.linspace(-1, 1, 5, dtype=torch.float64)
+    with pytest.raises(ValueError, match="unit 3 out of range"):
+        implicit_activation(net, x0, d, t, layer=1, unit=3)  # the output has 3 units
+    with pytest.raises(ValueError, match="unit -1 out of range"):
+        implicit_activation(net, x0, d, t, layer=0, unit=-1)  # was silently the last unit
+    with torch.no_grad():
+        net.weights[0][:, 2] = 0
+    with pytest.raises(ValueError, match="pick another unit"):  # was a NaN ray
+        unit_ray(net, unit=2)

@@ -102,3 +102,24 @@ def test_bad_kind_and_tau_are_clear_errors():
         make_under(net, "relu")
     with pytest.raises(ValueError, match="tau"):
         make_under(net, "smooth", tau=0.0)
+
+
+@pytest.mark.parametrize("tau", [float("inf"), float("nan"), -1.0, 1e-45, 1e-310])
+@pytest.mark.parametrize("sem", [TF_GPU, IEEE], ids=["TF_GPU", "IEEE"])
+def test_unusable_tau_is_a_clear_error(sem, tau):
+    """inf relaxed the dead zone to u/2 (slope 0.5 everywhere); a width that is zero or subnormal
+    in float32 gave NaN gradients; on a staircase a bad tau was silently accepted."""
+    with pytest.raises(ValueError, match="finite tau"):
+        make_under(DeepLinear([3, 4, 2], semantics=sem), "smooth", tau=tau)
+
+
+@pytest.mark.parametrize("tau", [1e-30, 1e-3, 0.3, 30.0])
+def test_smooth_gradient_is_finite_for_every_accepted_tau(tau):
+    net = DeepLinear([3, 4, 2])
+    u = probe_values(net.threshold)
+    g = grad_of(make_under(net, "smooth", tau=tau), u)
+    assert torch.isfinite(g).all() and (g >= 0).all()
+    # at |u| == t the sigmoid is 1/2: slope 1/2 + 1/(4 tau) (in float32)
+    at_t = (u.abs() == net.threshold)
+    assert at_t.sum() >= 2
+    assert g[at_t].tolist() == pytest.approx([0.5 + 1 / (4 * tau)] * int(at_t.sum()), rel=1e-6)

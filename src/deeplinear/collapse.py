@@ -38,6 +38,14 @@ class CollapseGap:
 
 @torch.no_grad()
 def collapse_gap(net: DeepLinear, x: Tensor, mode: Mode = "exact") -> CollapseGap:
+    """The float net on ``x`` (shape ``(batch, sizes[0])``, or one row) against its collapse.
+
+    Both sides see the same float32 inputs (the net rounds ``x`` to float32 before layer 1).
+    """
+    x = net._input(x)  # a one-line error for a non-tensor or a wrong feature count
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("inputs contain NaN or infinity: the collapse gap needs finite inputs "
+                         "(drop or impute those rows)")
     w, b = collapse(net)
     lin = x.double() @ w + b
     out = net(x, mode=mode).double()
@@ -45,5 +53,5 @@ def collapse_gap(net: DeepLinear, x: Tensor, mode: Mode = "exact") -> CollapseGa
     return CollapseGap(
         relative=float(diff.norm() / lin.norm().clamp_min(1e-300)),
         max_abs=float(diff.abs().max()),
-        argmax_agreement=float((out.argmax(1) == lin.argmax(1)).double().mean()),
+        argmax_agreement=float((out.argmax(-1) == lin.argmax(-1)).double().mean()),
     )

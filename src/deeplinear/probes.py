@@ -179,9 +179,9 @@ def find_counterexamples(law: Law, semantics: Semantics, n: int = 100_000,
 
     a, b (and c for associativity) are ``±min * 2**U(-(p-1), p-1)`` for the format's precision p:
     from the smallest subnormal up to where sums can still cancel into the subnormal range. For
-    distributivity c is ``±2**U(-(p-1), hi)`` with ``hi`` up to ``1/min`` (capped below the
-    format's max), so products land anywhere from far below min to order one, as in the blog's
-    c = 1/min. Values are drawn in float64 and rounded to the format.
+    distributivity c is ``±2**U(-(p-1), hi)`` with ``2**hi`` up to ``2**(p-1) / min`` (capped
+    below the format's max), so products land anywhere from far below min to beyond order one,
+    covering the blog's c = 1/min. Values are drawn in float64 and rounded to the format.
     """
     if law not in LAWS:
         raise ValueError(f"unknown law {law!r}; use {' or '.join(LAWS)}")
@@ -286,8 +286,19 @@ class ImplicitActivation:
 
 def unit_ray(net: DeepLinear, unit: int = 0) -> tuple[Tensor, Tensor]:
     """``(x0, d)`` with x0 = 0 and d along W1[:, unit], scaled so that unit's u is ``t + b``."""
+    _check_unit(net, 0, unit)
     w = net.weights[0].detach()[:, unit]
-    return torch.zeros_like(w), w / w.dot(w)
+    norm2 = w.double().dot(w.double())
+    if not (torch.isfinite(norm2) and norm2 > 0):
+        raise ValueError(f"layer-1 unit {unit} has zero or non-finite weights, so no ray "
+                         "through the inputs moves it; pick another unit")
+    return torch.zeros_like(w), (w.double() / norm2).to(w.dtype)
+
+
+def _check_unit(net: DeepLinear, layer: int, unit: int) -> None:
+    n = net.sizes[layer + 1]
+    if not 0 <= unit < n:
+        raise ValueError(f"unit {unit} out of range: layer {layer + 1} has {n} units (0..{n - 1})")
 
 
 def _float_blind(net: DeepLinear, x: Tensor, layers: int) -> Tensor:
@@ -303,6 +314,7 @@ def implicit_activation(net: DeepLinear, x0: Tensor, d: Tensor, t: Tensor, layer
     """The activation that underflow implements, seen by one unit along a ray through inputs."""
     if not 0 <= layer < len(net.weights):
         raise ValueError(f"layer {layer} out of range: the net has {len(net.weights)} layers")
+    _check_unit(net, layer, unit)
     x = x0 + t.to(x0.dtype)[:, None] * d
     u, h = layer_values(net, x, mode)[layer]
     return ImplicitActivation(t, u[:, unit], h[:, unit])

@@ -22,6 +22,8 @@ network trained is the network deployed); they differ only in the gradient they 
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -64,6 +66,19 @@ def smooth_dead_zone_grad(t: float, tau: float) -> Under:
     return dfdu
 
 
+def check_tau(tau: float, threshold: float) -> None:
+    """A one-line error unless ``tau`` (in thresholds) gives a usable relaxation width.
+
+    It must be finite (``tau = inf`` relaxes the dead zone to ``u / 2``, not to the rule) and
+    ``tau * threshold`` a normal float32: a width that is zero or subnormal in float32 makes the
+    derivative ``0 / 0`` (NaN) everywhere.
+    """
+    if not (math.isfinite(tau) and tau * threshold >= torch.finfo(torch.float32).tiny):
+        raise ValueError(f"smooth surrogate needs a finite tau > 0 (in thresholds, e.g. "
+                         f"{DEFAULT_TAU}) whose width tau * threshold is a normal float32, "
+                         f"got tau={tau}")
+
+
 def make_under(net: DeepLinear, kind: str, tau: float = DEFAULT_TAU) -> Under:
     """The ``under=`` function for ``net.forward(x, 'scaled', under=...)`` for one surrogate kind.
 
@@ -80,11 +95,11 @@ def make_under(net: DeepLinear, kind: str, tau: float = DEFAULT_TAU) -> Under:
     if kind == "smooth" and regime == "saturation":
         raise ValueError("the smooth surrogate relaxes a dead zone or a staircase, not "
                          "saturation; use exact or ste")
+    if kind == "smooth":
+        check_tau(tau, net.threshold)
     dead = regime == "ftz-deadzone" if regime is not None else net.semantics.flushes
     if kind == "ste" or not dead:  # a staircase's relaxation is the identity
         return lambda u: _RuleWithGrad.apply(u, rule, None)
-    if not tau > 0:
-        raise ValueError(f"smooth surrogate needs tau > 0, got {tau}")
     dfdu = smooth_dead_zone_grad(net.threshold, tau * net.threshold)
     return lambda u: _RuleWithGrad.apply(u, rule, dfdu)
 

@@ -48,6 +48,7 @@ from torch import Tensor, nn
 from deeplinear.arithmetic import hardware_ftz
 from deeplinear.data import Dataset
 from deeplinear.nets import DeepLinear
+from deeplinear.probes import occupancy
 from deeplinear.runs import Progress, Run, rng_state, set_rng_state
 from deeplinear.surrogate import DEFAULT_TAU, KINDS, make_under
 from deeplinear.train import check_counts, check_device, model_device, scores
@@ -168,10 +169,13 @@ def _finite(model: nn.Module) -> bool:
 
 
 def _flushed_fraction(net: DeepLinear, x: Tensor) -> float:
-    """Fraction of hidden pre-activations the real rule sends to zero (0: linear, 1: dead)."""
-    with torch.no_grad():
-        hidden = net.trace(x, "scaled")[:-1]
-        return float(sum(((u != 0) & (h == 0)).double().mean() for u, h in hidden) / len(hidden))
+    """Fraction of hidden pre-activations the real rule sends to zero (0: linear, 1: dead).
+
+    The mean over hidden layers of :func:`deeplinear.probes.occupancy`, whose pre-underflow values
+    also see a flush inside the matmul (scope ``all``), where ``trace``'s ``u`` is already flushed.
+    """
+    hidden = occupancy(net, x, "scaled")[:-1]
+    return sum(hidden) / len(hidden)
 
 
 def train(model: nn.Module, data: Dataset, cfg: Config, run: Run | None = None,
