@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from deeplinear import evaluate
-from deeplinear.arithmetic import FORMATS, IEEE
+from deeplinear.arithmetic import FORMATS, IEEE, ftz_is_on
 from deeplinear.collapse import collapse
 from deeplinear.data import load_dataset
 from deeplinear.nets import MLP, DeepLinear, SoftmaxRegression
@@ -120,6 +120,25 @@ def test_divergence_stops_with_a_clear_error_and_keeps_the_good_checkpoint(tmp_p
         train(deep(), rings, cfg, run=run, progress=False)
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+@pytest.mark.parametrize("lr", [1e-2, 1e30])  # a finished run and a diverged one
+def test_training_leaves_the_callers_ftz_state_as_it_found_it(rings, lr):
+    if not torch.set_flush_denormal(False):
+        pytest.skip("this CPU cannot flush")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # FTZ is per thread: one thread, so the probe sees the one we set
+    try:
+        for before in (True, False):
+            torch.set_flush_denormal(before)
+            try:
+                train(deep(), rings, Config(steps=20, lr=lr, eval_every=10), progress=False)
+            except ValueError:
+                assert lr > 1  # only the diverging run may stop
+            assert ftz_is_on() is before
+    finally:
+        torch.set_flush_denormal(False)
+        torch.set_num_threads(threads)
 
 
 def test_nan_data_stops_before_any_checkpoint(tmp_path, rings):

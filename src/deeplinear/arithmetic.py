@@ -366,7 +366,7 @@ def hardware_ftz(enabled: bool = True) -> Iterator[None]:
     One thread is the only way to be sure inside the *current* thread's existing OpenMP pool;
     use :func:`run_with_hardware_ftz` for multi-threaded work.
     """
-    threads, before = torch.get_num_threads(), _ftz_is_on()
+    threads, before = torch.get_num_threads(), ftz_is_on()
     if not torch.set_flush_denormal(enabled):
         raise RuntimeError("this CPU does not support flush-to-zero (needs SSE3 on x86)")
     torch.set_num_threads(1)
@@ -377,7 +377,7 @@ def hardware_ftz(enabled: bool = True) -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def _ftz_is_on() -> bool:
+def ftz_is_on() -> bool:
     """Whether this thread flushes now (torch can set the flag but not read it): a one-element
     product, computed in this thread, whose exact value is subnormal."""
     return bool(torch.tensor([2.0**-100]) * (2.0**-30) == 0)

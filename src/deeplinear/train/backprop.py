@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from deeplinear.arithmetic import hardware_ftz
+from deeplinear.arithmetic import ftz_is_on, hardware_ftz
 from deeplinear.data import Dataset
 from deeplinear.nets import DeepLinear
 from deeplinear.probes import occupancy
@@ -180,7 +180,21 @@ def _flushed_fraction(net: DeepLinear, x: Tensor) -> float:
 
 def train(model: nn.Module, data: Dataset, cfg: Config, run: Run | None = None,
           progress: bool = True) -> list[dict[str, Any]]:
-    """Train ``model`` in place; return the metric rows logged (one per evaluation)."""
+    """Train ``model`` in place; return the metric rows logged (one per evaluation).
+
+    Training runs with this thread's FTZ off (on where the Adam step sets it); the caller's FTZ
+    state and the model's device come back however the run ends, a divergence included.
+    """
+    home, ftz_before = model_device(model), ftz_is_on()
+    try:
+        return _train(model, data, cfg, run, progress)
+    finally:
+        torch.set_flush_denormal(ftz_before)
+        model.to(home)
+
+
+def _train(model: nn.Module, data: Dataset, cfg: Config, run: Run | None,
+           progress: bool) -> list[dict[str, Any]]:
     cfg.validate()
     n_in, n_out = io_sizes(model)
     if n_in != data.n_features or n_out != data.n_classes:
@@ -193,7 +207,7 @@ def train(model: nn.Module, data: Dataset, cfg: Config, run: Run | None = None,
     n = len(data.x_train)
     if cfg.batch_size > n:
         raise ValueError(f"batch_size {cfg.batch_size} exceeds the {n} training samples")
-    home, device = model_device(model), check_device(cfg.device)
+    device = check_device(cfg.device)
     model.to(device)
     x, y = data.x_train.to(device), data.y_train.to(device)
     per_epoch = n // cfg.batch_size
@@ -206,7 +220,7 @@ def train(model: nn.Module, data: Dataset, cfg: Config, run: Run | None = None,
     else:
         forward = model
 
-    ftz = torch.set_flush_denormal(False)  # True where the CPU can flush (x86 with SSE3)
+    ftz = torch.set_flush_denormal(False)  # FTZ off; True where the CPU can flush (x86, SSE3)
     g = torch.Generator().manual_seed(cfg.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     rows: list[dict[str, Any]] = []
@@ -268,5 +282,4 @@ def train(model: nn.Module, data: Dataset, cfg: Config, run: Run | None = None,
         if bar is not None:
             last = rows[-1]["test_acc"] if rows else float("nan")
             bar.update(done, force=done == cfg.steps, loss=value, test_acc=last)
-    model.to(home)
     return rows
