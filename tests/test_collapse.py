@@ -6,6 +6,8 @@ import functools
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from deeplinear.arithmetic import CPU_FTZ_DAZ, IEEE, TF_GPU
 from deeplinear.collapse import collapse, collapse_gap
@@ -39,6 +41,21 @@ def test_collapse_is_the_float64_product(sizes):
     torch.testing.assert_close(w, product, rtol=1e-12, atol=0)
     x = torch.rand(32, sizes[0], generator=g)
     torch.testing.assert_close(x.double() @ w + b, float64_forward(net, x), rtol=1e-10,
+                               atol=1e-12)
+
+
+@settings(max_examples=60, deadline=None)
+@given(sizes=st.lists(st.integers(1, 12), min_size=3, max_size=6), seed=st.integers(0, 2**31),
+       scale_exp=st.integers(0, 149))
+def test_collapse_is_the_float64_composition_for_any_shape_and_scale(sizes, seed, scale_exp):
+    g = torch.Generator().manual_seed(seed)
+    net = DeepLinear(sizes, scale_exp=scale_exp, generator=g)
+    with torch.no_grad():
+        for b in net.biases:
+            b.copy_(torch.randn(b.shape, generator=g))
+    w, b = collapse(net)
+    x = torch.randn(8, sizes[0], generator=g)
+    torch.testing.assert_close(x.double() @ w + b, float64_forward(net, x), rtol=1e-9,
                                atol=1e-12)
 
 
