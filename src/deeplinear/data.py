@@ -25,7 +25,7 @@ import time
 import urllib.error
 import urllib.request
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -565,6 +565,15 @@ def data_dir_for(name: str, data_dir: str | None) -> str | None:
     return data_dir if name in MNIST_LIKE else None
 
 
+def check_data_dir(names: Sequence[str], data_dir: str | os.PathLike[str] | None) -> None:
+    """Refuse ``data_dir`` when every one of ``names`` is built in (generated or bundled) rather
+    than ignore it, so a user who passes it learns it has no effect."""
+    built_in = [n for n in names if n in DATASETS and n not in MNIST_LIKE]
+    if data_dir is not None and built_in and len(built_in) == len(names):
+        raise DataError(f"--data-dir applies to {', '.join(MNIST_LIKE)}; {', '.join(built_in)} "
+                        "are built in, so drop --data-dir")
+
+
 def load_dataset(
     name: str,
     *,
@@ -578,10 +587,7 @@ def load_dataset(
     ``data_dir`` is for the MNIST-like sets (see :func:`load_mnist_like`); the generated and
     built-in sets refuse it rather than ignore it, so a user who passes it learns it has no effect.
     """
-    if data_dir is not None and name in DATASETS and name not in MNIST_LIKE:
-        raise DataError(
-            f"--data-dir applies to {', '.join(MNIST_LIKE)}; {name} is built in, so drop --data-dir"
-        )
+    check_data_dir([name], data_dir)
     if name in SYNTHETIC:
         ds = SYNTHETIC[name](seed=seed)
     elif name == "digits":

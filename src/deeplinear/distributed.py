@@ -190,12 +190,12 @@ class RayEvaluator:
                  max_retries: int = 2) -> None:
         ray = self._ray = require_ray()
         threads = threads if threads is not None else cfg.threads or 1  # 0 is an error
-        for name, value, ok in (("--workers", workers, workers is None or workers >= 1),
-                                ("--threads", threads, threads >= 1),
-                                ("timeout_s", timeout_s, timeout_s > 0)):
+        checks = (("--workers", workers, workers is None or workers >= 1, ">= 1"),
+                  ("--threads", threads, threads >= 1, ">= 1"),
+                  ("timeout_s", timeout_s, timeout_s > 0, "> 0"))
+        for name, value, ok, need in checks:
             if not ok:
-                raise ValueError(f"{name} must be >= 1, got {value}" if name != "timeout_s"
-                                 else f"timeout_s must be > 0, got {value}")
+                raise ValueError(f"{name} must be {need}, got {value}")
         if not isinstance(model, DeepLinear):
             raise ValueError(f"the Ray backend evaluates deep linear nets, not "
                              f"{type(model).__name__}")

@@ -97,6 +97,10 @@ def stacked_logits(net: DeepLinear, layout: Layout, members: Tensor, x: Tensor,
     *shape)`` supplies reused output tensors (the engine's buffers); without it each layer
     allocates.
     """
+    if len(members) == 1:
+        # A bmm over one matrix runs as a plain mm, which may split its sums across threads and
+        # round otherwise: a lone member runs twice in one batch, one copy kept.
+        return stacked_logits(net, layout, members.repeat(2, 1), x, buf)[:1]
     rule, flush_matmul = inplace_rule(net), net.semantics.matmul_flush
     m, b = len(members), len(x)
     h = x.expand(m, *x.shape)

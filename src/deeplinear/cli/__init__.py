@@ -11,6 +11,7 @@ import argparse
 import importlib
 import os
 import sys
+from pathlib import Path
 from typing import NoReturn
 
 from deeplinear import __version__
@@ -23,6 +24,12 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def absolute_path(text: str) -> str:
+    """argparse type of a path that runs record: absolute, since eval and --resume may run from
+    another directory."""
+    return str(Path(text).resolve())
 
 
 def summary(doc: str | None) -> str | None:

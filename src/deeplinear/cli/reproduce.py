@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 from deeplinear.arithmetic import PRESETS, get_semantics
-from deeplinear.cli import summary
-from deeplinear.data import DATASETS, MNIST_LIKE, data_dir_for
+from deeplinear.cli import absolute_path, summary
+from deeplinear.data import DATASETS, check_data_dir, data_dir_for
 from deeplinear.reproduce import BUDGETS, DEFAULT_DATASETS, reproduce
 
 
@@ -22,7 +22,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "README's figures, minutes; full: longer training")
     p.add_argument("--out", default="runs/reproduce", help="output directory")
     p.add_argument("--seed", type=int, default=0, help="seed of data, init, batches and noise")
-    p.add_argument("--data-dir", default=None, help="directory holding the IDX files")
+    p.add_argument("--data-dir", default=None, type=absolute_path,
+                   help="directory holding the IDX files")
     p.add_argument("--semantics", default="TF_GPU", choices=list(PRESETS),
                    help="the deep linear nets' semantics (default: %(default)s)")
     p.add_argument("--study", default="methods", choices=["methods", "regimes"],
@@ -43,11 +44,7 @@ def run(args: argparse.Namespace) -> int:
     if unknown or not datasets:
         raise ValueError(f"unknown dataset {', '.join(unknown) or '(none)'}; "
                          f"choose from {', '.join(DATASETS)}")
-    if args.data_dir is not None and not any(d in MNIST_LIKE for d in datasets):
-        raise ValueError(f"--data-dir applies to {', '.join(MNIST_LIKE)}; {', '.join(datasets)} "
-                         "are built in, so drop --data-dir")
-    if args.data_dir is not None:  # recorded absolute: eval and --resume may run elsewhere
-        args.data_dir = str(Path(args.data_dir).resolve())
+    check_data_dir(datasets, args.data_dir)
     if args.study == "regimes":
         if args.resume:
             raise ValueError("--resume continues a --study methods reproduction; the regimes "

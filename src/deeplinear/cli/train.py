@@ -25,7 +25,7 @@ from typing import Any
 from torch import nn
 
 from deeplinear.arithmetic import PRESETS, get_semantics
-from deeplinear.cli import summary
+from deeplinear.cli import absolute_path, summary
 
 MODELS = ("deeplinear", "mlp", "softmax")
 METHODS = ("backprop", "float-aware", "es", "cma-es")
@@ -69,7 +69,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help=f"float-aware gradient of the underflow (default {DEFAULT_SURROGATE})")
     p.add_argument("--dataset", required=True, help="spirals, rings, checkerboard, parity, "
                    "digits, mnist, fashion-mnist or kmnist")
-    p.add_argument("--data-dir", default=None,
+    p.add_argument("--data-dir", default=None, type=absolute_path,
                    help="directory with the MNIST-format IDX files (mnist, fashion-mnist, kmnist); "
                    "without it they are downloaded into $DEEPLINEAR_CACHE (default "
                    "~/.cache/deeplinear) from $DEEPLINEAR_MIRROR (comma-separated base URLs) or "
@@ -168,7 +168,7 @@ def check_method(model: str, method: str, surrogate: str | None) -> str:
     return "blind"
 
 
-def check_tau(tau: float | None, surrogate: str) -> None:
+def check_tau_flag(tau: float | None, surrogate: str) -> None:
     """``--tau`` is the smooth surrogate's width: an error anywhere else (the backprop trainer has
     the field for every surrogate, so the generic check would let it through)."""
     if tau is not None and surrogate != "smooth":
@@ -278,7 +278,7 @@ def run(args: argparse.Namespace) -> int:
 
     check_model_flags(args)
     surrogate = check_method(args.model, args.method, args.surrogate)
-    check_tau(args.tau, surrogate)
+    check_tau_flag(args.tau, surrogate)
     trainer = trainer_module(args.method)
     rescale = None  # --init-gain with --init-from: the loaded net's rescaling, not the trainer's
     if args.init_from is not None:  # the trainer starts from the loaded weights, not its init
@@ -286,8 +286,6 @@ def run(args: argparse.Namespace) -> int:
         args.init_gain = "he"
     cfg = make_config(trainer, args, surrogate)
     semantics = get_semantics(args.semantics)
-    if args.data_dir is not None:  # recorded absolute: eval and --resume may run elsewhere
-        args.data_dir = str(Path(args.data_dir).resolve())
     data = load_dataset(args.dataset, data_dir=args.data_dir, seed=args.data_seed,
                         n_train=args.n_train, n_test=args.n_test)
     sizes = resolve_sizes(args, data.n_features, data.n_classes, args.dataset)

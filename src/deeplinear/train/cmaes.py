@@ -109,16 +109,14 @@ def fitness(model: DeepLinear, layout: es.Layout, candidates: list[np.ndarray], 
     mean of the finite ones.
 
     The candidates run stacked, a chunk at a time (:func:`deeplinear.engine.stacked_logits`: one
-    bmm per layer, bit-identical to loading each into ``model`` with one thread). A bmm over one
-    matrix runs as a plain ``mm``, which may split its reduction across threads and round
-    otherwise: so a candidate alone in its chunk runs twice in one batch, one copy kept.
+    bmm per layer, bit-identical to loading each into ``model`` with one thread, a candidate alone
+    in its chunk included). Chunks hold at least two: ``stacked_logits`` runs a lone one twice.
     """
     members = torch.from_numpy(np.asarray(candidates, dtype=np.float32))
     per_chunk = max(2, CHUNK_CACHE_BYTES // (4 * len(x) * sum(layout.sizes[1:])))
     values: list[float] = []
     for chunk in members.split(per_chunk):
-        logits = stacked_logits(model, layout, chunk.repeat(2, 1) if len(chunk) == 1 else chunk,
-                                x)[:len(chunk)]
+        logits = stacked_logits(model, layout, chunk, x)
         loss = member_losses(logits, y)
         values += (loss if kind == "loss" else member_errors(loss, member_accuracy(logits, y))
                    ).tolist()
