@@ -18,10 +18,11 @@ from typing import Any
 import torch
 
 from deeplinear.arithmetic import get_semantics
-from deeplinear.cli.eval import load_data, load_final, rebuild
+from deeplinear.cli.eval import load_data, rebuild
 from deeplinear.data import Dataset
 from deeplinear.evaluate import logits, paired
 from deeplinear.nets import DeepLinear
+from deeplinear.runs import load_final
 
 
 def correct(payload: dict[str, Any], semantics: str, data: Dataset) -> torch.Tensor:

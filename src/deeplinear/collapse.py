@@ -42,7 +42,7 @@ def collapse_gap(net: DeepLinear, x: Tensor, mode: Mode = "exact") -> CollapseGa
 
     Both sides see the same float32 inputs (the net rounds ``x`` to float32 before layer 1).
     """
-    x = net._input(x)  # a one-line error for a non-tensor or a wrong feature count
+    x = net.check_input(x)
     if not bool(torch.isfinite(x).all()):
         raise ValueError("inputs contain NaN or infinity: the collapse gap needs finite inputs "
                          "(drop or impute those rows)")

@@ -154,12 +154,12 @@ class DeepLinear(nn.Module):
         """
         if mode == "exact":
             if self.regime is None:
-                return self._trace_exact(self._input(x))
+                return self._trace_exact(self.check_input(x))
             with torch.no_grad():  # float32 linear layers, the regime's own float ops between
                 return self.trace(x, "scaled", self.regime.exact)
         if mode != "scaled":
             raise ValueError(f"unknown mode {mode!r}; use exact or scaled")
-        x = self._input(x)
+        x = self.check_input(x)
         f = under or self.under()
         flush_matmul = self.semantics.matmul_flush
         out = []
@@ -176,7 +176,7 @@ class DeepLinear(nn.Module):
             out.append((u, h))
         return out
 
-    def _input(self, x: Tensor) -> Tensor:
+    def check_input(self, x: Tensor) -> Tensor:
         """``x`` as float32 ``(..., sizes[0])``, or a one-line error naming what is wrong."""
         n = self.sizes[0]
         if not isinstance(x, Tensor):

@@ -25,7 +25,6 @@ from torch import nn
 from deeplinear import evaluate, probes
 from deeplinear.arithmetic import PRESETS, TF_GPU, Semantics
 from deeplinear.bench import cpu_model
-from deeplinear.cli.eval import load_final
 from deeplinear.collapse import collapse_gap
 from deeplinear.data import Dataset, data_dir_for, load_dataset
 from deeplinear.nets import MLP, DeepLinear, Mode, SoftmaxRegression, default_sizes
@@ -35,7 +34,7 @@ from deeplinear.report import (
     plot_occupancy,
     render,
 )
-from deeplinear.runs import Run, differences, make_dir
+from deeplinear.runs import Run, differences, load_final, make_dir
 from deeplinear.train import backprop, es
 
 DEFAULT_DATASETS = ("spirals", "digits")

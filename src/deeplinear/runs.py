@@ -17,6 +17,7 @@ Layout of a run directory::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -29,6 +30,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import torch
+
+from deeplinear.arithmetic import get_semantics
 
 
 def make_dir(d: Path) -> Path:
@@ -143,6 +146,66 @@ class Run:
         path = self.dir / "final.pt"
         atomic_save(payload, path)
         return path
+
+
+def load_final(path: str | Path) -> dict[str, Any]:
+    """A ``final.pt`` payload, checked: readable, complete, finite weights.
+
+    A run's ``checkpoint.pt`` works too (with the run's ``config.json`` beside it), so an
+    unfinished or killed run can be measured at its last checkpoint; a run directory without a
+    ``final.pt`` falls back to its checkpoint.
+    """
+    path = Path(path)
+    if path.is_dir():
+        found = [path / n for n in ("final.pt", "checkpoint.pt") if (path / n).exists()]
+        if not found:
+            methods = sorted(path.glob("*/*/final.pt"))  # a reproduction: one run per method
+            fix = (f"pass one method's run directory, e.g. {methods[0].parent}" if methods
+                   else "pass a run directory that deeplinear train or reproduce wrote")
+            raise FileNotFoundError(f"{path}: no final.pt or checkpoint.pt here; {fix}")
+        path = found[0]
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file; pass a run's final.pt (train it first)")
+    payload = load_file(path, "final.pt", "retrain or pass the right file")
+    if isinstance(payload, dict) and "state_dict" not in payload and "step" in payload:
+        payload = from_checkpoint(payload, path)
+    missing = [k for k in ("state_dict", "model")
+               if not isinstance(payload, dict) or k not in payload]
+    if missing:
+        raise ValueError(f"{path}: not a deeplinear final.pt (missing {', '.join(missing)}); "
+                         "pass the final.pt that deeplinear train or reproduce wrote")
+    spec = payload["model"]
+    malformed = [k for k, ok in (
+        ("state_dict", isinstance(payload["state_dict"], dict)),
+        ("model", isinstance(spec, dict) and {"kind", "sizes"} <= spec.keys()),
+        ("semantics", isinstance(payload.get("semantics") or {}, dict)),
+        ("data", isinstance(payload.get("data", {}), dict))) if not ok]
+    if malformed:
+        raise ValueError(f"{path}: malformed {', '.join(malformed)} entry; pass the final.pt "
+                         "that deeplinear train or reproduce wrote")
+    bad = [k for k, v in payload["state_dict"].items()
+           if torch.is_floating_point(v) and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(f"{path}: non-finite weights in {', '.join(bad)}; the run diverged, "
+                         "retrain with a lower --lr")
+    return payload
+
+
+def from_checkpoint(ckpt: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The parts of a final.pt that a checkpoint and its run's ``config.json`` hold.
+
+    ``deeplinear train`` records a preset's name; ``reproduce`` records the semantics itself
+    (none for its baselines)."""
+    try:
+        config = json.loads((path.parent / "config.json").read_text())
+        semantics = config.get("semantics")
+        if isinstance(semantics, str):
+            semantics = dataclasses.asdict(get_semantics(semantics))
+        return {"state_dict": ckpt["model"], "model": config["model"], "data": config["data"],
+                "semantics": semantics, "method": config["method"], "step": ckpt["step"]}
+    except (OSError, KeyError, TypeError, AttributeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: a checkpoint needs its run's config.json beside it "
+                         f"({type(e).__name__}: {e}); pass the run directory") from None
 
 
 def differences(saved: dict[str, Any], config: dict[str, Any], defaults: dict[str, Any],

@@ -239,7 +239,7 @@ def load_weights(model: nn.Module, source: str, kind: str, sizes: list[int],
                  scale_exp: int | None = None) -> None:
     """Copy a finished run's weights into ``model`` (``--init-from``); same model, sizes and (for
     a deep linear net) scale: the same weights at another scale are another function."""
-    from deeplinear.cli.eval import load_final
+    from deeplinear.runs import load_final
 
     payload = load_final(source)
     spec = payload["model"]
