@@ -277,6 +277,7 @@ def test_more_workers_than_cpus_is_refused_before_starting_any(runtime, data):
 @pytest.mark.parametrize("kwargs, match", [
     ({"threads": 0}, "--threads must be >= 1, got 0"), ({"workers": 0}, "--workers must be >= 1"),
     ({"timeout_s": 0.0}, "timeout_s must be > 0"),
+    ({"max_retries": -1}, "max_retries must be >= 0"),
 ])
 def test_bad_evaluator_arguments_are_refused_before_ray_starts(data, kwargs, match):
     """``threads=0`` too: it used to fall through to the config's thread count."""

@@ -146,6 +146,34 @@ def test_runs_are_reproducible_from_the_seed_and_leave_numpy_global_rng_alone():
     assert torch.equal(a.weights[0], b.weights[0]) and not torch.equal(a.weights[0], c.weights[0])
 
 
+def test_a_model_left_on_another_device_comes_back_there_even_when_the_run_fails():
+    """CMA-ES computes on the CPU; the caller's model returns to its device however it ends."""
+    moves = []
+
+    class Tracked(DeepLinear):
+        def to(self, *args, **kwargs):
+            moves.append(args[0] if args else kwargs.get("device"))
+            return super().to(*args, **kwargs)
+
+        def cpu(self):
+            moves.append("cpu")
+            return super().cpu()
+
+    model = Tracked(SIZES, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="sigma"):
+        train(model, rings(), Config(**{**FAST, "sigma": -1.0}), progress=False)
+    assert moves == ["cpu", torch.device("cpu")]  # to the CPU, then back to where it was
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_a_model_on_a_gpu_trains_as_on_the_cpu_and_stays_on_the_gpu():
+    cfg = Config(steps=3, eval_every=3, **FAST)
+    on_cpu, on_gpu = net(), net().cuda()
+    train(on_cpu, rings(), cfg, progress=False)
+    train(on_gpu, rings(), cfg, progress=False)
+    assert on_gpu.weights[0].is_cuda and torch.equal(on_gpu.weights[0].cpu(), on_cpu.weights[0])
+
+
 @pytest.mark.parametrize("changes, match", [
     ({"fitness": "reward"}, "fitness"), ({"pop": 1}, "pop"), ({"steps": 0}, "steps"),
     ({"sigma": -1.0}, "sigma"), ({"init_gain": 0.0}, "init_gain"),

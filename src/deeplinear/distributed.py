@@ -192,7 +192,8 @@ class RayEvaluator:
         threads = threads if threads is not None else cfg.threads or 1  # 0 is an error
         checks = (("--workers", workers, workers is None or workers >= 1, ">= 1"),
                   ("--threads", threads, threads >= 1, ">= 1"),
-                  ("timeout_s", timeout_s, timeout_s > 0, "> 0"))
+                  ("timeout_s", timeout_s, timeout_s > 0, "> 0"),
+                  ("max_retries", max_retries, max_retries >= 0, ">= 0"))
         for name, value, ok, need in checks:
             if not ok:
                 raise ValueError(f"{name} must be {need}, got {value}")
