@@ -125,8 +125,7 @@ def train(method: str, units: Units, net: DeepLinear, data, args) -> tuple[Tenso
     under = make_under(net, cfg.surrogate, cfg.tau)
     z = units.z0.clone().requires_grad_(method == "exact")
     mask = units.mask(args.blocks)
-    readout = units.mask([k for k in args.blocks if k in READOUT]) if method == "es-readout" \
-        else torch.zeros_like(mask)
+    readout = units.mask([k for k in args.blocks if method == "es-readout" and k in READOUT])
     moving = (mask - readout).nonzero().squeeze(1)
     opt = torch.optim.Adam([z], lr=cfg.lr)
     g = torch.Generator().manual_seed(args.seed)  # minibatches, then ES noise
@@ -156,8 +155,7 @@ def train(method: str, units: Units, net: DeepLinear, data, args) -> tuple[Tenso
             z.grad = (r @ eps) / (args.pop * args.sigma)
             if method == "es-readout":  # the output layer is linear in its own parameters
                 zz = z.detach().requires_grad_(True)
-                out = functional_call(net, units.params(zz), (x[idx],), {"mode": "scaled",
-                                                                          "under": None})
+                out = functional_call(net, units.params(zz), (x[idx],))  # the net's own rule
                 F.cross_entropy(out, y[idx]).backward()
                 z.grad += zz.grad * readout
         opt.step()

@@ -11,19 +11,18 @@ normal, where every decision is made. Run with ``-s`` to see the counts.
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path
 
 import ml_dtypes
 import numpy as np
 import pytest
 import torch
+from helpers import load_benchmark
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor
@@ -598,19 +597,9 @@ def test_coverage_detects_a_flag_set_after_the_thread_pool_exists():
 # --- matmul under scope "all" ---------------------------------------------------------------------
 
 
-def _load_benchmark():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "matmul_ftz_agreement.py"
-    spec = importlib.util.spec_from_file_location("matmul_ftz_agreement", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 @hardware
 def test_matmul_agreement_with_hardware_is_measured(capsys):
-    bench = _load_benchmark()
+    bench = load_benchmark("matmul_ftz_agreement")
     assert bench.main(["--small"]) == 0
     table = capsys.readouterr().out
     rows, _ = bench.run(small=True)

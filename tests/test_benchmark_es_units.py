@@ -3,45 +3,32 @@
 On generated Fashion-MNIST-shaped IDX files (28x28, a few hundred images), so nothing downloads.
 """
 
-import importlib.util
-import sys
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_data import make_idx_dir
+from helpers import load_benchmark
+from test_data import make_arrays, make_idx_dir
 
 from deeplinear.cli import main as cli
 from deeplinear.cli.eval import rebuild
 from deeplinear.data import load_dataset
 from deeplinear.runs import load_final
+from deeplinear.train.backprop import calibrate
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "es_units.py"
 HIDDEN = ("weights.0", "biases.0", "weights.1", "biases.1")
 
 
 @pytest.fixture(scope="module")
 def es_units():
-    spec = importlib.util.spec_from_file_location("es_units", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("es_units")
 
 
 @pytest.fixture(scope="module")
 def blind(tmp_path_factory):
     """A float-blind net trained briefly on fake 28x28 data, and that data's directory."""
     root = tmp_path_factory.mktemp("es_units")
-    rng = np.random.default_rng(0)
-    arrays = [rng.integers(0, 256, (300, 28, 28), dtype=np.uint8),
-              rng.integers(0, 10, 300, dtype=np.uint8),
-              rng.integers(0, 256, (100, 28, 28), dtype=np.uint8),
-              rng.integers(0, 10, 100, dtype=np.uint8)]
-    data_dir = make_idx_dir(root / "data", arrays)
+    data_dir = make_idx_dir(root / "data", make_arrays(300, 100, side=28))
     run = root / "blind"
     assert cli(["train", "--dataset", "fashion-mnist", "--data-dir", str(data_dir), "--method",
                 "backprop", "--steps", "5", "--batch-size", "50", "--out", str(run),
@@ -57,12 +44,12 @@ def run_script(es_units, blind, out, *args):
     return load_final(out / argv[argv.index("--methods") + 1])["state_dict"]
 
 
-def start_net(es_units, blind):
+def start_net(blind):
     """The script's start: the blind net rescaled to one threshold (its --gain default)."""
     run, data_dir = blind
     net = rebuild(load_final(run))
     data = load_dataset("fashion-mnist", data_dir=str(data_dir))
-    es_units.calibrate(net, data.x_train[:2000], 1.0, center=False, output=False)
+    calibrate(net, data.x_train[:2000], 1.0, center=False, output=False)
     return net, data
 
 
@@ -72,7 +59,7 @@ def test_es_readout_moves_the_readout_along_its_exact_gradient(es_units, blind, 
     normalised coordinates), and the hidden layers stay bit for bit."""
     trained = run_script(es_units, blind, tmp_path, "--methods", "es-readout", "--steps", "1",
                          "--blocks", "weights.2,biases.2")
-    net, data = start_net(es_units, blind)
+    net, data = start_net(blind)
     idx = torch.randint(len(data.x_train), (50,), generator=torch.Generator().manual_seed(0))
     F.cross_entropy(net(data.x_train[idx]), data.y_train[idx]).backward()
     for name in HIDDEN:
@@ -87,6 +74,6 @@ def test_es_readout_moves_the_readout_along_its_exact_gradient(es_units, blind, 
 def test_es_readout_searches_the_hidden_units_by_es(es_units, blind, tmp_path):
     """All blocks listed: the hidden layers move too (their gains and biases, by ES)."""
     trained = run_script(es_units, blind, tmp_path, "--methods", "es-readout", "--steps", "2")
-    net, _ = start_net(es_units, blind)
+    net, _ = start_net(blind)
     for name in HIDDEN:
         assert not torch.equal(trained[name], getattr(net, name.split(".")[0])[int(name[-1])])

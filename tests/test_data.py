@@ -51,13 +51,14 @@ def write_idx(path: Path, a: np.ndarray) -> Path:
     return write_bytes(path, idx_bytes(a))
 
 
-def make_arrays(n_train: int = 20, n_test: int = 10, seed: int = 0) -> list[np.ndarray]:
-    """Tiny 4x4 'images' and labels 0..9, in IDX_FILES order."""
+def make_arrays(n_train: int = 20, n_test: int = 10, seed: int = 0,
+                side: int = 4) -> list[np.ndarray]:
+    """Tiny side x side 'images' and labels 0..9, in IDX_FILES order."""
     rng = np.random.default_rng(seed)
     return [
-        rng.integers(0, 256, (n_train, 4, 4), dtype=np.uint8),
+        rng.integers(0, 256, (n_train, side, side), dtype=np.uint8),
         rng.integers(0, 10, n_train, dtype=np.uint8),
-        rng.integers(0, 256, (n_test, 4, 4), dtype=np.uint8),
+        rng.integers(0, 256, (n_test, side, side), dtype=np.uint8),
         rng.integers(0, 10, n_test, dtype=np.uint8),
     ]
 

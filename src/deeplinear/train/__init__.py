@@ -15,7 +15,9 @@ they share lives here.
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -44,8 +46,27 @@ def check_device(name: str) -> torch.device:
 
 
 def model_device(model: nn.Module) -> torch.device:
-    """Where ``model``'s parameters live (a trainer moves the model back there at the end)."""
+    """Where ``model``'s parameters live."""
     return next(model.parameters()).device
+
+
+Train = TypeVar("Train", bound=Callable[..., Any])
+
+
+def keeps_model_device(train: Train) -> Train:
+    """``train(model, ...)`` that gives the model back on its own device however the run ends.
+
+    Why: a trainer moves the model where it computes (``cfg.device``; CMA-ES the CPU), and a run
+    that diverges or is refused midway must not leave the caller's model there.
+    """
+    @functools.wraps(train)
+    def wrapper(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        home = model_device(model)
+        try:
+            return train(model, *args, **kwargs)
+        finally:
+            model.to(home)
+    return wrapper  # type: ignore[return-value]
 
 
 def check_counts(cfg: Any) -> None:

@@ -27,7 +27,7 @@ width on spirals/rings/checkerboard and Fashion-MNIST 784-512-512-10 (10 epochs,
 
 Device: ``cfg.device`` (``cuda`` on a GPU) holds the data, model and optimiser while training; the
 minibatch order is drawn on the CPU whatever the device, and the model goes back to its own device
-at the end.
+however the run ends.
 
 Resumable bit for bit: the minibatch order comes from one ``torch.Generator`` seeded from
 ``cfg.seed``; the checkpoint holds the model, Adam state, generator state, the current epoch's
@@ -51,7 +51,7 @@ from deeplinear.nets import DeepLinear
 from deeplinear.probes import occupancy
 from deeplinear.runs import Progress, Run, rng_state, set_rng_state
 from deeplinear.surrogate import DEFAULT_TAU, KINDS, make_under
-from deeplinear.train import check_counts, check_device, model_device, scores
+from deeplinear.train import check_counts, check_device, keeps_model_device, scores
 
 SCHEDULES = ("cosine", "step", "constant")
 # Adam moments of parameters whose gradient stops decay geometrically into subnormals, where
@@ -178,6 +178,7 @@ def _flushed_fraction(net: DeepLinear, x: Tensor) -> float:
     return sum(hidden) / len(hidden)
 
 
+@keeps_model_device
 def train(model: nn.Module, data: Dataset, cfg: Config, run: Run | None = None,
           progress: bool = True) -> list[dict[str, Any]]:
     """Train ``model`` in place; return the metric rows logged (one per evaluation).
@@ -185,12 +186,11 @@ def train(model: nn.Module, data: Dataset, cfg: Config, run: Run | None = None,
     Training runs with this thread's FTZ off (on where the Adam step sets it); the caller's FTZ
     state and the model's device come back however the run ends, a divergence included.
     """
-    home, ftz_before = model_device(model), ftz_is_on()
+    ftz_before = ftz_is_on()
     try:
         return _train(model, data, cfg, run, progress)
     finally:
         torch.set_flush_denormal(ftz_before)
-        model.to(home)
 
 
 def _train(model: nn.Module, data: Dataset, cfg: Config, run: Run | None,

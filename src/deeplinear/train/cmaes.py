@@ -46,7 +46,12 @@ from deeplinear.engine import (
 )
 from deeplinear.nets import DeepLinear
 from deeplinear.runs import Progress, Run, rng_state, set_rng_state
-from deeplinear.train import check_evolution_config, check_evolvable, model_device, scores
+from deeplinear.train import (
+    check_evolution_config,
+    check_evolvable,
+    keeps_model_device,
+    scores,
+)
 from deeplinear.train.backprop import calibrate
 
 MAX_PARAMS = 5000  # full covariance: 200 MB of float64 and an O(n^3) eigendecomposition
@@ -128,6 +133,7 @@ def fitness(model: DeepLinear, layout: es.Layout, candidates: list[np.ndarray], 
     return [v if math.isfinite(v) else worst for v in values], sum(finite) / len(finite)
 
 
+@keeps_model_device
 def train(model: DeepLinear, data: Dataset, cfg: Config, run: Run | None = None,
           progress: bool = True) -> list[dict[str, Any]]:
     """Train ``model`` in place by CMA-ES; return the metric rows logged (one per eval).
@@ -135,15 +141,7 @@ def train(model: DeepLinear, data: Dataset, cfg: Config, run: Run | None = None,
     Runs on the CPU, where ``cma`` keeps its state (nets small enough for an n x n covariance
     gain nothing from a GPU); a model on another device goes back there however the run ends.
     """
-    home = model_device(model)
-    try:
-        return _train(model.cpu(), data, cfg, run, progress)
-    finally:
-        model.to(home)
-
-
-def _train(model: DeepLinear, data: Dataset, cfg: Config, run: Run | None,
-           progress: bool) -> list[dict[str, Any]]:
+    model.cpu()
     cfg.validate()
     check_evolvable(model, data, cfg, "CMA-ES")
     layout = es.Layout.of(model.sizes)

@@ -8,7 +8,8 @@ caller (:func:`deeplinear.evaluate.portability`).
 
 Device: ``cfg.device`` (``cuda`` on a GPU) holds the data, the model and the strategy's state while
 training; the minibatch generator, the noise table's values and the fitness ranks are computed on
-the CPU whatever the device, and the model goes back to its own device at the end.
+the CPU whatever the device, and the model goes back to its own device however the run
+ends.
 
 Threads: ``cfg.threads`` (if set) is applied once, before the first parallel op of the run, and
 never changed: OpenMP pools and hardware FTZ state are per thread (see
@@ -36,7 +37,7 @@ from deeplinear.train import (
     check_device,
     check_evolution_config,
     check_evolvable,
-    model_device,
+    keeps_model_device,
     scores,
 )
 from deeplinear.train.backprop import calibrate
@@ -96,6 +97,7 @@ class Config:
             seed=self.seed, table_size=self.table_size, device=self.device)
 
 
+@keeps_model_device
 def train(model: DeepLinear, data: Dataset, cfg: Config, run: Run | None = None,
           progress: bool = True, evaluate: Evaluate | None = None) -> list[dict[str, Any]]:
     """Train ``model`` in place by OpenAI-ES; return the metric rows logged (one per eval).
@@ -105,7 +107,7 @@ def train(model: DeepLinear, data: Dataset, cfg: Config, run: Run | None = None,
     """
     cfg.validate()
     check_evolvable(model, data, cfg, "ES")
-    home, device = model_device(model), check_device(cfg.device)
+    device = check_device(cfg.device)
     model.to(device)
     x, y = data.x_train.to(device), data.y_train.to(device)
 
@@ -160,5 +162,4 @@ def train(model: DeepLinear, data: Dataset, cfg: Config, run: Run | None = None,
             last = rows[-1]["test_acc"] if rows else math.nan
             bar.update(done, force=done == cfg.steps, loss=float(finite.mean()), test_acc=last)
     layout.load(state.theta, model)
-    model.to(home)
     return rows
