@@ -3,16 +3,22 @@ import copy
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
+from deeplinear import engine as engine_module
 from deeplinear import es
 from deeplinear.arithmetic import CPU_FTZ_DAZ, IEEE, TF_GPU
 from deeplinear.engine import (
+    ALIGN,
     CHUNK_CACHE_BYTES,
     Engine,
+    aligned,
     inplace_rule,
     member_accuracy,
     member_errors,
     member_losses,
+    stacked_logits,
 )
 from deeplinear.nets import DeepLinear
 
@@ -105,6 +111,27 @@ def test_buffers_are_allocated_once_and_reused(rank):
     nxt = es.ask(s, es.State(pop.theta * 1.01, pop.theta, pop.theta, generation=1))
     engine.losses(nxt, x, y)
     assert {k: v.data_ptr() for k, v in engine._bufs.items()} == first
+
+
+def test_every_member_starts_on_a_cache_line(monkeypatch):
+    net, s, pop, x, y = setup(pop=8)
+    assert s.layout.n % ALIGN  # 2,477 parameters: back to back, members would start misaligned
+    seen = []
+
+    def spy(net, layout, members, *args):
+        seen.append(members)
+        return stacked_logits(net, layout, members, *args)
+
+    monkeypatch.setattr(engine_module, "stacked_logits", spy)
+    Engine(net, s, chunk=8).losses(pop, x, y)
+    (members,) = seen
+    assert members.shape == (8, s.layout.n)
+    assert all(m.data_ptr() % 64 == 0 for m in members)
+
+
+@given(st.integers(0, 10**7))
+def test_aligned_is_the_next_multiple_of_align(n):
+    assert aligned(n) % ALIGN == 0 and n <= aligned(n) < n + ALIGN
 
 
 def test_a_diverged_member_is_nan_alone_and_its_error_is_nan_too():

@@ -103,6 +103,16 @@ def test_noise_is_a_pure_function_of_seed_generation_and_pair(rank):
     assert strategy(rank=rank, pop=6, seed=4).offsets(0) != s.offsets(0)
 
 
+def test_deltas_are_the_noise_times_sigma_bit_for_bit():
+    s = strategy(pop=8, sigma=0.3)
+    pop = es.ask(s, es.init(s, torch.randn(s.layout.n)))
+    pairs = [3, 0, 2]
+    expected = pop.noise(pairs) * pop.sigma_vec
+    assert torch.equal(pop.deltas(pairs), expected)
+    out = torch.full((3, s.layout.n), torch.nan)
+    assert pop.deltas(pairs, out=out) is out and torch.equal(out, expected)
+
+
 def test_lowrank_perturbation_is_a_scaled_outer_product():
     s = strategy(sizes=(6, 7, 3), rank=2, sigma=0.5)
     pop = es.ask(s, es.init(s, torch.zeros(s.layout.n)))
