@@ -33,8 +33,9 @@ def extract_src(rev: str, dest: Path) -> Path:
     if run.returncode:
         raise SystemExit(f"ab: git cannot archive {rev!r}: "
                          f"{run.stderr.decode().strip().splitlines()[-1]}")
+    safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # Python >= 3.10.12
     with tarfile.open(fileobj=io.BytesIO(run.stdout)) as tar:
-        tar.extractall(dest, filter="data")
+        tar.extractall(dest, **safe)
     return dest / "src"
 
 

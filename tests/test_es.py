@@ -265,6 +265,8 @@ def test_bad_sigma_blocks_are_clear_errors(spec, match):
     ({"sigma": 0.1, "sigma_min": 0.2}, "sigma_min 0.2 is above sigma 0.1"),
     ({"lr": 0.01, "lr_min": 0.1}, "lr_min 0.1 is above lr 0.01"),
     ({"sigma_decay": 0.99}, "sigma_decay 0.99 needs sigma_min > 0"),
+    ({"sigma": 1e-30}, "sigma 1e-30 is below 1e-18: the ES estimate divides by it"),
+    ({"sigma_decay": 0.9, "sigma_min": 1e-40}, "sigma_min 1e-40 is below 1e-18.* or 0 "),
     ({"lr": 0.1, "weight_decay": 10.0}, r"lr \* weight_decay = 1 must be < 1"),
 ])
 def test_bad_hyperparameters_are_clear_errors(kw, match):

@@ -215,8 +215,25 @@ def test_decision_regions_plot_has_a_title(monkeypatch, tmp_path):
     figs = captured_figure(monkeypatch)
     xx, yy = np.meshgrid(np.linspace(0, 1, 4), np.linspace(0, 1, 4))
     report.plot_decision_regions({"m": (xx, yy, (xx > yy).astype(int))}, np.zeros((2, 2)),
-                                 np.array([0, 1]), tmp_path / "r.png", "toy: predicted class")
+                                 np.array([0, 1]), tmp_path / "r.png", "toy: predicted class", 2)
     assert figs[0].get_suptitle() == "toy: predicted class"
+    report.plt.close(figs[0])
+
+
+def test_decision_regions_give_each_of_many_classes_its_own_colour(monkeypatch, tmp_path):
+    """Four classes on a grid: four filled bands, and each test point coloured as the band of its
+    class (one level for every class; with two bands, classes 1-3 shared a colour)."""
+    figs = captured_figure(monkeypatch)
+    xx, yy = np.meshgrid(np.linspace(0, 4, 41), np.linspace(0, 1, 5))
+    zz = np.minimum(xx, 3.99).astype(int)  # class c on the strip c <= x < c + 1
+    points = np.array([[0.5, 0.5], [1.5, 0.5], [2.5, 0.5], [3.5, 0.5]])
+    report.plot_decision_regions({"m": (xx, yy, zz)}, points, np.arange(4), tmp_path / "r.png",
+                                 "toy", 4)
+    ax = figs[0].axes[0]
+    bands, dots = ax.collections
+    band_colours = bands.get_facecolors()  # one per level interval, in class order
+    assert len(band_colours) == 4 and len({tuple(c) for c in band_colours}) == 4
+    assert np.allclose(dots.to_rgba(dots.get_array())[:, :3], band_colours[:, :3])
     report.plt.close(figs[0])
 
 

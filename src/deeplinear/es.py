@@ -46,6 +46,11 @@ from deeplinear.nets import parse_sizes
 SIGMA_SCALES = ("fan_in", "none")
 TABLE_SIZE = 1 << 25  # default noise table: 128 MiB of float32, 50x the 2017 net's parameters
 _MASK64 = (1 << 64) - 1
+MIN_SIGMA = 1e-18
+# The estimate grows as 1/sigma (up to ~3/sigma per coordinate): below ~1e-20 Adam's squared
+# estimate overflows float32 and every update is silently 0 (measured at 1e-30), below ~1e-38 the
+# estimate itself is inf. No useful sigma is that small: a perturbation of 1e-18 is below float32's
+# resolution of any weight larger than 1e-11, so every member would equal the centre.
 
 
 class DivergedError(RuntimeError):
@@ -229,10 +234,10 @@ class Strategy:
 
     def _check_schedules(self) -> None:
         """Schedules that cannot work: an infinite value, a floor above the start (it would
-        silently replace it), a decaying sigma without a floor (it reaches 0 in float64, after
-        ~1080 generations at decay 0.5 or ~74,000 at 0.99, and the estimate divides by it: NaN
-        weights, then ZeroDivisionError), and a decay factor ``1 - lr * weight_decay`` that is
-        not positive (it flips or zeroes theta)."""
+        silently replace it), a sigma or floor below :data:`MIN_SIGMA`, a decaying sigma without
+        a floor (it reaches 0 in float64, after ~1080 generations at decay 0.5 or ~74,000 at
+        0.99, and the estimate divides by it: NaN weights, then ZeroDivisionError), and a decay
+        factor ``1 - lr * weight_decay`` that is not positive (it flips or zeroes theta)."""
         for name in ("sigma", "sigma_min", "lr", "lr_min", "weight_decay"):
             if math.isinf(getattr(self, name)):
                 raise ValueError(f"{name} must be finite, got {getattr(self, name)}")
@@ -241,6 +246,12 @@ class Strategy:
             if floor > start:
                 raise ValueError(f"{name}_min {floor} is above {name} {start}: the floor would "
                                  f"replace the start; lower {name}_min")
+        for name in ("sigma", "sigma_min"):
+            value = getattr(self, name)
+            if 0 < value < MIN_SIGMA:
+                raise ValueError(f"{name} {value:g} is below {MIN_SIGMA:g}: the ES estimate "
+                                 "divides by it and overflows float32; use a larger "
+                                 f"{name}{' or 0 (no floor)' if name == 'sigma_min' else ''}")
         if self.sigma_decay < 1 and self.sigma_min == 0:
             raise ValueError(f"sigma_decay {self.sigma_decay} needs sigma_min > 0: without a "
                              "floor sigma decays to 0 and the ES estimate divides by it")

@@ -17,6 +17,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import numpy as np
 
 DPI = 110  # every PNG of a report or probe: small files, readable when embedded in HTML
 
@@ -70,18 +71,22 @@ def plot_occupancy(task: dict[str, Any], path: Path) -> Path:
 
 
 def plot_decision_regions(panels: dict[str, Any], x: Any, y: Any, path: Path,
-                          title: str) -> Path:
+                          title: str, n_classes: int) -> Path:
     """2-D tasks: each method's predicted class over a grid, with the test points on top.
 
     ``panels`` maps a method to ``(xx, yy, zz)`` grid coordinates and predicted classes;
     ``title`` says which data and how the nets were run (the panels carry only method names).
+    One colour band per class (levels at the half-integers between class indices), the points
+    in the same colours, so a region and the points of its class always match.
     """
     n = len(panels)
+    cmap = "coolwarm" if n_classes <= 2 else "tab10" if n_classes <= 10 else "turbo"
+    levels = np.arange(n_classes + 1) - 0.5
     fig, axes = plt.subplots(1, n, figsize=(2.6 * n, 3.0), squeeze=False, layout="tight")
     fig.suptitle(title, fontsize=9)
     for ax, (name, (xx, yy, zz)) in zip(axes[0], panels.items(), strict=True):
-        ax.contourf(xx, yy, zz, alpha=0.35, cmap="coolwarm", levels=1)
-        ax.scatter(x[:, 0], x[:, 1], c=y, s=2, cmap="coolwarm")
+        ax.contourf(xx, yy, zz, alpha=0.35, cmap=cmap, levels=levels)
+        ax.scatter(x[:, 0], x[:, 1], c=y, s=2, cmap=cmap, vmin=levels[0], vmax=levels[-1])
         ax.set_title(name, fontsize=7)
         ax.set_xticks([])
         ax.set_yticks([])

@@ -213,7 +213,8 @@ def run_task(name: str, data: Dataset, steps: Budget, semantics: Semantics, seed
         panels = {n: decision_grid(m, data) for n, m in models.items()}
         task["plots"].append(plot_decision_regions(
             panels, data.x_test.numpy(), data.y_test.numpy(), out / f"{name}_regions.png",
-            f"{name}: predicted class (deep linear nets in exact mode), test points on top").name)
+            f"{name}: predicted class (deep linear nets in exact mode), test points on top",
+            data.n_classes).name)
     return task
 
 
