@@ -47,9 +47,9 @@ SIGMA_SCALES = ("fan_in", "none")
 TABLE_SIZE = 1 << 25  # default noise table: 128 MiB of float32, 50x the 2017 net's parameters
 _MASK64 = (1 << 64) - 1
 MIN_SIGMA = 1e-18
-# The estimate grows as 1/sigma (up to ~3/sigma per coordinate): below ~1e-20 Adam's squared
-# estimate overflows float32 and every update is silently 0 (measured at 1e-30), below ~1e-38 the
-# estimate itself is inf. No useful sigma is that small: a perturbation of 1e-18 is below float32's
+# The estimate grows as 1/sigma (up to ~3/sigma per coordinate): somewhere below 1e-20 Adam's
+# squared estimate overflows float32 and every update is silently 0 (measured: updates at 1e-20,
+# none at 1e-30), below ~1e-38 the estimate itself is inf. No useful sigma is that small: a perturbation of 1e-18 is below float32's
 # resolution of any weight larger than 1e-11, so every member would equal the centre.
 
 
