@@ -49,8 +49,9 @@ _MASK64 = (1 << 64) - 1
 MIN_SIGMA = 1e-18
 # The estimate grows as 1/sigma (up to ~3/sigma per coordinate): somewhere below 1e-20 Adam's
 # squared estimate overflows float32 and every update is silently 0 (measured: updates at 1e-20,
-# none at 1e-30), below ~1e-38 the estimate itself is inf. No useful sigma is that small: a perturbation of 1e-18 is below float32's
-# resolution of any weight larger than 1e-11, so every member would equal the centre.
+# none at 1e-30), below ~1e-38 the estimate itself is inf. No useful sigma is that small: a
+# perturbation of 1e-18 is below float32's resolution of any weight larger than 1e-11, so every
+# member would equal the centre.
 
 
 class DivergedError(RuntimeError):
