@@ -82,6 +82,24 @@ def test_full_rank_2017_shapes_are_bit_identical_to_the_net():
     assert torch.equal(Engine(net, s).logits(pop, x), ref)
 
 
+@pytest.mark.parametrize("sizes, batch", [([24, 40, 32, 5], 2), ([2, 64, 64, 2], 3),
+                                         ([3, 5, 2], 37), ([24, 40, 1, 5], BATCH)])
+def test_small_and_one_column_products_are_bit_identical_to_the_net(sizes, batch):
+    """Products under 400 multiply-adds (torch's bmm runs its own loop there) and a layer one
+    unit wide (mm treats it as a matrix-vector product) round as the net's ``h @ w``."""
+    net, s, pop, x, _y = setup(sizes=sizes, pop=6)
+    x = torch.rand(batch, sizes[0], generator=torch.Generator().manual_seed(3)) * 2
+    with one_thread():
+        ref = one_by_one(net, pop, x)
+    assert torch.equal(Engine(net, s, chunk=4).logits(pop, x), ref)
+
+
+def test_lowrank_with_a_one_unit_layer_does_not_depend_on_the_chunk():
+    net, s, pop, x, _y = setup(sizes=[24, 40, 1, 5], rank=1, pop=14)
+    whole = Engine(net, s, chunk=4).logits(pop, x)
+    assert torch.equal(Engine(net, s, chunk=6).logits(pop, x), whole)
+
+
 @pytest.mark.parametrize("rank", [0, 1, 2])
 def test_chunking_does_not_change_a_bit(rank):
     net, s, pop, x, y = setup(rank=rank, pop=14)

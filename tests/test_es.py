@@ -111,6 +111,9 @@ def test_deltas_are_the_noise_times_sigma_bit_for_bit():
     assert torch.equal(pop.deltas(pairs), expected)
     out = torch.full((3, s.layout.n), torch.nan)
     assert pop.deltas(pairs, out=out) is out and torch.equal(out, expected)
+    short = torch.zeros(3, 2, s.layout.n + 4)[:, 1, :-6]  # two values too few per row
+    with pytest.raises(ValueError, match=f"out has shape \\(3, {s.layout.n - 2}\\)"):
+        pop.deltas(pairs, out=short)
 
 
 def test_lowrank_perturbation_is_a_scaled_outer_product():
@@ -266,6 +269,11 @@ def test_bad_sigma_blocks_are_clear_errors(spec, match):
     ({"lr": 0.01, "lr_min": 0.1}, "lr_min 0.1 is above lr 0.01"),
     ({"sigma_decay": 0.99}, "sigma_decay 0.99 needs sigma_min > 0"),
     ({"sigma": 1e-30}, "sigma 1e-30 is below 1e-18: the ES estimate divides by it"),
+    ({"pop": 4.0}, "pop must be an integer, got 4.0"), ({"rank": 1.5}, "rank must be an integer"),
+    ({"table_size": 1000.5}, "table_size must be an integer"),
+    ({"pop": True}, "pop must be an integer, got True"),
+    ({"beta1": 1.0}, r"beta1 must be in \[0, 1\), got 1.0"),
+    ({"beta2": 1.0}, r"beta2 must be in \[0, 1\), got 1.0"), ({"eps": 0.0}, "eps must be > 0"),
     ({"sigma_decay": 0.9, "sigma_min": 1e-40}, "sigma_min 1e-40 is below 1e-18.* or 0 "),
     ({"lr": 0.1, "weight_decay": 10.0}, r"lr \* weight_decay = 1 must be < 1"),
 ])

@@ -97,10 +97,35 @@ def member_errors(loss: Tensor, accuracy: Tensor) -> Tensor:
     return torch.where(torch.isfinite(loss), 1 - accuracy.double(), math.nan)
 
 
+BMM_LOOP_BELOW = 400
+# torch's CPU bmm computes a product of fewer than this many multiply-adds (rows x inner x
+# columns) in its own loop, not MKL's, and MKL's mm handles a single output column as a
+# matrix-vector product: both round unlike the net's ``h @ w`` (measured: 399 differs, 400 not).
+
+
+def member_products(h: Tensor, w: Tensor, out: Tensor | None = None) -> Tensor:
+    """``h[j] @ w[j]`` for every member ``j``, rounded exactly as the net's own ``h @ w``.
+
+    One bmm where that rounds like ``mm`` (every product of :data:`BMM_LOOP_BELOW` or more
+    multiply-adds with two or more columns, the shapes that cost time), else ``mm`` member by
+    member.
+    """
+    m, b, k = h.shape
+    n = w.shape[2]
+    if b * k * n >= BMM_LOOP_BELOW and n > 1:
+        return torch.bmm(h, w, out=out)
+    if out is None:
+        out = torch.empty(m, b, n, device=h.device)
+    for j in range(m):
+        torch.mm(h[j], w[j], out=out[j])
+    return out
+
+
 def stacked_logits(net: DeepLinear, layout: Layout, members: Tensor, x: Tensor,
                    buf: Callable[..., Tensor] | None = None) -> Tensor:
     """Logits ``(m, batch, classes)`` of ``m`` parameter vectors ``members`` ``(m, layout.n)`` on
-    ``x``, in the net's scaled mode: one ``bmm`` per layer, the rule applied in place.
+    ``x``, in the net's scaled mode: one ``bmm`` per layer (:func:`member_products`), the rule
+    applied in place.
 
     Bit-identical to loading each member into ``net`` and running ``net(x, mode="scaled")`` with
     one thread, up to the sign of a flushed zero (see the module docstring). ``buf(name,
@@ -117,7 +142,7 @@ def stacked_logits(net: DeepLinear, layout: Layout, members: Tensor, x: Tensor,
     for i in range(len(layout.weights)):
         w, bias = layout.layer(members, i)
         out = buf(f"u{i}", m, b, w.shape[2]) if buf is not None else None
-        u = torch.bmm(h, w, out=out)
+        u = member_products(h, w, out)
         if i == 0:
             u += bias[:, None]
         else:
@@ -245,6 +270,11 @@ class Engine:
                 delta = torch.bmm(xa, bs.transpose(1, 2), out=self._buf("delta", k, b, n_out))
                 torch.add(base, delta, out=u[:, 0])
                 torch.sub(base, delta, out=u[:, 1])
+            elif n_out == 1:
+                # mm with one output column rounds a row by its position in the matrix, which
+                # would tie a member's result to its chunk: one product per member instead
+                torch.bmm(h.view(2 * k, b, n_in), w.expand(2 * k, n_in, 1),
+                          out=u.view(2 * k, b, 1))
             else:
                 torch.mm(h.view(2 * k * b, n_in), w, out=u.view(2 * k * b, n_out))
                 ha = torch.bmm(h.view(k, 2 * b, n_in), a, out=self._buf("ha", k, 2 * b, a.shape[2]))

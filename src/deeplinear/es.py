@@ -34,6 +34,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -214,6 +215,10 @@ class Strategy:
             torch.device(self.device)
         except RuntimeError:
             raise ValueError(f"unknown device {self.device!r}; use cpu, cuda or cuda:N") from None
+        for name in ("pop", "rank", "seed", "table_size"):
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
         if self.pop < 2 or self.pop % 2:
             raise ValueError(f"pop must be even and >= 2 (antithetic pairs), got {self.pop}")
         for name, ok, need in (("sigma", self.sigma > 0, "> 0"),
@@ -222,7 +227,10 @@ class Strategy:
                                ("lr", self.lr > 0, "> 0"),
                                ("lr_decay", 0 < self.lr_decay <= 1, "in (0, 1]"),
                                ("lr_min", self.lr_min >= 0, ">= 0"),
-                               ("weight_decay", self.weight_decay >= 0, ">= 0")):
+                               ("weight_decay", self.weight_decay >= 0, ">= 0"),
+                               ("beta1", 0 <= self.beta1 < 1, "in [0, 1)"),
+                               ("beta2", 0 <= self.beta2 < 1, "in [0, 1)"),
+                               ("eps", self.eps > 0, "> 0")):
             if not ok:  # NaN fails every comparison, so it lands here too
                 raise ValueError(f"{name} must be {need}, got {getattr(self, name)}")
         self._check_schedules()
@@ -383,6 +391,10 @@ def init(strategy: Strategy, theta: Tensor) -> State:
 class Population:
     """One generation's members, described (not materialised): member ``2p`` is
     ``theta + delta_p``, member ``2p + 1`` is ``theta - delta_p``.
+
+    ``theta`` is the state's centre itself, not a copy (a copy per generation would cost a
+    full-size allocation): :func:`tell` moves it in place, so evaluate a population before
+    telling it, as ``tell`` itself requires (it refuses a stale one).
     """
 
     strategy: Strategy
@@ -421,6 +433,9 @@ class Population:
         n = s.noise_dim
         if out is None:
             out = torch.empty(len(pairs), n, device=self.theta.device)
+        elif out.shape != (len(pairs), n):
+            raise ValueError(f"out has shape {tuple(out.shape)}; deltas of {len(pairs)} pairs "
+                             f"need ({len(pairs)}, {n})")
         for row, p in zip(out, pairs, strict=True):
             torch.mul(s.table[self.offsets[p]:self.offsets[p] + n], self.sigma_vec, out=row)
         return out
