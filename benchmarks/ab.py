@@ -46,7 +46,11 @@ def bench(src: Path, args: list[str]) -> dict:
                          env=env, capture_output=True, text=True)
     if out.returncode:
         raise SystemExit(f"ab: bench from {src} failed:\n{out.stderr.strip()}")
-    return json.loads(out.stdout)
+    try:
+        return json.loads(out.stdout)
+    except json.JSONDecodeError:  # e.g. --help among the bench arguments
+        raise SystemExit(f"ab: bench from {src} printed no report:\n{out.stdout.strip()}"
+                         ) from None
 
 
 def key(row: dict) -> tuple:

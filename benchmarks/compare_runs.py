@@ -45,7 +45,10 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     runs = {"a": (args.run_a, args.semantics_a), "b": (args.run_b, args.semantics_b)}
-    payloads = {key: load_final(run) for key, (run, _) in runs.items()}
+    try:
+        payloads = {key: load_final(run) for key, (run, _) in runs.items()}
+    except (OSError, ValueError) as e:  # load_final's one-line messages name the file and fix
+        raise SystemExit(f"compare_runs: {e}") from None
     if payloads["a"]["data"] != payloads["b"]["data"]:
         raise SystemExit("the runs trained on different data; compare two runs of one dataset")
     data = load_data(payloads["a"])

@@ -69,3 +69,8 @@ def test_an_unknown_revision_is_a_one_line_error(ab, tmp_path):
 def test_a_failing_bench_names_its_source_and_error(ab):
     with pytest.raises(SystemExit, match="unrecognized arguments"):
         ab.bench(ROOT / "src", ["--no-such-flag"])
+
+
+def test_bench_arguments_that_print_no_report_are_a_clear_error(ab):
+    with pytest.raises(SystemExit, match="printed no report"):
+        ab.bench(ROOT / "src", ["--help"])

@@ -292,6 +292,19 @@ def test_resume_does_not_reload_the_init_from_run(float_aware_run, tmp_path):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_init_from_is_recorded_absolute_so_resume_takes_any_spelling(float_aware_run, tmp_path,
+                                                                     monkeypatch):
+    shutil.copytree(float_aware_run, tmp_path / "source")
+    monkeypatch.chdir(tmp_path)
+    args = ["--method", "es", "--steps", "2", "--pop", "8", "--checkpoint-every", "1"]
+    rc, out = train(tmp_path, *args, "--init-from", "source")
+    assert rc == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["init_from"] == str(tmp_path.resolve() / "source")
+    resumed = ["train", *TINY, "--out", str(out), *args, "--resume"]
+    assert main([*resumed, "--init-from", str(tmp_path / "source")]) == 0
+
+
 @pytest.mark.parametrize(("flags", "message"), [
     (["--sizes", "2,8,8,2"], "holds a deeplinear [2, 16, 16, 2]"),
     (["--scale-exp", "100"], "trained at --scale-exp 125, not 100"),

@@ -91,10 +91,16 @@ def test_cli_data_dir_with_only_built_in_datasets_is_an_error(tmp_path, capsys):
     assert "\n" not in err and "checkerboard are built in, so drop --data-dir" in err
 
 
-def test_cli_regimes_study_refuses_resume(tmp_path, capsys):
-    assert main(["reproduce", "--study", "regimes", "--out", str(tmp_path), "--resume"]) == 2
+@pytest.mark.parametrize("flags, named", [(["--resume"], "--resume"),
+                                          (["--semantics", "IEEE"], "--semantics"),
+                                          (["--threads", "2", "--resume"], "--resume, --threads"),
+                                          (["--threads", "0"], "--threads must be >= 1")])
+def test_cli_regimes_study_refuses_the_methods_flags(tmp_path, capsys, flags, named):
+    """The regimes study sets its own semantics and threads and keeps no checkpoints: a flag it
+    would ignore is refused, not dropped silently."""
+    assert main(["reproduce", "--study", "regimes", "--out", str(tmp_path), *flags]) == 2
     err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "without --resume" in err
+    assert "\n" not in err and named in err
 
 
 def test_small_nets_run_on_one_thread():
@@ -254,3 +260,12 @@ def test_html_renders_inline_code_and_bold_as_tags():
     assert "<code>deeplinear reproduce --seed 0</code>" in page and "`" not in page
     assert "<strong>bold</strong>" in page and "<td><strong>1</strong></td>" in page
     assert "&lt;b&gt;" in page  # the text itself stays escaped
+
+
+def test_a_set_smaller_than_the_batch_trains_on_all_of_it(tmp_path):
+    """parity has 192 training samples; the budgets' ES batch is 256."""
+    budget = Budget(backprop_steps=3, es={"steps": 2, "pop": 4, "batch_size": 256})
+    task = reproduce(("parity",), budget, tmp_path, seed=0)["tasks"][0]
+    es_run = json.loads((tmp_path / "parity" / "deep-linear-openai-es" / "config.json")
+                        .read_text())
+    assert es_run["trainer"]["batch_size"] == 192 and len(task["methods"]) == 5

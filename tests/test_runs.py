@@ -88,3 +88,43 @@ def test_progress_prints_rate_and_eta(capsys):
     p.update(6, loss=1.25, test_acc=float("nan"))  # no evaluation yet: not shown
     out = capsys.readouterr().out
     assert "loss=1.25" in out and "test_acc" not in out
+
+
+def test_a_fresh_run_never_writes_over_files_it_did_not_write(tmp_path):
+    (tmp_path / "config.json").write_text('{"my": "precious settings"}')
+    with pytest.raises(FileExistsError, match="another --out"):
+        Run.open(tmp_path, {"lr": 0.1})
+    assert (tmp_path / "config.json").read_text() == '{"my": "precious settings"}'
+
+
+def test_the_same_run_stopped_before_its_first_checkpoint_starts_again(tmp_path):
+    Run.open(tmp_path, {"lr": 0.1}).log({"step": 1})  # killed before any checkpoint
+    assert Run.open(tmp_path, {"lr": 0.1}).metrics() == []
+    with pytest.raises(FileExistsError, match="other settings"):
+        Run.open(tmp_path, {"lr": 0.2})
+
+
+def test_resume_drops_a_last_metrics_line_cut_short(tmp_path):
+    run = Run.open(tmp_path, {"lr": 0.1})
+    run.log({"step": 1})
+    run.checkpoint({"step": 1})
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"loss": 0.5, "st')  # the process died while appending
+    assert Run.open(tmp_path, {"lr": 0.1}, resume=True).metrics() == [{"step": 1}]
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: (d / "metrics.jsonl").write_text('{"step": 1}\nnot json\n{"step": 2}\n'),
+     "metrics.jsonl: line 2 is not a metrics row"),
+    (lambda d: (d / "metrics.jsonl").write_text('{"loss": 1}\n{"step": 2}\n'),
+     "metrics.jsonl: line 1 is not a metrics row"),
+    (lambda d: (d / "metrics.jsonl").unlink(), "metrics.jsonl: missing"),
+    (lambda d: (d / "config.json").unlink(), "config.json: missing"),
+    (lambda d: (d / "config.json").write_text("[1, 2]"), "config.json: not a run's config"),
+])
+def test_resume_with_damaged_run_files_is_one_line_naming_the_file(tmp_path, damage, message):
+    Run.open(tmp_path, {"lr": 0.1}).checkpoint({"step": 1})
+    damage(tmp_path)
+    with pytest.raises((ValueError, FileNotFoundError), match=message) as e:
+        Run.open(tmp_path, {"lr": 0.1}, resume=True)
+    assert len(str(e.value).splitlines()) == 1 and "another --out" in str(e.value)

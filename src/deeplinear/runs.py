@@ -92,9 +92,13 @@ class Run:
                 raise FileNotFoundError(f"cannot resume: no checkpoint in {d}; drop --resume")
             try:
                 saved = json.loads(cfg_path.read_text())
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{cfg_path}: not valid JSON ({e}); restore it or start the run "
-                                 "again in another --out") from None
+            except (OSError, ValueError) as e:
+                why = "missing" if isinstance(e, FileNotFoundError) else f"not valid JSON ({e})"
+                raise ValueError(f"{cfg_path}: {why}; restore it or start the run again in "
+                                 "another --out") from None
+            if not isinstance(saved, dict):
+                raise ValueError(f"{cfg_path}: not a run's config (a JSON object); restore it or "
+                                 "start the run again in another --out")
             asked, known = json.loads(json.dumps([config, defaults or {}]))  # as saved: lists
             diff = differences(saved, asked, known)
             if diff:
@@ -109,8 +113,19 @@ class Run:
             return run
         if (d / "checkpoint.pt").exists() or (d / "final.pt").exists():
             raise FileExistsError(f"{d} already holds a run; use --resume or another --out")
+        fresh = json.dumps(config, indent=2, sort_keys=True) + "\n"
+        if cfg_path.exists() or (d / "metrics.jsonl").exists():
+            # only the same run, stopped before its first checkpoint, may be written over
+            try:
+                same = cfg_path.read_text() == fresh
+            except OSError:
+                same = False
+            if not same:
+                raise FileExistsError(f"{d} holds a config.json or metrics.jsonl of other "
+                                      "settings (or not a run's) that this run would overwrite; "
+                                      "use another --out")
         make_dir(d)
-        atomic_write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", cfg_path)
+        atomic_write_text(fresh, cfg_path)
         (d / "metrics.jsonl").write_text("")
         return cls(d, config)
 
@@ -126,8 +141,27 @@ class Run:
             self.dir.rmdir()
 
     def _truncate_metrics(self, step: int) -> None:
+        """Keep the rows up to the checkpoint's ``step``. A last line cut short (the process died
+        while appending it) is dropped; damage anywhere else is an error naming the line."""
         path = self.dir / "metrics.jsonl"
-        rows = [r for r in path.read_text().splitlines() if r and json.loads(r)["step"] <= step]
+        fix = "restore it or start the run again in another --out"
+        try:
+            lines = [r for r in path.read_text().splitlines() if r]
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: missing, so the run's history is lost; {fix}"
+                                    ) from None
+        rows = []
+        for i, line in enumerate(lines):
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                    raise ValueError("no step")
+            except ValueError:
+                if i == len(lines) - 1:
+                    break
+                raise ValueError(f"{path}: line {i + 1} is not a metrics row; {fix}") from None
+            if row["step"] <= step:
+                rows.append(line)
         atomic_write_text("".join(r + "\n" for r in rows), path)
 
     def log(self, row: dict[str, Any]) -> None:

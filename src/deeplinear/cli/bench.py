@@ -19,8 +19,9 @@ from deeplinear.cli import summary
 def _ints(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(s) for s in text.split(",") if s.strip())
-    except ValueError:
-        raise ValueError(f"bad list {text!r}: use integers like 100,500") from None
+    except ValueError:  # argparse prints this one with its flag, not "invalid _ints value"
+        raise argparse.ArgumentTypeError(f"bad list {text!r}: use integers like 100,500"
+                                         ) from None
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -45,13 +45,17 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"unknown dataset {', '.join(unknown) or '(none)'}; "
                          f"choose from {', '.join(DATASETS)}")
     check_data_dir(datasets, args.data_dir)
-    if args.study == "regimes":
-        if args.resume:
-            raise ValueError("--resume continues a --study methods reproduction; the regimes "
-                             "study keeps no checkpoints: run it again without --resume")
-        return run_regimes_study(datasets, args)
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if args.study == "regimes":
+        ignored = [flag for flag, given in (("--resume", args.resume),
+                                            ("--semantics", args.semantics != "TF_GPU"),
+                                            ("--threads", args.threads is not None)) if given]
+        if ignored:
+            raise ValueError(f"{', '.join(ignored)} apply to --study methods only; the regimes "
+                             "study keeps no checkpoints and sets its own semantics per regime "
+                             "and its own threads: drop them")
+        return run_regimes_study(datasets, args)
     if args.resume and not any(Path(args.out).glob("*/*/*.pt")):
         print(f"nothing to resume in {args.out}: starting a new reproduction", file=sys.stderr)
     reproduce(datasets, args.budget, args.out, args.seed, args.data_dir, args.resume,

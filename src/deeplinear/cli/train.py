@@ -88,7 +88,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of init, batches and noise")
     p.add_argument("--out", default=None, help="run directory (default runs/train/<name>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
-    p.add_argument("--init-from", default=None, metavar="RUN",
+    p.add_argument("--init-from", type=absolute_path, default=None, metavar="RUN",
                    help="start from the weights of a finished run (its final.pt or directory) "
                    "of the same model and sizes, e.g. ES from a float-blind backprop net")
     p.add_argument("--quiet", action="store_true", help="no progress lines")

@@ -100,7 +100,7 @@ def check_evolvable(model: nn.Module, data: Dataset, cfg: Any, method: str) -> N
                          f"{data.n_features} features and {data.n_classes} classes; fix the sizes")
     if cfg.batch_size > len(data.x_train):
         raise ValueError(f"batch_size {cfg.batch_size} exceeds the {len(data.x_train)} training "
-                         "samples")
+                         "samples; lower the batch size (--batch-size)")
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
 

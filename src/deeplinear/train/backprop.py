@@ -206,7 +206,8 @@ def _train(model: nn.Module, data: Dataset, cfg: Config, run: Run | None,
                          f"{type(model).__name__} has no underflow to see")
     n = len(data.x_train)
     if cfg.batch_size > n:
-        raise ValueError(f"batch_size {cfg.batch_size} exceeds the {n} training samples")
+        raise ValueError(f"batch_size {cfg.batch_size} exceeds the {n} training samples; lower "
+                         "the batch size (--batch-size)")
     device = check_device(cfg.device)
     model.to(device)
     x, y = data.x_train.to(device), data.y_train.to(device)
