@@ -216,6 +216,37 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
     assert rows(killed) == rows(tmp_path / "whole")
 
 
+def test_ctrl_c_before_the_first_checkpoint_keeps_the_work(tmp_path):
+    """A real Ctrl-C (SIGINT to the CLI in a subprocess) long before the first scheduled
+    checkpoint: the run stops after the step with a checkpoint, says how to resume, and the
+    resumed run equals an uninterrupted one bit for bit."""
+    args = [*TINY, "--steps", "3000", "--checkpoint-every", "5000", "--eval-every", "20"]
+    stopped = tmp_path / "stopped"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "deeplinear", "train", *args, "--out",
+                             str(stopped)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        metrics = stopped / "metrics.jsonl"
+        while not (metrics.exists() and metrics.read_text()):  # training has begun
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, "no metrics after 120 s"
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGINT)
+        err = proc.communicate(timeout=120)[1]
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "continue with --resume" in err, err
+    assert not (stopped / "final.pt").exists(), "the run finished before the Ctrl-C"
+    assert 20 <= torch.load(stopped / "checkpoint.pt", weights_only=False)["step"] < 3000
+    assert main(["train", *args, "--out", str(stopped), "--resume"]) == 0
+    assert main(["train", *args, "--out", str(tmp_path / "whole")]) == 0
+    a = torch.load(stopped / "final.pt", weights_only=False)["state_dict"]
+    b = torch.load(tmp_path / "whole" / "final.pt", weights_only=False)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_resume_accepts_a_run_directory_from_before_a_trainer_setting(tmp_path, capsys):
     """A run written before ``sigma_blocks`` existed (its config lacks it) still resumes."""
     es = ["--method", "es", "--pop", "8", "--checkpoint-every", "2"]

@@ -1,6 +1,9 @@
-"""What the trainers share (``deeplinear.train``): the model comes back on its own device."""
+"""What the trainers share (``deeplinear.train``): the model comes back on its own device, and
+Ctrl-C stops a run after a finished step with a checkpoint to resume from."""
 
 import math
+import os
+import signal
 
 import pytest
 import torch
@@ -8,7 +11,8 @@ import torch
 from deeplinear import es
 from deeplinear.data import load_dataset
 from deeplinear.nets import DeepLinear
-from deeplinear.train import backprop, cmaes
+from deeplinear.runs import Run
+from deeplinear.train import Interrupted, backprop, cmaes
 from deeplinear.train import es as es_train
 
 CPU = torch.device("cpu")
@@ -58,3 +62,63 @@ def test_a_diverged_es_run_gives_the_model_back_on_its_device(rings):
         es_train.train(model, rings, es_train.Config(steps=3, pop=4), progress=False,
                        evaluate=diverged)
     assert model.moves == [CPU, CPU]  # to cfg.device, then home
+
+
+CONFIGS = {  # short runs with an evaluation every 2 steps and no checkpoint before the end
+    backprop: {"steps": 8, "batch_size": 16, "eval_every": 2, "checkpoint_every": 100,
+               "eval_n": 50},
+    es_train: {"steps": 8, "pop": 4, "batch_size": 16, "eval_every": 2, "checkpoint_every": 100,
+               "eval_n": 50},
+    cmaes: {"steps": 8, "pop": 6, "batch_size": 16, "eval_every": 2, "checkpoint_every": 100,
+            "eval_n": 50},
+}
+
+
+def ctrl_c_at_first_eval(monkeypatch, module, presses=1):
+    """Press Ctrl-C ``presses`` times while the trainer scores its first evaluation (step 2)."""
+    real, calls = module.scores, []
+
+    def scores(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            for _ in range(presses):
+                os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, "scores", scores)
+
+
+def weights(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("module", [backprop, es_train, cmaes], ids=["backprop", "es", "cmaes"])
+def test_ctrl_c_checkpoints_the_finished_step_and_resume_ends_as_an_unbroken_run(
+        module, rings, tmp_path, monkeypatch):
+    if module is cmaes:
+        pytest.importorskip("cma")
+    cfg = module.Config(**CONFIGS[module])
+    unbroken = DeepLinear([2, 8, 8, 2], generator=torch.Generator().manual_seed(0))
+    module.train(unbroken, rings, cfg, run=Run.open(tmp_path / "a", {}), progress=False)
+
+    model = DeepLinear([2, 8, 8, 2], generator=torch.Generator().manual_seed(0))
+    handler = signal.getsignal(signal.SIGINT)
+    with monkeypatch.context() as m:
+        ctrl_c_at_first_eval(m, module)
+        with pytest.raises(Interrupted, match=r"stopped after step 3; checkpoint in .*--resume"):
+            module.train(model, rings, cfg, run=Run.open(tmp_path / "b", {}), progress=False)
+    assert signal.getsignal(signal.SIGINT) is handler  # the trainer's handler is gone again
+    run = Run.open(tmp_path / "b", {}, resume=True)
+    assert run.resumed_state["step"] == 3  # read at step 3: step 2 was past its checkpoint
+    module.train(model, rings, cfg, run=run, progress=False)
+    expected = weights(unbroken)
+    assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
+
+
+def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(rings, tmp_path, monkeypatch):
+    ctrl_c_at_first_eval(monkeypatch, backprop, presses=2)
+    model = DeepLinear([2, 8, 8, 2], generator=torch.Generator().manual_seed(0))
+    with pytest.raises(KeyboardInterrupt) as e:
+        backprop.train(model, rings, backprop.Config(**CONFIGS[backprop]),
+                       run=Run.open(tmp_path, {}), progress=False)
+    assert not isinstance(e.value, Interrupted) and not (tmp_path / "checkpoint.pt").exists()

@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"deeplinear {args.command}: error: {msg}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"deeplinear {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"deeplinear {args.command}: interrupted{f' ({e})' if str(e) else ''}",
+              file=sys.stderr)
         return 130

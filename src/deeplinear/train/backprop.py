@@ -51,7 +51,15 @@ from deeplinear.nets import DeepLinear
 from deeplinear.probes import occupancy
 from deeplinear.runs import Progress, Run, rng_state, set_rng_state
 from deeplinear.surrogate import DEFAULT_TAU, KINDS, make_under
-from deeplinear.train import check_counts, check_device, keeps_model_device, scores
+from deeplinear.train import (
+    check_counts,
+    check_device,
+    interrupted,
+    keeps_model_device,
+    scores,
+    stop_asked,
+    stops_cleanly,
+)
 
 SCHEDULES = ("cosine", "step", "constant")
 # Adam moments of parameters whose gradient stops decay geometrically into subnormals, where
@@ -179,6 +187,7 @@ def _flushed_fraction(net: DeepLinear, x: Tensor) -> float:
 
 
 @keeps_model_device
+@stops_cleanly
 def train(model: nn.Module, data: Dataset, cfg: Config, run: Run | None = None,
           progress: bool = True) -> list[dict[str, Any]]:
     """Train ``model`` in place; return the metric rows logged (one per evaluation).
@@ -260,7 +269,8 @@ def _train(model: nn.Module, data: Dataset, cfg: Config, run: Run | None,
         loss_sum, loss_n = loss_sum + value, loss_n + 1
         done = s + 1
         is_eval = done % cfg.eval_every == 0 or done == cfg.steps
-        is_ckpt = done % cfg.checkpoint_every == 0 or done == cfg.steps
+        stop = stop_asked()
+        is_ckpt = done % cfg.checkpoint_every == 0 or done == cfg.steps or stop
         if (is_eval or is_ckpt) and not _finite(model):
             raise ValueError(f"training diverged at step {done}: non-finite weights; lower --lr "
                              f"(last good checkpoint: step {last_ckpt})")
@@ -283,4 +293,6 @@ def _train(model: nn.Module, data: Dataset, cfg: Config, run: Run | None,
         if bar is not None:
             last = rows[-1]["test_acc"] if rows else float("nan")
             bar.update(done, force=done == cfg.steps, loss=value, test_acc=last)
+        if stop:
+            raise interrupted(done, run)
     return rows

@@ -49,8 +49,11 @@ from deeplinear.runs import Progress, Run, rng_state, set_rng_state
 from deeplinear.train import (
     check_evolution_config,
     check_evolvable,
+    interrupted,
     keeps_model_device,
     scores,
+    stop_asked,
+    stops_cleanly,
 )
 from deeplinear.train.backprop import calibrate
 
@@ -134,6 +137,7 @@ def fitness(model: DeepLinear, layout: es.Layout, candidates: list[np.ndarray], 
 
 
 @keeps_model_device
+@stops_cleanly
 def train(model: DeepLinear, data: Dataset, cfg: Config, run: Run | None = None,
           progress: bool = True) -> list[dict[str, Any]]:
     """Train ``model`` in place by CMA-ES; return the metric rows logged (one per eval).
@@ -179,7 +183,9 @@ def train(model: DeepLinear, data: Dataset, cfg: Config, run: Run | None = None,
         loss_sum, loss_n = loss_sum + mean, loss_n + 1
         done = gen + 1
         is_eval = done % cfg.eval_every == 0 or done == cfg.steps
-        is_ckpt = run is not None and (done % cfg.checkpoint_every == 0 or done == cfg.steps)
+        stop = stop_asked()
+        is_ckpt = run is not None and (done % cfg.checkpoint_every == 0 or done == cfg.steps
+                                       or stop)
         if is_eval or is_ckpt:
             centre()
         if is_eval:
@@ -197,5 +203,8 @@ def train(model: DeepLinear, data: Dataset, cfg: Config, run: Run | None = None,
         if bar is not None:
             last = rows[-1]["test_acc"] if rows else math.nan
             bar.update(done, force=done == cfg.steps, loss=mean, test_acc=last)
+        if stop:
+            centre()
+            raise interrupted(done, run)
     centre()
     return rows

@@ -37,8 +37,11 @@ from deeplinear.train import (
     check_device,
     check_evolution_config,
     check_evolvable,
+    interrupted,
     keeps_model_device,
     scores,
+    stop_asked,
+    stops_cleanly,
 )
 from deeplinear.train.backprop import calibrate
 
@@ -98,6 +101,7 @@ class Config:
 
 
 @keeps_model_device
+@stops_cleanly
 def train(model: DeepLinear, data: Dataset, cfg: Config, run: Run | None = None,
           progress: bool = True, evaluate: Evaluate | None = None) -> list[dict[str, Any]]:
     """Train ``model`` in place by OpenAI-ES; return the metric rows logged (one per eval).
@@ -144,7 +148,9 @@ def train(model: DeepLinear, data: Dataset, cfg: Config, run: Run | None = None,
         loss_sum, loss_n = loss_sum + float(finite.mean()), loss_n + 1
         done = gen + 1
         is_eval = done % cfg.eval_every == 0 or done == cfg.steps
-        is_ckpt = run is not None and (done % cfg.checkpoint_every == 0 or done == cfg.steps)
+        stop = stop_asked()
+        is_ckpt = run is not None and (done % cfg.checkpoint_every == 0 or done == cfg.steps
+                                       or stop)
         if is_eval or is_ckpt:
             layout.load(state.theta, model)
         if is_eval:
@@ -161,5 +167,8 @@ def train(model: DeepLinear, data: Dataset, cfg: Config, run: Run | None = None,
         if bar is not None:
             last = rows[-1]["test_acc"] if rows else math.nan
             bar.update(done, force=done == cfg.steps, loss=float(finite.mean()), test_acc=last)
+        if stop:
+            layout.load(state.theta, model)
+            raise interrupted(done, run)
     layout.load(state.theta, model)
     return rows
