@@ -146,7 +146,7 @@ def test_nan_data_stops_before_any_checkpoint(tmp_path, rings):
     bad.x_train[:] = float("nan")
     with pytest.raises(ValueError, match=r"calibrate layer 1.*std nan"):
         train(deep(), bad, Config(steps=5), progress=False)
-    with pytest.raises(ValueError, match="diverged at step 1"):
+    with pytest.raises(ValueError, match=r"diverged at step 1.*\(no checkpoint was written yet\)"):
         train(deep(), bad, Config(steps=5, init_gain=None), run=Run.open(tmp_path, {}),
               progress=False)
     assert not (tmp_path / "checkpoint.pt").exists()
@@ -228,7 +228,8 @@ def test_adam_step_never_leaves_subnormal_moments_and_changes_nothing_else():
     (lambda: deep(), Config(batch_size=10**6), "exceeds"),
     (lambda: deep(), Config(surrogate="relu"), "unknown surrogate"),
     (lambda: deep(), Config(schedule="linear"), "unknown schedule"),
-    (lambda: deep(), Config(lr=0.0), "lr must be > 0, got 0.0"),
+    (lambda: deep(), Config(lr=0.0), "lr must be > 0 and finite, got 0.0"),
+    (lambda: deep(), Config(lr=float("inf")), "lr must be > 0 and finite, got inf"),
     (lambda: deep(), Config(weight_decay=float("nan")), "weight_decay must be >= 0, got nan"),
     (lambda: deep(), Config(device="tpu"), "unknown device 'tpu'; use cpu, cuda"),
     (lambda: deep(), Config(device="meta"), "unknown device 'meta'"),

@@ -47,14 +47,17 @@ def test_executed_flops_low_rank_shares_layer_one():
 def test_net_sizes_by_name_or_widths():
     assert net_sizes("small") == (64, 256, 256, 10)
     assert net_sizes("6,8,4") == (6, 8, 4)
-    with pytest.raises(ValueError, match="unknown net"):
+    with pytest.raises(ValueError, match=r"net 'big': .*use 2017, small or widths"):
         net_sizes("big")
+    with pytest.raises(ValueError, match=r"net '64,0,10': .*width"):
+        net_sizes("64,0,10")
 
 
 @pytest.mark.parametrize(("bad", "match"), [
     ({"pops": (3,)}, "even"), ({"modes": ("dense",)}, "unknown mode"), ({"device": "tpu"}, "tpu"),
-    ({"batches": (0,)}, "batch"), ({"nets": ("x",)}, "unknown net"), ({"threads": 0}, "threads"),
-    ({"peak_n": 0}, "peak_n"), ({"pops": ()}, "no pops"), ({"nets": ()}, "no nets"),
+    ({"batches": (0,)}, "batch"), ({"nets": ("x",)}, "net 'x'"), ({"threads": 0}, "threads"),
+    ({"peak_n": 0}, "peak_n must be >= 1, got 0"), ({"min_time": -1}, "min_time must be >= 0"),
+    ({"rank": 0}, "rank must be >= 1, got 0"), ({"pops": ()}, "no pops"), ({"nets": ()}, "no nets"),
     ({"nets": ("8,4",)}, "no hidden layer"),
 ])
 def test_bad_config_is_a_value_error(bad, match):

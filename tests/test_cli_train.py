@@ -89,7 +89,7 @@ def test_eval_reproduces_the_final_accuracies(float_aware_run, capsys):
     (["--model", "mlp", "--semantics", "IEEE"], "--semantics applies to --model deeplinear"),
     (["--model", "softmax", "--sizes", "2,2", "--init-gain", "2"], "--init-gain applies to"),
     (["--model", "mlp", "--scale-exp", "100"], "--scale-exp applies to --model deeplinear"),
-    (["--method", "es", "--rank", "4"], "--rank applies to --perturbation lowrank"),
+    (["--method", "es", "--rank", "4"], "--rank applies to --method es --perturbation lowrank"),
     (["--scale-exp", "500"], "out of range"),
     (["--foo", "3"], "deeplinear train: error: unrecognized arguments: --foo 3"),
 ])
@@ -397,3 +397,13 @@ def test_version_is_the_package_version(capsys):
     assert e.value.code == 0
     assert capsys.readouterr().out.strip() == f"deeplinear {deeplinear.__version__}"
     assert importlib.metadata.version("deeplinear") == deeplinear.__version__  # one source
+
+
+@pytest.mark.parametrize("flag, value", [("--seed", "99999999999999999999"),
+                                         ("--data-seed", "-1"), ("--seed", "x")])
+def test_a_seed_out_of_range_names_the_flag_and_the_range(capsys, flag, value):
+    with pytest.raises(SystemExit) as e:  # argparse's own exit
+        main(["train", *TINY, flag, value])
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert f"argument {flag}: seed '{value}' must be an integer in 0..4294967295" in err

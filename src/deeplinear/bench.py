@@ -58,8 +58,8 @@ def net_sizes(name: str) -> tuple[int, ...]:
         return NETS[name]
     try:
         return tuple(parse_sizes(name))
-    except ValueError:
-        raise ValueError(f"unknown net {name!r}: use {', '.join(NETS)} or widths like 64,256,10"
+    except ValueError as e:
+        raise ValueError(f"net {name!r}: {e}; use {', '.join(NETS)} or widths like 64,256,10"
                          ) from None
 
 
@@ -103,9 +103,12 @@ class BenchConfig:
             raise ValueError(f"unknown device {self.device!r}; use cpu or cuda")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
-        small_peak = self.peak_n is not None and self.peak_n < 1
-        if self.rank < 1 or self.repeats < 1 or self.min_time < 0 or small_peak:
-            raise ValueError("need rank >= 1, repeats >= 1, min_time >= 0 and peak_n >= 1")
+        for name, ok, need in (("rank", self.rank >= 1, ">= 1"),
+                               ("repeats", self.repeats >= 1, ">= 1"),
+                               ("min_time", self.min_time >= 0, ">= 0"),
+                               ("peak_n", self.peak_n is None or self.peak_n >= 1, ">= 1")):
+            if not ok:
+                raise ValueError(f"{name} must be {need}, got {getattr(self, name)}")
 
     @classmethod
     def quick(cls, **overrides: Any) -> BenchConfig:

@@ -239,7 +239,8 @@ class Strategy:
         _ = self.scale  # building it checks sigma_scale and sigma_blocks, with their own errors
         if self.table_size <= self.noise_dim:
             raise ValueError(f"noise table of {self.table_size} values is too small for "
-                             f"{self.noise_dim} noise values per member; raise table_size")
+                             f"{self.noise_dim} noise values per member; raise table_size or "
+                             "lower rank")
 
     def _check_schedules(self) -> None:
         """Schedules that cannot work: an infinite value, a floor above the start (it would

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from deeplinear.arithmetic import FORMATS, PRESETS, get_semantics
-from deeplinear.cli import summary
+from deeplinear.cli import seed, summary
 from deeplinear.nets import parse_sizes
 from deeplinear.probes import make_nets, plot_implicit_activation, probe_report
 from deeplinear.regimes import KINDS, format_probe_report, plot_sweeps
@@ -38,7 +38,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--semantics", default=None,
                    help=f"{' | '.join(PRESETS)} | all, or a comma-separated list "
                         f"(default: {NET_DEFAULTS['semantics']})")
-    p.add_argument("--seed", type=int, default=0, help="seed of weights and inputs (default: 0)")
+    p.add_argument("--seed", type=seed, default=0, help="seed of weights and inputs (default: 0)")
     p.add_argument("--n", type=int, default=None,
                    help="random inputs for the defects and occupancy "
                         f"(default: {NET_DEFAULTS['n']})")

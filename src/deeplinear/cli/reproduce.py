@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from deeplinear.arithmetic import PRESETS, get_semantics
-from deeplinear.cli import absolute_path, summary
+from deeplinear.cli import absolute_path, seed, summary
 from deeplinear.data import DATASETS, check_data_dir, data_dir_for
 from deeplinear.reproduce import BUDGETS, DEFAULT_DATASETS, reproduce
 
@@ -21,7 +21,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="smoke: seconds, a check that everything runs; quick (default): the "
                         "README's figures, minutes; full: longer training")
     p.add_argument("--out", default="runs/reproduce", help="output directory")
-    p.add_argument("--seed", type=int, default=0, help="seed of data, init, batches and noise")
+    p.add_argument("--seed", type=seed, default=0, help="seed of data, init, batches and noise")
     p.add_argument("--data-dir", default=None, type=absolute_path,
                    help="directory holding the IDX files")
     p.add_argument("--semantics", default="TF_GPU", choices=list(PRESETS),

@@ -25,7 +25,7 @@ from typing import Any
 from torch import nn
 
 from deeplinear.arithmetic import PRESETS, get_semantics
-from deeplinear.cli import absolute_path, summary
+from deeplinear.cli import absolute_path, seed, summary
 
 MODELS = ("deeplinear", "mlp", "softmax")
 METHODS = ("backprop", "float-aware", "es", "cma-es")
@@ -74,7 +74,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    "without it they are downloaded into $DEEPLINEAR_CACHE (default "
                    "~/.cache/deeplinear) from $DEEPLINEAR_MIRROR (comma-separated base URLs) or "
                    "the built-in mirrors")
-    p.add_argument("--data-seed", type=int, default=0,
+    p.add_argument("--data-seed", type=seed, default=0,
                    help="seed of synthetic data and of --n-train/--n-test subsets (default 0)")
     p.add_argument("--n-train", type=int, default=None, help="random subset of the train split")
     p.add_argument("--n-test", type=int, default=None, help="random subset of the test split")
@@ -85,7 +85,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="float semantics of a deep linear net (default TF_GPU)")
     p.add_argument("--scale-exp", type=int, default=None,
                    help="deep linear: the scale 2^k (default 125)")
-    p.add_argument("--seed", type=int, default=0, help="seed of init, batches and noise")
+    p.add_argument("--seed", type=seed, default=0, help="seed of init, batches and noise")
     p.add_argument("--out", default=None, help="run directory (default runs/train/<name>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--init-from", type=absolute_path, default=None, metavar="RUN",
@@ -150,7 +150,8 @@ def check_model_flags(args: argparse.Namespace) -> None:
             raise ValueError(f"--{given[0].replace('_', '-')} applies to --model deeplinear, not "
                              f"{args.model}; drop it")
     if args.rank is not None and args.perturbation != "lowrank":
-        raise ValueError("--rank applies to --perturbation lowrank; add it or drop --rank")
+        raise ValueError("--rank applies to --method es --perturbation lowrank; use those or "
+                         "drop --rank")
     args.method = args.method or ("float-aware" if args.model == "deeplinear" else "backprop")
     args.semantics = args.semantics or "TF_GPU"
     args.scale_exp = 125 if args.scale_exp is None else args.scale_exp

@@ -91,7 +91,7 @@ class Config:
     def validate(self) -> None:
         check_device(self.device)
         check_counts(self)
-        for name, value, ok, need in (("lr", self.lr, self.lr > 0, "> 0"),
+        for name, value, ok, need in (("lr", self.lr, 0 < self.lr < math.inf, "> 0 and finite"),
                                       ("weight_decay", self.weight_decay, self.weight_decay >= 0,
                                        ">= 0"),
                                       ("warmup", self.warmup, self.warmup >= 0, ">= 0")):
@@ -103,6 +103,11 @@ class Config:
             raise ValueError(f"unknown surrogate {self.surrogate!r}; use {', '.join(KINDS)}")
         if self.init_gain is not None and not self.init_gain > 0:
             raise ValueError(f"init_gain must be > 0 or None, got {self.init_gain}")
+
+
+def saved(step: int) -> str:
+    """What a diverged run left to resume from: its last checkpoint, or none yet."""
+    return f"last good checkpoint: step {step}" if step else "no checkpoint was written yet"
 
 
 def lr_at(cfg: Config, step: int) -> float:
@@ -262,7 +267,7 @@ def _train(model: nn.Module, data: Dataset, cfg: Config, run: Run | None,
         value = float(loss.detach())
         if not math.isfinite(value):
             raise ValueError(f"training diverged at step {s + 1}: loss is {value}; lower --lr "
-                             f"(last good checkpoint: step {last_ckpt})")
+                             f"({saved(last_ckpt)})")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         _step(opt, ftz)
@@ -273,7 +278,7 @@ def _train(model: nn.Module, data: Dataset, cfg: Config, run: Run | None,
         is_ckpt = done % cfg.checkpoint_every == 0 or done == cfg.steps or stop
         if (is_eval or is_ckpt) and not _finite(model):
             raise ValueError(f"training diverged at step {done}: non-finite weights; lower --lr "
-                             f"(last good checkpoint: step {last_ckpt})")
+                             f"({saved(last_ckpt)})")
         if is_eval:
             row = {"step": done, "epoch": done / per_epoch, "lr": lr,
                    "wall_s": wall0 + time.perf_counter() - t0, "loss": loss_sum / loss_n,
