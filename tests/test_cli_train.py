@@ -368,6 +368,13 @@ def test_data_dir_is_recorded_as_an_absolute_path(tmp_path, monkeypatch, capsys)
     assert saved == str(src.resolve())
     monkeypatch.chdir(tmp_path.parent)  # eval from elsewhere finds the files
     assert main(["eval", str(out), "--json"]) == 0
+    capsys.readouterr()
+    moved = src.rename(tmp_path / "moved")  # the files move: eval says where to point it
+    assert main(["eval", str(out), "--json"]) == 2
+    err = capsys.readouterr().err
+    assert "\n" not in err.strip()
+    assert "data directory is gone; if its files moved, pass --data-dir" in err
+    assert main(["eval", str(out), "--json", "--data-dir", str(moved)]) == 0
 
 
 def test_eval_measures_a_run_that_has_no_final_yet(tmp_path, capsys):

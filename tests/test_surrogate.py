@@ -5,7 +5,7 @@ import torch
 
 from deeplinear.arithmetic import CPU_FTZ_DAZ, IEEE, TF_GPU
 from deeplinear.nets import DeepLinear
-from deeplinear.surrogate import KINDS, make_under, smooth_dead_zone_grad
+from deeplinear.surrogate import KINDS, check_tau, make_under, smooth_dead_zone_grad
 
 FLOAT_AWARE = [k for k in KINDS if k != "blind"]
 
@@ -123,3 +123,12 @@ def test_smooth_gradient_is_finite_for_every_accepted_tau(tau):
     at_t = (u.abs() == net.threshold)
     assert at_t.sum() >= 2
     assert g[at_t].tolist() == pytest.approx([0.5 + 1 / (4 * tau)] * int(at_t.sum()), rel=1e-6)
+
+
+def test_a_width_below_float32s_normals_says_which_tau_or_scale_would_do():
+    """At --scale-exp 1 the threshold is 2**-125, and 0.3 of it is subnormal."""
+    with pytest.raises(ValueError, match=r"needs tau >= 0\.5 or a larger scale \(--scale-exp\)"):
+        check_tau(0.3, 2.0**-125)
+    check_tau(0.5, 2.0**-125)  # 2**-126 exactly: the smallest normal width
+    with pytest.raises(ValueError, match=r"got tau=inf$"):
+        check_tau(math.inf, 1.0)

@@ -73,10 +73,13 @@ def check_tau(tau: float, threshold: float) -> None:
     ``tau * threshold`` a normal float32: a width that is zero or subnormal in float32 makes the
     derivative ``0 / 0`` (NaN) everywhere.
     """
-    if not (math.isfinite(tau) and tau * threshold >= torch.finfo(torch.float32).tiny):
+    tiny = torch.finfo(torch.float32).tiny
+    if not (math.isfinite(tau) and tau * threshold >= tiny):
+        low = f"; at a threshold of {threshold:.3g} that needs tau >= {tiny / threshold:.3g} " \
+              "or a larger scale (--scale-exp)" if tau * threshold < tiny and tau > 0 else ""
         raise ValueError(f"smooth surrogate needs a finite tau > 0 (in thresholds, e.g. "
                          f"{DEFAULT_TAU}) whose width tau * threshold is a normal float32, "
-                         f"got tau={tau}")
+                         f"got tau={tau}{low}")
 
 
 def make_under(net: DeepLinear, kind: str, tau: float = DEFAULT_TAU) -> Under:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -65,6 +66,9 @@ def load_data(payload: dict[str, Any], dataset: str | None = None, data_dir: str
     if name != spec.get("name"):
         spec = {}  # another dataset: none of the run's data settings apply
     recorded = data_dir_for(name, spec.get("data_dir"))  # older runs kept one for built-ins
+    if data_dir is None and recorded is not None and not Path(recorded).is_dir():
+        raise FileNotFoundError(f"{recorded}: the run's data directory is gone; if its files "
+                                "moved, pass --data-dir")
     return load_dataset(name, data_dir=data_dir or recorded, seed=spec.get("seed", 0),
                         n_train=spec.get("n_train"),
                         n_test=n_test if n_test is not None else spec.get("n_test"))
