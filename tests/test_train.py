@@ -122,3 +122,17 @@ def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(rings, tmp_path, mon
         backprop.train(model, rings, backprop.Config(**CONFIGS[backprop]),
                        run=Run.open(tmp_path, {}), progress=False)
     assert not isinstance(e.value, Interrupted) and not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_an_ignored_sigint_stays_ignored(rings, monkeypatch):
+    """A background job (``nohup ... &``) ignores SIGINT; a trainer must not start catching it."""
+    seen = []
+    monkeypatch.setattr(backprop, "scores",
+                        lambda *a, **k: seen.append(signal.getsignal(signal.SIGINT)) or {})
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        backprop.train(DeepLinear([2, 8, 8, 2]), rings, backprop.Config(**CONFIGS[backprop]),
+                       progress=False)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert seen and all(h is signal.SIG_IGN for h in seen)

@@ -85,11 +85,13 @@ def stops_cleanly(train: Train) -> Train:
 
     Why: a Ctrl-C lands anywhere, e.g. halfway through an optimiser update, so it cannot be saved
     from; and with checkpoints every 500 steps, stopping at once threw away up to 499 steps (all
-    of them before the first). Only in the main thread, where Python delivers signals.
+    of them before the first). Only in the main thread, where Python delivers signals, and not
+    where SIGINT is ignored (a background job keeps ignoring it).
     """
     @functools.wraps(train)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        if threading.current_thread() is not threading.main_thread():
+        if (threading.current_thread() is not threading.main_thread()
+                or signal.getsignal(signal.SIGINT) is signal.SIG_IGN):  # e.g. nohup ... &
             return train(*args, **kwargs)
 
         def ask_to_stop(signum: int, frame: Any) -> None:
