@@ -94,6 +94,18 @@ def test_small_and_one_column_products_are_bit_identical_to_the_net(sizes, batch
     assert torch.equal(Engine(net, s, chunk=4).logits(pop, x), ref)
 
 
+@pytest.mark.parametrize("sizes", [[784, 512, 10], SIZES, [24, 40, 1, 5]])
+def test_a_lone_member_is_bit_identical_to_the_net(sizes):
+    """One member: a bmm over one matrix would run as a multi-threaded mm (the 2017 shapes split
+    their sums across threads), so it runs twice in one batch."""
+    net, s, pop, x, _y = setup(sizes=sizes, pop=2, table_size=1 << 20)
+    x = torch.rand(100, sizes[0], generator=torch.Generator().manual_seed(3))
+    member = pop.member(1)
+    with one_thread():
+        ref = one_by_one(net, pop, x)[1]
+    assert torch.equal(stacked_logits(net, s.layout, member[None], x)[0], ref)
+
+
 def test_lowrank_with_a_one_unit_layer_does_not_depend_on_the_chunk():
     net, s, pop, x, _y = setup(sizes=[24, 40, 1, 5], rank=1, pop=14)
     whole = Engine(net, s, chunk=4).logits(pop, x)

@@ -188,6 +188,7 @@ def test_eval_seconds_exclude_training(tmp_path):
     @dataclass
     class Config:
         seed: int = 0
+        batch_size: int = 1
 
     def train(model, data, cfg, run):
         time.sleep(0.3)

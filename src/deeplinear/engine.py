@@ -108,17 +108,21 @@ def member_products(h: Tensor, w: Tensor, out: Tensor | None = None) -> Tensor:
 
     One bmm where that rounds like ``mm`` (every product of :data:`BMM_LOOP_BELOW` or more
     multiply-adds with two or more columns, the shapes that cost time), else ``mm`` member by
-    member.
+    member. A bmm over one matrix runs as a plain multi-threaded ``mm``, which may split its sums
+    across threads and round otherwise: a lone member runs twice in one batch, one copy kept.
     """
     m, b, k = h.shape
     n = w.shape[2]
-    if b * k * n >= BMM_LOOP_BELOW and n > 1:
-        return torch.bmm(h, w, out=out)
-    if out is None:
-        out = torch.empty(m, b, n, device=h.device)
-    for j in range(m):
-        torch.mm(h[j], w[j], out=out[j])
-    return out
+    if b * k * n < BMM_LOOP_BELOW or n == 1:
+        if out is None:
+            out = torch.empty(m, b, n, device=h.device)
+        for j in range(m):
+            torch.mm(h[j], w[j], out=out[j])
+        return out
+    if m == 1:
+        twice = torch.bmm(h.expand(2, b, k), w.expand(2, k, n))[:1]
+        return twice if out is None else out.copy_(twice)
+    return torch.bmm(h, w, out=out)
 
 
 def stacked_logits(net: DeepLinear, layout: Layout, members: Tensor, x: Tensor,
@@ -132,10 +136,6 @@ def stacked_logits(net: DeepLinear, layout: Layout, members: Tensor, x: Tensor,
     *shape)`` supplies reused output tensors (the engine's buffers); without it each layer
     allocates.
     """
-    if len(members) == 1:
-        # A bmm over one matrix runs as a plain mm, which may split its sums across threads and
-        # round otherwise: a lone member runs twice in one batch, one copy kept.
-        return stacked_logits(net, layout, members.repeat(2, 1), x, buf)[:1]
     rule, flush_matmul = inplace_rule(net), net.semantics.matmul_flush
     m, b = len(members), len(x)
     h = x.expand(m, *x.shape)

@@ -112,7 +112,7 @@ def run_method(method: Method, data: Dataset, sizes: list[int], seed: int, out: 
     torch.manual_seed(seed)  # the baselines' nn.Linear init draws from the global generator
     model = method.make(sizes, torch.Generator().manual_seed(seed))
     cfg = make_config(method.trainer, seed, method.overrides)
-    if getattr(cfg, "batch_size", 0) > len(data.y_train):  # a small set (parity: 192): all of it
+    if cfg.batch_size > len(data.y_train):  # a small set (parity: 192) trains on all of it
         cfg = dataclasses.replace(cfg, batch_size=len(data.y_train))
     data_spec = data_spec or {"name": data.name, "seed": seed}
     # "model" and "data" let ``deeplinear eval`` measure an unfinished run's checkpoint.pt

@@ -114,16 +114,12 @@ class Run:
         if (d / "checkpoint.pt").exists() or (d / "final.pt").exists():
             raise FileExistsError(f"{d} already holds a run; use --resume or another --out")
         fresh = json.dumps(config, indent=2, sort_keys=True) + "\n"
-        if cfg_path.exists() or (d / "metrics.jsonl").exists():
-            # only the same run, stopped before its first checkpoint, may be written over
-            try:
-                same = cfg_path.read_text() == fresh
-            except OSError:
-                same = False
-            if not same:
-                raise FileExistsError(f"{d} holds a config.json or metrics.jsonl of other "
-                                      "settings (or not a run's) that this run would overwrite; "
-                                      "use another --out")
+        # only the same run, stopped before its first checkpoint, may be written over
+        written = cfg_path.exists() or (d / "metrics.jsonl").exists()
+        if written and not (cfg_path.is_file() and cfg_path.read_text() == fresh):
+            raise FileExistsError(f"{d} holds a config.json or metrics.jsonl of other settings "
+                                  "(or not a run's) that this run would overwrite; use another "
+                                  "--out")
         make_dir(d)
         atomic_write_text(fresh, cfg_path)
         (d / "metrics.jsonl").write_text("")
@@ -154,12 +150,12 @@ class Run:
         for i, line in enumerate(lines):
             try:
                 row = json.loads(line)
-                if not isinstance(row, dict) or not isinstance(row.get("step"), int):
-                    raise ValueError("no step")
             except ValueError:
+                row = None
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
                 if i == len(lines) - 1:
                     break
-                raise ValueError(f"{path}: line {i + 1} is not a metrics row; {fix}") from None
+                raise ValueError(f"{path}: line {i + 1} is not a metrics row; {fix}")
             if row["step"] <= step:
                 rows.append(line)
         atomic_write_text("".join(r + "\n" for r in rows), path)

@@ -39,10 +39,10 @@ def seed(text: str) -> int:
     """argparse type of a seed: an integer in 0..2**32 - 1, the range every generator here takes
     (scikit-learn's split the narrowest; torch refused 2**64 with an overflow message)."""
     try:
-        value = int(text)
+        value: int | None = int(text)
     except ValueError:
-        value = -1
-    if not 0 <= value <= MAX_SEED:
+        value = None
+    if value is None or not 0 <= value <= MAX_SEED:
         raise argparse.ArgumentTypeError(f"seed {text!r} must be an integer in 0..{MAX_SEED}")
     return value
 
