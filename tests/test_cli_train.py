@@ -72,6 +72,8 @@ def test_eval_reproduces_the_final_accuracies(float_aware_run, capsys):
     (["--sizes", "3,8,2"], "must start with 2"),
     (["--sizes", "2,8,3"], "end with 2"),
     (["--model", "softmax", "--method", "backprop", "--sizes", "2,8,2"], "no hidden layer"),
+    (["--model", "mlp", "--sizes", "2,2"], "an MLP needs at least one hidden layer, e.g. "
+                                           "--sizes 2,64,2 (or --model softmax)"),
     (["--method", "backprop", "--surrogate", "exact"], "--surrogate applies to"),
     (["--method", "backprop", "--pop", "10"], "--pop does not apply"),
     (["--steps", "0"], "steps = 0: must be >= 1"),
@@ -260,6 +262,30 @@ def test_resume_accepts_a_run_directory_from_before_a_trainer_setting(tmp_path, 
                  "--sigma-blocks", "biases.0=0"]) == 2
     assert "config differs in trainer.sigma_blocks; resume with the run's own settings" in \
         capsys.readouterr().err
+
+
+def test_resume_from_a_hand_edited_checkpoint_is_one_line(tmp_path, capsys):
+    es = ["--method", "es", "--pop", "8", "--checkpoint-every", "2"]
+    rc, out = train(tmp_path, *es, "--steps", "2")
+    assert rc == 0
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    del state["es"]
+    torch.save(state, out / "checkpoint.pt")
+    capsys.readouterr()
+    assert main(["train", *TINY, "--out", str(out), *es, "--steps", "2", "--resume"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after "resuming ... from step 2"
+    assert last.startswith("deeplinear train: error: ") and last.endswith(
+        "checkpoint.pt: no es in it, so not this trainer's checkpoint; start the run again in "
+        "another --out")
+
+
+def test_a_rank_that_saves_nothing_is_noted(tmp_path, capsys):
+    lowrank = ["--method", "es", "--pop", "8", "--steps", "1", "--perturbation", "lowrank"]
+    assert train(tmp_path, *lowrank, "--rank", "2", "--sizes", "2,16,16,2", name="a")[0] == 0
+    assert "note:" not in capsys.readouterr().err
+    assert train(tmp_path, *lowrank, "--rank", "8", "--sizes", "2,16,16,2", name="b")[0] == 0
+    assert ("note: --rank 8 draws 578 noise values per pair, not fewer than the net's 354 "
+            "parameters: low rank saves nothing here") in capsys.readouterr().err
 
 
 def test_cma_es_trains_a_small_net_and_refuses_es_only_flags(tmp_path, capsys):

@@ -654,3 +654,20 @@ def test_debian_fashion_mnist(tmp_path: Path) -> None:
     )
     assert torch.bincount(ds.y_test).tolist() == [1000] * 10
     assert ds.x_test.min() >= 0 and ds.x_test.max() <= 1 and ds.x_test.max() > 0.99
+
+
+def test_another_sets_published_files_are_refused_by_name(tmp_path: Path, monkeypatch) -> None:
+    """A --data-dir of kmnist's very files (by MD5) passed as mnist is a mix-up: one line says
+    which set they are; re-gzipped or plain files (unknown MD5s) still load unchecked."""
+    arrays = make_arrays()
+    idx = make_idx_dir(tmp_path / "k", arrays)
+    entry = data.MnistLike((), tuple((n, md5(raw)) for n, raw in gz_files(arrays).items()))
+    monkeypatch.setitem(data.MNIST_LIKE, "kmnist", entry)
+    with pytest.raises(DataError) as err:
+        data.load_mnist_like("mnist", data_dir=idx)
+    assert assert_one_line_naming(err, "train-images-idx3-ubyte.gz").endswith(
+        "this is kmnist's published file, not mnist's; pass --dataset kmnist, or a --data-dir "
+        "holding mnist's files")
+    assert data.load_mnist_like("kmnist", data_dir=idx).n_classes == 10
+    plain = make_idx_dir(tmp_path / "p", arrays, gz=False)
+    np.testing.assert_array_equal(data.load_mnist_like("mnist", data_dir=plain).y_test, arrays[3])

@@ -128,3 +128,23 @@ def test_resume_with_damaged_run_files_is_one_line_naming_the_file(tmp_path, dam
     with pytest.raises((ValueError, FileNotFoundError), match=message) as e:
         Run.open(tmp_path, {"lr": 0.1}, resume=True)
     assert len(str(e.value).splitlines()) == 1 and "another --out" in str(e.value)
+
+
+def test_resume_refuses_a_checkpoint_copied_from_another_run(tmp_path):
+    Run.open(tmp_path / "a", {"lr": 0.1}).checkpoint({"step": 1})
+    Run.open(tmp_path / "b", {"lr": 0.2}).checkpoint({"step": 5})
+    (tmp_path / "b" / "checkpoint.pt").replace(tmp_path / "a" / "checkpoint.pt")
+    with pytest.raises(ValueError, match=r"checkpoint\.pt: written by another run") as e:
+        Run.open(tmp_path / "a", {"lr": 0.1}, resume=True)
+    assert len(str(e.value).splitlines()) == 1 and "another --out" in str(e.value)
+
+
+def test_resumed_names_what_a_trainer_needs_and_the_checkpoint_lacks(tmp_path):
+    run = Run.open(tmp_path, {"lr": 0.1})
+    assert run.resumed("es") is None  # a fresh run has nothing to check
+    run.checkpoint({"step": 1, "rng": 0})
+    resumed = Run.open(tmp_path, {"lr": 0.1}, resume=True)
+    assert resumed.resumed("rng")["step"] == 1
+    with pytest.raises(ValueError, match=r"checkpoint.pt: no es, wall_s in it, so not this "
+                                         r"trainer's checkpoint; start .* another --out"):
+        resumed.resumed("es", "rng", "wall_s")

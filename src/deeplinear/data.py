@@ -512,6 +512,20 @@ def fetch(mirrors: tuple[str, ...], dest: Path, md5: str) -> Path:
     raise DataError(f"could not download {dest.name} from any mirror ({details}); {fix}")
 
 
+def _refuse_another_set(name: str, directory: Path) -> None:
+    """A user's files are not checked against ``name``'s MD5s (a re-gzipped copy differs), but
+    one that *is* byte for byte another set's published file (same 28x28 shape, so nothing else
+    would notice: Fashion-MNIST passed as MNIST trains and scores) is a mix-up worth an error."""
+    for path in _find_idx_files(directory)[0]:
+        if path.suffix != ".gz":
+            continue
+        got = _md5sum(path)
+        other = next((n for n, s in MNIST_LIKE.items() if (path.name, got) in s.md5), name)
+        if other != name:
+            raise DataError(f"{path}: this is {other}'s published file, not {name}'s; pass "
+                            f"--dataset {other}, or a --data-dir holding {name}'s files")
+
+
 def load_mnist_like(
     name: str,
     data_dir: str | os.PathLike[str] | None = None,
@@ -529,6 +543,7 @@ def load_mnist_like(
         )
     source = MNIST_LIKE[name]
     if data_dir is not None:
+        _refuse_another_set(name, Path(data_dir))
         return load_idx_dataset(data_dir, name)
     if source.system_dir is not None and not _find_idx_files(Path(source.system_dir))[1]:
         return load_idx_dataset(source.system_dir, name)

@@ -108,6 +108,10 @@ class Run:
             if not isinstance(state, dict) or "step" not in state:
                 raise ValueError(f"{ckpt}: not a deeplinear checkpoint (no step); start the run "
                                  "again in another --out")
+            if "config" in state and differences(json.loads(json.dumps(state["config"])),
+                                                 asked, known):
+                raise ValueError(f"{ckpt}: written by another run than {cfg_path} describes; "
+                                 "restore this run's checkpoint or start again in another --out")
             run = cls(d, config, state)
             run._truncate_metrics(state["step"])
             return run
@@ -169,8 +173,19 @@ class Run:
         return [json.loads(r) for r in text.splitlines() if r]
 
     def checkpoint(self, state: dict[str, Any]) -> None:
-        """Save resumable state; must contain ``step``."""
-        atomic_save(state, self.dir / "checkpoint.pt")
+        """Save resumable state; must contain ``step``. The run's config is saved with it, so a
+        checkpoint copied in from another run is refused on resume instead of half-loaded."""
+        atomic_save({**state, "config": self.config}, self.dir / "checkpoint.pt")
+
+    def resumed(self, *keys: str) -> dict[str, Any] | None:
+        """The checkpoint's state when resuming (else None), checked to hold ``keys``: a
+        trainer names what it reads, so a hand-edited checkpoint fails here in one line."""
+        state = self.resumed_state
+        missing = [k for k in keys if state is not None and k not in state]
+        if missing:
+            raise ValueError(f"{self.dir / 'checkpoint.pt'}: no {', '.join(missing)} in it, so "
+                             "not this trainer's checkpoint; start the run again in another --out")
+        return state
 
     def save_final(self, payload: dict[str, Any]) -> Path:
         path = self.dir / "final.pt"

@@ -212,10 +212,24 @@ def resolve_sizes(args: argparse.Namespace, n_features: int, n_classes: int,
     if args.model == "softmax" and len(sizes) != 2:
         raise ValueError(f"softmax regression has no hidden layer: use --sizes "
                          f"{n_features},{n_classes}")
-    if args.model == "deeplinear" and len(sizes) < 3:
-        raise ValueError("a deep linear net needs at least one hidden layer, e.g. --sizes "
-                         f"{n_features},64,{n_classes}")
+    if args.model != "softmax" and len(sizes) < 3:
+        what = "a deep linear net" if args.model == "deeplinear" else "an MLP"
+        raise ValueError(f"{what} needs at least one hidden layer, e.g. --sizes "
+                         f"{n_features},64,{n_classes} (or --model softmax)")
     return sizes
+
+
+def note_lowrank(cfg: Any, sizes: list[int]) -> None:
+    """Say so when ``--rank`` makes low rank draw as much noise as full rank: allowed (a study of
+    the rank may want it), but slower than full rank and rarely what was meant."""
+    from deeplinear import es
+
+    layout = es.Layout.of(sizes)
+    low = cfg.strategy(layout).noise_dim
+    if low >= layout.n:
+        print(f"note: --rank {cfg.rank} draws {low:,} noise values per pair, not fewer than the "
+              f"net's {layout.n:,} parameters: low rank saves nothing here; lower --rank or use "
+              "--perturbation full", file=sys.stderr)
 
 
 def build_model(kind: str, sizes: list[int], scale_exp: int = 125, semantics: Any = None,
@@ -290,6 +304,8 @@ def run(args: argparse.Namespace) -> int:
     data = load_dataset(args.dataset, data_dir=args.data_dir, seed=args.data_seed,
                         n_train=args.n_train, n_test=args.n_test)
     sizes = resolve_sizes(args, data.n_features, data.n_classes, args.dataset)
+    if getattr(cfg, "perturbation", None) == "lowrank":
+        note_lowrank(cfg, sizes)
     model = build_model(args.model, sizes, args.scale_exp, semantics, args.seed)
     if args.init_from is not None and not args.resume:  # on resume the checkpoint holds them
         load_weights(model, args.init_from, args.model, sizes, args.scale_exp)

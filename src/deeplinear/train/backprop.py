@@ -239,8 +239,8 @@ def _train(model: nn.Module, data: Dataset, cfg: Config, run: Run | None,
     g = torch.Generator().manual_seed(cfg.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     rows: list[dict[str, Any]] = []
-    if run is not None and run.resumed_state is not None:
-        state = run.resumed_state
+    needs = ("model", "optimizer", "rng", "perm", "wall_s", "loss_sum", "loss_n")
+    if run is not None and (state := run.resumed(*needs)) is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"], g)

@@ -156,8 +156,8 @@ def train(model: DeepLinear, data: Dataset, cfg: Config, run: Run | None = None,
 
     g = torch.Generator().manual_seed(cfg.seed)
     rows: list[dict[str, Any]] = []
-    if run is not None and run.resumed_state is not None:
-        saved = run.resumed_state
+    needs = ("cma", "rng", "wall_s", "loss_sum", "loss_n")
+    if run is not None and (saved := run.resumed(*needs)) is not None:
         opt = pickle.loads(saved["cma"])
         set_rng_state(saved["rng"], g)
         start, wall0, loss_sum, loss_n = saved["step"], saved["wall_s"], saved["loss_sum"], \

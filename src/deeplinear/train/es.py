@@ -120,8 +120,8 @@ def train(model: DeepLinear, data: Dataset, cfg: Config, run: Run | None = None,
     engine = Engine(model, strategy, max_bytes=cfg.max_mb << 20)
     g = torch.Generator().manual_seed(cfg.seed)
     rows: list[dict[str, Any]] = []
-    if run is not None and run.resumed_state is not None:
-        saved = run.resumed_state
+    needs = ("es", "rng", "wall_s", "loss_sum", "loss_n")
+    if run is not None and (saved := run.resumed(*needs)) is not None:
         state = es.State.from_state_dict(saved["es"], cfg.device)
         set_rng_state(saved["rng"], g)
         wall0, loss_sum, loss_n = saved["wall_s"], saved["loss_sum"], saved["loss_n"]
