@@ -227,7 +227,8 @@ def test_ctrl_c_before_the_first_checkpoint_keeps_the_work(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "deeplinear", "train", *args, "--out",
                              str(stopped)], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,  # a shell's background job
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 120
         metrics = stopped / "metrics.jsonl"

@@ -5,6 +5,7 @@ One real Ray runtime on this machine serves the whole module (4 logical CPUs, so
 installed.
 """
 
+import contextlib
 import os
 import platform
 import re
@@ -235,6 +236,44 @@ def test_cli_ray_backend_writes_the_same_final_weights_as_local(runtime, tmp_pat
     assert all(torch.equal(local[k], remote[k]) for k in local)
     assert main([*common, "--out", str(tmp_path / "bad"), "--workers", "2"]) == 2
     assert "--workers and --ray-address need --backend ray" in capsys.readouterr().err
+
+
+def test_a_terminal_ctrl_c_under_ray_stops_with_a_checkpoint_that_resumes(tmp_path,
+                                                                           restore_threads):
+    """Ctrl-C in a terminal reaches the whole process group: the driver and the Ray processes it
+    started. The driver still finishes its generation and checkpoints; resumed locally, the run
+    ends as an unbroken local one bit for bit."""
+    from deeplinear.cli import main
+
+    torch.set_num_threads(1)  # as the subprocess: a tiny net gains nothing from threads
+    args = ["train", "--method", "es", "--dataset", "digits", "--sizes", "64,32,32,10",
+            "--steps", "200", "--pop", "24", "--batch-size", "256", "--eval-every", "2",
+            "--checkpoint-every", "1000", "--eval-n", "300", "--n-test", "100", "--quiet"]
+    stopped = tmp_path / "stopped"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(  # its own process group, SIGINT not ignored, as from a terminal
+        [sys.executable, "-m", "deeplinear", *args, "--out", str(stopped), "--backend", "ray",
+         "--workers", "2"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        text=True, start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline, metrics = time.monotonic() + 120, stopped / "metrics.jsonl"
+        while not (metrics.exists() and metrics.read_text()):
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, "no metrics after 120 s"
+            time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGINT)
+        err = proc.communicate(timeout=120)[1]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130 and "continue with --resume" in err, err[-2000:]
+    assert not (stopped / "final.pt").exists(), "the run finished before the Ctrl-C"
+    assert main([*args, "--out", str(stopped), "--resume"]) == 0
+    assert main([*args, "--out", str(tmp_path / "whole")]) == 0
+    a, b = (torch.load(tmp_path / d / "final.pt", weights_only=False)["state_dict"]
+            for d in ("stopped", "whole"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_unreachable_address_fails_fast_in_one_line(data):
