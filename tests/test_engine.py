@@ -195,12 +195,16 @@ def test_chunks_are_the_largest_whose_working_set_fits_the_cache_budget(batch):
         assert c % 2 == 0 and c * per_member <= CHUNK_CACHE_BYTES < (c + 2) * per_member
 
 
-@pytest.mark.parametrize("semantics, rank", [(TF_GPU, 3), (CPU_FTZ_DAZ, 3), (TF_GPU, 7)],
-                         ids=["tf_gpu", "daz", "rank_above_the_output_width"])
-def test_lowrank_is_exactly_its_claimed_formulation(semantics, rank):
+@pytest.mark.parametrize("semantics, rank, sizes", [
+    (TF_GPU, 3, SIZES), (CPU_FTZ_DAZ, 3, SIZES), (TF_GPU, 7, SIZES), (TF_GPU, 3, [24, 40, 1, 5]),
+    (CPU_FTZ_DAZ, 3, [24, 40, 1, 5])],
+    ids=["tf_gpu", "daz", "rank_above_the_output_width", "one_unit", "one_unit_daz"])
+def test_lowrank_is_exactly_its_claimed_formulation(semantics, rank, sizes):
     """``h @ W +- (h @ A) @ Bs.T``, then bias and rule as in the net's scaled mode; a rank above a
-    layer's width (7 > 5 outputs) is allowed: the perturbation is then full rank."""
-    net, s, pop, x, _y = setup(semantics, rank=rank)
+    layer's width (7 > 5 outputs) is allowed: the perturbation is then full rank. Ranks 1-2 are
+    left to the tolerance test below: for products that narrow MKL picks kernels whose sums run
+    in another order than a member's own ``h @ A`` (last bits, measured up to 5e-6)."""
+    net, s, pop, x, _y = setup(semantics, rank=rank, sizes=sizes)
     rule, layout = net.under(), s.layout
     factors = pop.lowrank_factors(range(s.pairs))
     refs = []
@@ -219,8 +223,11 @@ def test_lowrank_is_exactly_its_claimed_formulation(semantics, rank):
     assert torch.equal(Engine(net, s).logits(pop, x), torch.stack(refs))
 
 
-def test_lowrank_matches_the_explicit_perturbed_net_to_float_tolerance():
-    net, s, pop, x, _y = setup(IEEE, rank=2)  # IEEE: no threshold a rounding error could cross
+@pytest.mark.parametrize("sizes", [SIZES, [24, 40, 1, 5]], ids=["wide", "one_unit"])
+@pytest.mark.parametrize("rank", [1, 2])
+def test_lowrank_matches_the_explicit_perturbed_net_to_float_tolerance(sizes, rank):
+    # IEEE: no threshold a rounding error could cross
+    net, s, pop, x, _y = setup(IEEE, rank=rank, sizes=sizes)
     out = Engine(net, s).logits(pop, x)
     ref = one_by_one(net, pop, x)  # x @ (W + A @ Bs.T), materialised
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

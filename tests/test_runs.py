@@ -137,6 +137,9 @@ def test_resume_refuses_a_checkpoint_copied_from_another_run(tmp_path):
     with pytest.raises(ValueError, match=r"checkpoint\.pt: written by another run") as e:
         Run.open(tmp_path / "a", {"lr": 0.1}, resume=True)
     assert len(str(e.value).splitlines()) == 1 and "another --out" in str(e.value)
+    # a checkpoint of an earlier version (no run config; trainers saved their own "config")
+    atomic_save({"step": 1, "config": {"sigma": 9}}, tmp_path / "a" / "checkpoint.pt")
+    assert Run.open(tmp_path / "a", {"lr": 0.1}, resume=True).resumed_state["step"] == 1
 
 
 def test_resumed_names_what_a_trainer_needs_and_the_checkpoint_lacks(tmp_path):

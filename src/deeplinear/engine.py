@@ -272,9 +272,16 @@ class Engine:
                 torch.sub(base, delta, out=u[:, 1])
             elif n_out == 1:
                 # mm with one output column rounds a row by its position in the matrix, which
-                # would tie a member's result to its chunk: one product per member instead
-                torch.bmm(h.view(2 * k, b, n_in), w.expand(2 * k, n_in, 1),
-                          out=u.view(2 * k, b, 1))
+                # would tie a member's result to its chunk: every product member by member (a
+                # rare shape, so the pair's factors are simply copied for both members)
+                hm = h.view(2 * k, b, n_in)
+                member_products(hm, w.expand(2 * k, n_in, 1), out=u.view(2 * k, b, 1))
+                a2, bs2 = (t.repeat_interleave(2, dim=0) for t in (a, bs.transpose(1, 2)))
+                delta = member_products(member_products(hm, a2), bs2).view(k, 2, b, 1)
+                u[:, 0] += delta[:, 0]
+                u[:, 1] -= delta[:, 1]
+                if self.flush_matmul:
+                    self.rule(u)
             else:
                 torch.mm(h.view(2 * k * b, n_in), w, out=u.view(2 * k * b, n_out))
                 ha = torch.bmm(h.view(k, 2 * b, n_in), a, out=self._buf("ha", k, 2 * b, a.shape[2]))

@@ -108,8 +108,8 @@ class Run:
             if not isinstance(state, dict) or "step" not in state:
                 raise ValueError(f"{ckpt}: not a deeplinear checkpoint (no step); start the run "
                                  "again in another --out")
-            if "config" in state and differences(json.loads(json.dumps(state["config"])),
-                                                 asked, known):
+            if "run_config" in state and differences(
+                    json.loads(json.dumps(state["run_config"])), asked, known):
                 raise ValueError(f"{ckpt}: written by another run than {cfg_path} describes; "
                                  "restore this run's checkpoint or start again in another --out")
             run = cls(d, config, state)
@@ -175,7 +175,7 @@ class Run:
     def checkpoint(self, state: dict[str, Any]) -> None:
         """Save resumable state; must contain ``step``. The run's config is saved with it, so a
         checkpoint copied in from another run is refused on resume instead of half-loaded."""
-        atomic_save({**state, "config": self.config}, self.dir / "checkpoint.pt")
+        atomic_save({**state, "run_config": self.config}, self.dir / "checkpoint.pt")
 
     def resumed(self, *keys: str) -> dict[str, Any] | None:
         """The checkpoint's state when resuming (else None), checked to hold ``keys``: a

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -293,7 +293,7 @@ def _train(model: nn.Module, data: Dataset, cfg: Config, run: Run | None,
             run.checkpoint({"step": done, "model": model.state_dict(),
                             "optimizer": opt.state_dict(), "rng": rng_state(g), "perm": perm,
                             "wall_s": wall0 + time.perf_counter() - t0, "loss_sum": loss_sum,
-                            "loss_n": loss_n, "config": asdict(cfg)})
+                            "loss_n": loss_n})
             last_ckpt = done
         if bar is not None:
             last = rows[-1]["test_acc"] if rows else float("nan")

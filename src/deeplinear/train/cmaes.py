@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import pickle
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -199,7 +199,7 @@ def train(model: DeepLinear, data: Dataset, cfg: Config, run: Run | None = None,
         if is_ckpt and run is not None:
             run.checkpoint({"step": done, "cma": pickle.dumps(opt), "rng": rng_state(g),
                             "model": model.state_dict(), "wall_s": wall0 + time.perf_counter() - t0,
-                            "loss_sum": loss_sum, "loss_n": loss_n, "config": asdict(cfg)})
+                            "loss_sum": loss_sum, "loss_n": loss_n})
         if bar is not None:
             last = rows[-1]["test_acc"] if rows else math.nan
             bar.update(done, force=done == cfg.steps, loss=mean, test_acc=last)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -163,7 +163,7 @@ def train(model: DeepLinear, data: Dataset, cfg: Config, run: Run | None = None,
         if is_ckpt and run is not None:
             run.checkpoint({"step": done, "es": state.state_dict(), "rng": rng_state(g),
                             "model": model.state_dict(), "wall_s": wall0 + time.perf_counter() - t0,
-                            "loss_sum": loss_sum, "loss_n": loss_n, "config": asdict(cfg)})
+                            "loss_sum": loss_sum, "loss_n": loss_n})
         if bar is not None:
             last = rows[-1]["test_acc"] if rows else math.nan
             bar.update(done, force=done == cfg.steps, loss=float(finite.mean()), test_acc=last)
