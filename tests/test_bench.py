@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -94,11 +95,12 @@ def test_run_bench_reports_every_section():
         assert row["gflop_per_gen"] == pytest.approx(4 * forward_flops((6, 8, 8, 4), 3) / 1e9)
         assert row["gflops"] == pytest.approx(row["gflop_per_gen"] / row["s_eval"])
         assert row["member_evals_per_s"] == pytest.approx(4 / row["s_eval"])
-        assert row["peak_mem_bytes"] is None or row["peak_mem_bytes"] >= 0
+        if sys.platform.startswith("linux"):  # VmHWM is there to read
+            assert row["peak_mem_bytes"] is not None and row["peak_mem_bytes"] >= 0
     assert [row["rank"] for row in r["rows"]] == [0, 1]
     for f in r["ftz_share"]:
-        _positive_finite(f, ["s_eval_ftz", "s_eval_identity"])
-        assert f["ftz_share"] < 1
+        _positive_finite(f, ["s_eval_ftz", "s_eval_identity"])  # what the swap removes: tested
+        # in test_engine.py::test_every_flush_goes_through_the_engines_rule
     (e,) = r["exact"]
     _positive_finite(e, ["s_exact", "s_scaled", "slowdown"])
     assert e["argmax_agree"] == 1.0  # the two modes compute the same function at init

@@ -234,6 +234,28 @@ def test_lowrank_matches_the_explicit_perturbed_net_to_float_tolerance(sizes, ra
     assert not torch.equal(out, one_by_one(net, es.ask(s, es.init(s, pop.theta * 1.01)), x))
 
 
+@pytest.mark.parametrize("rank", [0, 2])
+def test_every_flush_goes_through_the_engines_rule(rank):
+    """``bench.ftz_share`` times the flush by swapping ``Engine.rule`` for the identity: swapped,
+    the engine must compute the float-blind net (no flush left anywhere), full rank bit for bit."""
+    net, s, pop, x, _y = setup(TF_GPU, rank=rank)
+    engine = Engine(net, s)
+    real = engine.logits(pop, x)
+    engine.rule = lambda u: u
+    m, blind = copy.deepcopy(net), []
+    with one_thread():
+        swapped = engine.logits(pop, x)
+        for j in range(pop.size):
+            s.layout.load(pop.member(j), m)
+            blind.append(m(x, mode="scaled", under=lambda u: u))
+    blind = torch.stack(blind)
+    assert not torch.allclose(real, blind)
+    if rank:
+        torch.testing.assert_close(swapped, blind, rtol=1e-5, atol=1e-5)
+    else:
+        assert torch.equal(swapped, blind)
+
+
 def test_inplace_rule_is_the_dead_zone():
     net = DeepLinear([2, 3, 2])
     t = net.threshold

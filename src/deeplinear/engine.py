@@ -126,7 +126,8 @@ def member_products(h: Tensor, w: Tensor, out: Tensor | None = None) -> Tensor:
 
 
 def stacked_logits(net: DeepLinear, layout: Layout, members: Tensor, x: Tensor,
-                   buf: Callable[..., Tensor] | None = None) -> Tensor:
+                   buf: Callable[..., Tensor] | None = None,
+                   rule: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """Logits ``(m, batch, classes)`` of ``m`` parameter vectors ``members`` ``(m, layout.n)`` on
     ``x``, in the net's scaled mode: one ``bmm`` per layer (:func:`member_products`), the rule
     applied in place.
@@ -134,9 +135,10 @@ def stacked_logits(net: DeepLinear, layout: Layout, members: Tensor, x: Tensor,
     Bit-identical to loading each member into ``net`` and running ``net(x, mode="scaled")`` with
     one thread, up to the sign of a flushed zero (see the module docstring). ``buf(name,
     *shape)`` supplies reused output tensors (the engine's buffers); without it each layer
-    allocates.
+    allocates. ``rule`` replaces :func:`inplace_rule` (the engine passes its own, so swapping it
+    out, as ``bench`` does to time the flush, reaches this path too).
     """
-    rule, flush_matmul = inplace_rule(net), net.semantics.matmul_flush
+    rule, flush_matmul = rule or inplace_rule(net), net.semantics.matmul_flush
     m, b = len(members), len(x)
     h = x.expand(m, *x.shape)
     for i in range(len(layout.weights)):
@@ -249,7 +251,8 @@ class Engine:
         d = pop.deltas(pairs, out=members[:, 1])  # the minus member's slot holds the delta first
         torch.add(pop.theta, d, out=members[:, 0])
         torch.sub(pop.theta, d, out=d)
-        return stacked_logits(self.net, self.strategy.layout, members.flatten(0, 1), x, self._buf)
+        return stacked_logits(self.net, self.strategy.layout, members.flatten(0, 1), x, self._buf,
+                              self.rule)
 
     def _chunk_lowrank(self, pop: Population, pairs: Sequence[int], x: Tensor,
                        base: Tensor) -> Tensor:
