@@ -88,6 +88,8 @@ def test_eval_reproduces_the_final_accuracies(float_aware_run, capsys):
     (["--method", "float-aware", "--sigma-scale", "none"], "--sigma-scale does not apply"),
     (["--resume"], "no checkpoint"),
     (["--method", "es", "--device", "tpu"], "unknown device 'tpu'"),
+    (["--method", "es", "--device", "he"], "unknown device 'he'"),  # 'he' means He init only
+    (["--method", "es", "--sigma-blocks", "he"], "bad sigma block 'he'"),
     (["--model", "mlp", "--semantics", "IEEE"], "--semantics applies to --model deeplinear"),
     (["--model", "softmax", "--sizes", "2,2", "--init-gain", "2"], "--init-gain applies to"),
     (["--model", "mlp", "--scale-exp", "100"], "--scale-exp applies to --model deeplinear"),

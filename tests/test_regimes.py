@@ -275,6 +275,7 @@ def test_study_smoke() -> None:
         assert row["test_acc"] == row["scaled_acc"] or row["regime"].startswith("ftz")
     table = rg.format_study(r)
     assert all(f"| {reg.label} |" in table for reg in regimes)
+    assert "200 train / 100 test, seed 0, budget smoke. Test accuracy" in table
     assert rg.float_aware_surrogate(regimes[0]) == "smooth"
     assert rg.float_aware_surrogate(Regime("saturation", 127)) == "exact"
     assert rg.float_aware_surrogate(regimes[1]) == "ste"
@@ -296,3 +297,4 @@ def test_study_es_settings_can_be_overridden_and_are_recorded() -> None:
                  es_overrides={"steps": 3, "pop": 4, "perturbation": "lowrank"})
     assert r["rows"][0]["detail"] == "pop 4, 3 generations, lowrank noise"
     assert r["budget"]["es"]["perturbation"] == "lowrank" and r["budget"]["es"]["steps"] == 3
+    assert r["budget"]["es"]["batch_size"] == 200  # the batch it ran: the whole training set

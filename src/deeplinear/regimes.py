@@ -726,7 +726,8 @@ def study(dataset: str = "spirals", regimes: Sequence[Regime] = STUDY_REGIMES,
             say(f"{r.label} {method}: exact {row['test_acc']:.4f}, collapsed "
                 f"{row['collapsed_acc']:.4f} ({wall:.0f} s)")
     settings = {"budget": budget, "backprop_steps": b.backprop_steps,
-                "es": {**es_settings, "init_gain": STUDY_INIT_GAIN}}
+                "es": {**es_settings, "init_gain": STUDY_INIT_GAIN,
+                       "batch_size": min(es_settings["batch_size"], len(data.y_train))}}
     return {"dataset": dataset, "sizes": sizes, "budget": settings, "seed": seed,
             "n_train": len(data.y_train), "n_test": len(yt), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "baselines": baselines, "rows": rows}
@@ -739,7 +740,7 @@ def format_study(result: Mapping[str, Any]) -> str:
     cell = {(r["regime"], r["method"]): r for r in result["rows"]}
     lines = [f"{result['dataset']}, deep linear {'-'.join(map(str, result['sizes']))}, "
              f"{result['n_train']} train / {result['n_test']} test, seed {result['seed']}, "
-             f"budget {result['budget']}. Test accuracy in the regime's exact float arithmetic "
+             f"budget {result['budget']['budget']}. Test accuracy in the regime's exact float arithmetic "
              "(in brackets: in the scaled model trained / of the affine map the same weights "
              "collapse to).", "",
              "| regime | " + " | ".join(methods) + " |",

@@ -32,15 +32,12 @@ METHODS = ("backprop", "float-aware", "es", "cma-es")
 TRAINERS = {"es": "es", "cma-es": "cmaes"}  # method -> module in deeplinear.train; else backprop
 SURROGATES = ("exact", "ste", "smooth")
 DEFAULT_SURROGATE = "smooth"
-# CLI flag (argparse dest) -> trainer Config field, for the flags passed through generically
-TRAINER_FLAGS = {
-    "steps": "steps", "batch_size": "batch_size", "lr": "lr", "weight_decay": "weight_decay",
-    "schedule": "schedule", "init_gain": "init_gain", "tau": "tau", "eval_every": "eval_every",
-    "checkpoint_every": "checkpoint_every", "eval_n": "eval_n", "pop": "pop", "sigma": "sigma",
-    "perturbation": "perturbation", "rank": "rank", "threads": "threads",
-    "sigma_scale": "sigma_scale", "sigma_blocks": "sigma_blocks", "lr_decay": "lr_decay",
-    "device": "device",
-}
+# flags passed through to the trainer's Config field of the same name (argparse dest)
+TRAINER_FLAGS = (
+    "steps", "batch_size", "lr", "weight_decay", "schedule", "init_gain", "tau", "eval_every",
+    "checkpoint_every", "eval_n", "pop", "sigma", "perturbation", "rank", "threads",
+    "sigma_scale", "sigma_blocks", "lr_decay", "device",
+)
 
 
 def init_gain(text: str) -> float | str:
@@ -182,14 +179,14 @@ def make_config(trainer: ModuleType, args: argparse.Namespace, surrogate: str) -
     """The trainer's Config from the flags given; a flag it has no field for is an error."""
     fields = {f.name for f in dataclasses.fields(trainer.Config)}
     values: dict[str, Any] = {"seed": args.seed}
-    for dest, field in TRAINER_FLAGS.items():
-        value = getattr(args, dest)
+    for name in TRAINER_FLAGS:
+        value = getattr(args, name)
         if value is None:
             continue
-        if field not in fields:
-            raise ValueError(f"--{dest.replace('_', '-')} does not apply to --method "
+        if name not in fields:
+            raise ValueError(f"--{name.replace('_', '-')} does not apply to --method "
                              f"{args.method}; drop it")
-        values[field] = None if value == "he" else value
+        values[name] = None if name == "init_gain" and value == "he" else value
     if "surrogate" in fields:
         values["surrogate"] = surrogate
     cfg = trainer.Config(**values)
