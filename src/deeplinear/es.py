@@ -193,7 +193,7 @@ class Strategy:
 
     layout: Layout
     pop: int
-    sigma: float = 0.05
+    sigma: float = 0.1
     sigma_decay: float = 1.0
     sigma_min: float = 0.0
     sigma_scale: str = "fan_in"

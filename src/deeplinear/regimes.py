@@ -740,9 +740,9 @@ def format_study(result: Mapping[str, Any]) -> str:
     cell = {(r["regime"], r["method"]): r for r in result["rows"]}
     lines = [f"{result['dataset']}, deep linear {'-'.join(map(str, result['sizes']))}, "
              f"{result['n_train']} train / {result['n_test']} test, seed {result['seed']}, "
-             f"budget {result['budget']['budget']}. Test accuracy in the regime's exact float arithmetic "
-             "(in brackets: in the scaled model trained / of the affine map the same weights "
-             "collapse to).", "",
+             f"budget {result['budget']['budget']}. Test accuracy in the regime's exact float "
+             "arithmetic (in brackets: in the scaled model trained / of the affine map the same "
+             "weights collapse to).", "",
              "| regime | " + " | ".join(methods) + " |",
              "|---|" + "---|" * len(methods)]
     for reg in regimes:

@@ -55,21 +55,25 @@ class Config:
     steps: int = 1000  # generations
     pop: int = 200  # members per generation (even: antithetic pairs)
     batch_size: int = 100  # the common minibatch every member is scored on
-    sigma: float = 0.1  # in normalised units (see deeplinear.es); sigma_scale='fan_in'
-    sigma_decay: float = 1.0  # sigma_g = max(sigma_min, sigma * sigma_decay**g)
-    sigma_min: float = 0.0
-    sigma_scale: str = "fan_in"  # fan_in | none
-    sigma_blocks: str = ""  # per-block sigma multipliers, 0 freezes: "weights.0=0" (es.py)
-    lr: float = 0.01  # Adam, normalised units
-    lr_decay: float = 1.0  # lr_g = max(lr_min, lr * lr_decay**g)
-    lr_min: float = 0.0
-    weight_decay: float = 0.0  # decoupled: theta *= 1 - lr * weight_decay per generation
+    # the strategy's own defaults (es.Strategy), in normalised units (see deeplinear.es):
+    # sigma_g = max(sigma_min, sigma * sigma_decay**g) and likewise lr_g for Adam; sigma_scale
+    # fan_in | none; sigma_blocks per-block multipliers, 0 freezes ("weights.0=0"); weight decay
+    # decoupled: theta *= 1 - lr * weight_decay per generation
+    sigma: float = es.Strategy.sigma
+    sigma_decay: float = es.Strategy.sigma_decay
+    sigma_min: float = es.Strategy.sigma_min
+    sigma_scale: str = es.Strategy.sigma_scale
+    sigma_blocks: str = es.Strategy.sigma_blocks
+    lr: float = es.Strategy.lr
+    lr_decay: float = es.Strategy.lr_decay
+    lr_min: float = es.Strategy.lr_min
+    weight_decay: float = es.Strategy.weight_decay
     perturbation: str = "full"  # full | lowrank (EGGROLL)
     rank: int = 1  # lowrank only
     fitness: str = "loss"  # loss (mean cross-entropy) | error (1 - accuracy; NaN on NaN/inf loss)
     init_gain: float | None = 2.0  # pre-activation std at init, in thresholds (None: He init)
     center: bool = True  # centre layer 1's pre-activations at init
-    table_size: int = es.TABLE_SIZE  # shared noise table (float32 values)
+    table_size: int = es.Strategy.table_size  # shared noise table (float32 values)
     max_mb: int = DEFAULT_MAX_BYTES >> 20  # engine buffers
     threads: int | None = None  # torch threads, set once at the start
     device: str = "cpu"  # cpu | cuda | cuda:N
