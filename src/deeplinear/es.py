@@ -473,7 +473,8 @@ class Population:
         return d
 
     def member(self, j: int) -> Tensor:
-        """Member ``j``'s flat parameters, materialised (reference path; the engine never does)."""
+        """Member ``j``'s flat parameters, materialised one at a time (the reference path; the
+        engine builds full-rank members a chunk at a time and never forms low-rank ones)."""
         d = self.delta(j // 2)
         return self.theta + d if j % 2 == 0 else self.theta - d
 

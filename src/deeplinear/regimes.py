@@ -53,6 +53,7 @@ from deeplinear import arithmetic as ar
 from deeplinear import formats as fm
 from deeplinear.arithmetic import FORMATS, Format, Semantics, get_format
 from deeplinear.nets import dead_zone, staircase
+from deeplinear.surrogate import FLOAT_AWARE
 
 Kind = Literal["ftz-deadzone", "subnormal-staircase", "absorption", "saturation"]
 KINDS: tuple[Kind, ...] = ("ftz-deadzone", "subnormal-staircase", "absorption", "saturation")
@@ -639,7 +640,7 @@ def float_aware_surrogate(regime: Regime) -> str:
     :mod:`deeplinear.train.backprop`), for the clamp its exact derivative (1 inside, 0 beyond),
     straight-through across roundings (whose derivative is 0 almost everywhere)."""
     if regime.format == "float32" and regime.kind == "ftz-deadzone":
-        return "smooth"
+        return FLOAT_AWARE
     if regime.format == "float32" and regime.kind == "saturation":
         return "exact"
     return "ste"

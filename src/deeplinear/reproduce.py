@@ -35,6 +35,7 @@ from deeplinear.report import (
     render,
 )
 from deeplinear.runs import Run, differences, load_final, make_dir
+from deeplinear.surrogate import FLOAT_AWARE
 from deeplinear.train import backprop, es
 
 DEFAULT_DATASETS = ("spirals", "digits")
@@ -82,7 +83,8 @@ def methods(budget: Budget, semantics: Semantics) -> list[Method]:
         Method("softmax regression", lambda s, g: SoftmaxRegression(s[0], s[-1]), backprop, bp),
         Method("deep linear, float-blind backprop", deep, backprop, {**bp, "surrogate": "blind"}),
         Method("deep linear, OpenAI-ES", deep, es, budget.es),
-        Method("deep linear, float-aware backprop", deep, backprop, {**bp, "surrogate": "smooth"}),
+        Method("deep linear, float-aware backprop", deep, backprop,
+               {**bp, "surrogate": FLOAT_AWARE}),
         Method("ReLU MLP", lambda s, g: MLP(s, "relu"), backprop, bp),
     ]
 

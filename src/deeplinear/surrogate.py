@@ -30,6 +30,7 @@ from torch import Tensor
 from deeplinear.nets import DeepLinear, Under
 
 KINDS: tuple[str, ...] = ("blind", "exact", "ste", "smooth")
+FLOAT_AWARE = "smooth"  # the float-aware recipe's surrogate (measured best, see backprop)
 DEFAULT_TAU = 0.3  # smooth relaxation width, in thresholds (measured best, see backprop)
 
 

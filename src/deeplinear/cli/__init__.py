@@ -2,7 +2,8 @@
 
 Every module exposes ``add_parser(subparsers)`` (which sets ``func`` on its parser) so that adding a
 command touches one file. Bad input anywhere surfaces as a ValueError or OSError with a one-line
-message; ``main`` prints it and exits 2. Set DEEPLINEAR_DEBUG=1 to see the traceback instead.
+message (or a RuntimeError from torch, e.g. CUDA out of memory); ``main`` prints its first
+line and exits 2. Set DEEPLINEAR_DEBUG=1 to see the traceback instead.
 """
 
 from __future__ import annotations

@@ -26,12 +26,13 @@ from torch import nn
 
 from deeplinear.arithmetic import PRESETS, get_semantics
 from deeplinear.cli import absolute_path, seed, summary
+from deeplinear.es import SIGMA_SCALES
+from deeplinear.surrogate import FLOAT_AWARE, KINDS
 
 MODELS = ("deeplinear", "mlp", "softmax")
 METHODS = ("backprop", "float-aware", "es", "cma-es")
 TRAINERS = {"es": "es", "cma-es": "cmaes"}  # method -> module in deeplinear.train; else backprop
-SURROGATES = ("exact", "ste", "smooth")
-DEFAULT_SURROGATE = "smooth"
+SURROGATES = tuple(k for k in KINDS if k != "blind")  # "blind" is --method backprop
 # flags passed through to the trainer's Config field of the same name (argparse dest)
 TRAINER_FLAGS = (
     "steps", "batch_size", "lr", "weight_decay", "schedule", "init_gain", "tau", "eval_every",
@@ -63,7 +64,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    "cma-es (small nets, needs the cma package); default float-aware for "
                    "deeplinear, backprop for mlp and softmax")
     p.add_argument("--surrogate", choices=SURROGATES, default=None,
-                   help=f"float-aware gradient of the underflow (default {DEFAULT_SURROGATE})")
+                   help=f"float-aware gradient of the underflow (default {FLOAT_AWARE})")
     p.add_argument("--dataset", required=True, help="spirals, rings, checkerboard, parity, "
                    "digits, mnist, fashion-mnist or kmnist")
     p.add_argument("--data-dir", default=None, type=absolute_path,
@@ -111,7 +112,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--threads", type=int, help="es, cma-es: torch threads")
     t.add_argument("--device", help="backprop, float-aware, es: cpu (default), cuda or cuda:N "
                    "to train on a GPU (the final exact-mode evaluation runs on the CPU)")
-    t.add_argument("--sigma-scale", choices=("fan_in", "none"),
+    t.add_argument("--sigma-scale", choices=SIGMA_SCALES,
                    help="es only: divide sigma by sqrt(fan-in) per layer (default) or not")
     t.add_argument("--sigma-blocks", metavar="NAME=FACTOR,...",
                    help="es only: per-block sigma multipliers, 0 freezes the block "
@@ -162,7 +163,7 @@ def check_method(model: str, method: str, surrogate: str | None) -> str:
     if surrogate is not None and method != "float-aware":
         raise ValueError(f"--surrogate applies to --method float-aware only, not {method}")
     if method == "float-aware":
-        return surrogate or DEFAULT_SURROGATE
+        return surrogate or FLOAT_AWARE
     return "blind"
 
 

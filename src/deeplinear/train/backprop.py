@@ -7,8 +7,9 @@ underflow rule forward and differ in the gradient they pass back (:mod:`deepline
 Evaluation during training uses scaled mode with the real rule; the ground truth (exact mode) is
 left to the caller because it is slow on x86.
 
-The float-aware recipe (the ``Config`` defaults), chosen by sweeps of surrogate x init gain x lr x
-width on spirals/rings/checkerboard and Fashion-MNIST 784-512-512-10 (10 epochs, batch 128):
+The float-aware recipe (``surrogate=FLOAT_AWARE`` with the other ``Config`` defaults; the default
+surrogate is ``blind``, plain backprop), chosen by sweeps of surrogate x init gain x lr x width on
+spirals/rings/checkerboard and Fashion-MNIST 784-512-512-10 (10 epochs, batch 128):
 
 - ``smooth`` surrogate, ``tau = 0.3`` thresholds. The exact derivative is blind to the jump of
   height ``t`` at the threshold, so no unit learns to move a sample across it; the relaxation's

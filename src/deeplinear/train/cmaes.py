@@ -118,7 +118,7 @@ def fitness(model: DeepLinear, layout: es.Layout, candidates: list[np.ndarray], 
 
     The candidates run stacked, a chunk at a time (:func:`deeplinear.engine.stacked_logits`: one
     bmm per layer, bit-identical to loading each into ``model`` with one thread, a candidate alone
-    in its chunk included). Chunks hold at least two: ``stacked_logits`` runs a lone one twice.
+    in its chunk included: :func:`deeplinear.engine.member_products` runs a lone one twice).
     """
     members = torch.from_numpy(np.asarray(candidates, dtype=np.float32))
     per_chunk = max(2, CHUNK_CACHE_BYTES // (4 * len(x) * sum(layout.sizes[1:])))
