@@ -71,7 +71,7 @@ def reach(setting: Setting, start: str, data: Dataset, steps: int, seed: int) ->
     model = build_model("deeplinear", SIZES, 125, get_semantics("TF_GPU"), seed)
     load_weights(model, start, "deeplinear", SIZES)
     if setting.gain is not None:
-        calibrate(model, data.x_train[:2000], setting.gain, center=False, output=False)
+        calibrate(model, data.x_train, setting.gain, center=False, output=False)
     base = {k: v.detach() for k, v in model.named_parameters()}
     moving = {k: base[k].clone().requires_grad_(True) for k in setting.blocks}
     factors: list[Tensor] = []

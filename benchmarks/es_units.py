@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     net = build_model("deeplinear", SIZES, 125, get_semantics("TF_GPU"), args.seed)
     load_weights(net, args.start, "deeplinear", SIZES)
     source = load_final(args.start) if args.save else None  # its model and data spec
-    calibrate(net, data.x_train[:2000], args.gain, center=False, output=False)
+    calibrate(net, data.x_train, args.gain, center=False, output=False)
     units = Units(net)
     start = evaluate.portability(net, data)["test_acc"]
     print(f"# {cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}; start "

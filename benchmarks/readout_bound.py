@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         with torch.no_grad():
             if gain != "trained":
-                calibrate(net, data.x_train[:2000], float(gain), center=False, output=False)
+                calibrate(net, data.x_train, float(gain), center=False, output=False)
             h_train, h_test = (net.trace(x, "scaled")[1][1] for x in (data.x_train, data.x_test))
             acc = float((net(data.x_test).argmax(1) == data.y_test).float().mean())
             dead = [float((h == 0).float().mean()) for _, h in net.trace(data.x_test[:2000])[:2]]

@@ -45,10 +45,10 @@ from torch import Tensor
 
 from deeplinear import es
 from deeplinear.engine import Engine
-from deeplinear.nets import DeepLinear, parse_sizes
+from deeplinear.nets import SIZES_2017, DeepLinear, parse_sizes
 from deeplinear.train import check_device
 
-NETS: dict[str, tuple[int, ...]] = {"2017": (784, 512, 512, 10), "small": (64, 256, 256, 10)}
+NETS: dict[str, tuple[int, ...]] = {"2017": SIZES_2017, "small": (64, 256, 256, 10)}
 MODES = ("full", "lowrank")
 
 

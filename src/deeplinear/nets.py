@@ -62,6 +62,10 @@ def parse_sizes(text: str | Sequence[int]) -> list[int]:
     return sizes
 
 
+SCALE_EXP = 125  # the 2017 net's scale 2^125: N(0, 1)-sized values straddle the dead zone |u| < 1/2
+SIZES_2017 = (784, 512, 512, 10)
+
+
 def default_sizes(n_features: int, n_classes: int) -> list[int]:
     """Two hidden layers sized for the input: the 2017 net's 512 for image-sized inputs (>= 784
     features), 256 for digits-sized ones (>= 64), 64 for low-dimensional tasks such as spirals."""
@@ -79,7 +83,7 @@ class DeepLinear(nn.Module):
     the regime's own float operations (:meth:`~deeplinear.regimes.Regime.exact`).
     """
 
-    def __init__(self, sizes: Sequence[int], scale_exp: int = 125,
+    def __init__(self, sizes: Sequence[int], scale_exp: int = SCALE_EXP,
                  semantics: Semantics | str = TF_GPU, generator: torch.Generator | None = None,
                  regime: Regime | None = None) -> None:
         super().__init__()
@@ -92,7 +96,7 @@ class DeepLinear(nn.Module):
             raise ValueError("scale exponent must be an integer like 125")
         scale_exp = k
         if regime is not None:
-            if (scale_exp, semantics) != (125, TF_GPU):
+            if (scale_exp, semantics) != (SCALE_EXP, TF_GPU):
                 raise ValueError("pass a regime or scale_exp/semantics, not both: "
                                  "the regime sets them")
             scale_exp, semantics = regime.scale_exp, regime.semantics if regime.native else IEEE

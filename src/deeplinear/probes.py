@@ -39,7 +39,7 @@ from torch import Tensor
 from deeplinear import arithmetic as ar
 from deeplinear.arithmetic import PRESETS, Semantics
 from deeplinear.collapse import collapse_gap
-from deeplinear.nets import DeepLinear, Mode, parse_sizes
+from deeplinear.nets import SCALE_EXP, DeepLinear, Mode, parse_sizes
 
 Law = Literal["distributivity", "associativity"]
 LAWS: tuple[Law, ...] = ("distributivity", "associativity")
@@ -324,7 +324,7 @@ def implicit_activation(net: DeepLinear, x0: Tensor, d: Tensor, t: Tensor, layer
 
 
 def make_nets(sizes: Sequence[int] | str, semantics: Sequence[str | Semantics], seed: int = 0,
-              scale_exp: int = 125) -> dict[str, DeepLinear]:
+              scale_exp: int = SCALE_EXP) -> dict[str, DeepLinear]:
     """One net per semantics, all with the same seeded He-normal weights (zero biases)."""
     sizes = parse_sizes(sizes)
     sems = _resolve(semantics)
@@ -345,7 +345,7 @@ def default_n_fit(n_in: int) -> int:
 
 def probe_report(sizes: Sequence[int] | str,
                  semantics: Sequence[str | Semantics] = tuple(PRESETS), seed: int = 0,
-                 n: int = 256, n_fit: int | None = None, scale_exp: int = 125,
+                 n: int = 256, n_fit: int | None = None, scale_exp: int = SCALE_EXP,
                  mode: Mode = "exact") -> dict[str, Any]:
     """Every diagnostic for a net at init on random pixel-like inputs (uniform [0, 1]).
 

@@ -52,7 +52,7 @@ from torch import Tensor
 from deeplinear import arithmetic as ar
 from deeplinear import formats as fm
 from deeplinear.arithmetic import FORMATS, Format, Semantics, get_format
-from deeplinear.nets import dead_zone, staircase
+from deeplinear.nets import SCALE_EXP, dead_zone, default_sizes, staircase
 from deeplinear.surrogate import FLOAT_AWARE
 
 Kind = Literal["ftz-deadzone", "subnormal-staircase", "absorption", "saturation"]
@@ -413,7 +413,7 @@ class Observation:
     detail: str = ""
 
 
-_K = 125  # the 2017 scale: N(0,1) straddles the float32 dead zone |u| < 1/2
+_K = SCALE_EXP  # the 2017 scale: N(0,1) straddles the float32 dead zone |u| < 1/2
 _ABSORB = 9  # c = 2^9 in float16: ulp 1/2
 _SAT = 8  # x 2^8 into float8_e4m3fn: clamp at 1.75
 
@@ -675,8 +675,7 @@ def study(dataset: str = "spirals", regimes: Sequence[Regime] = STUDY_REGIMES,
     b = BUDGETS[budget]
     es_settings = {**STUDY_ES, "steps": b.es["steps"], "pop": b.es["pop"], **(es_overrides or {})}
     data = load_dataset(dataset, data_dir=data_dir, seed=seed, n_train=n_train, n_test=n_test)
-    width = 256 if data.n_features >= 64 else 64
-    sizes = list(sizes) if sizes else [data.n_features, width, width, data.n_classes]
+    sizes = list(sizes) if sizes else default_sizes(data.n_features, data.n_classes)
     xt, yt = data.x_test, data.y_test
 
     def say(text: str) -> None:

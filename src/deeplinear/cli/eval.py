@@ -16,6 +16,7 @@ import torch
 from deeplinear.arithmetic import PRESETS, Semantics, get_semantics
 from deeplinear.cli import summary
 from deeplinear.cli.train import build_model, format_results
+from deeplinear.nets import SCALE_EXP
 from deeplinear.runs import load_final
 
 if TYPE_CHECKING:
@@ -44,7 +45,7 @@ def rebuild(payload: dict[str, Any]) -> torch.nn.Module:
     except (TypeError, ValueError) as e:
         raise ValueError(f"the weights' semantics entry is not valid ({e}); pass the final.pt "
                          "that deeplinear train or reproduce wrote") from None
-    model = build_model(spec["kind"], spec["sizes"], spec.get("scale_exp", 125), sem)
+    model = build_model(spec["kind"], spec["sizes"], spec.get("scale_exp", SCALE_EXP), sem)
     try:
         model.load_state_dict(payload["state_dict"])
     except RuntimeError as e:  # "Error(s) in loading state_dict for X:" then one line per problem

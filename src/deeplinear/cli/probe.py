@@ -17,15 +17,15 @@ from typing import Any
 
 from deeplinear.arithmetic import FORMATS, PRESETS, get_semantics
 from deeplinear.cli import seed, summary
-from deeplinear.nets import parse_sizes
+from deeplinear.nets import SCALE_EXP, SIZES_2017, parse_sizes
 from deeplinear.probes import make_nets, plot_implicit_activation, probe_report
 from deeplinear.regimes import KINDS, format_probe_report, plot_sweeps
 from deeplinear.regimes import probe_report as regime_probe
 
 # The net probe's flags: None in the parser, so that giving one in regime mode is an error
 # rather than silently ignored; these are the defaults their help documents.
-NET_DEFAULTS: dict[str, Any] = {"sizes": "784,512,512,10", "semantics": "all", "n": 256,
-                                "n_fit": None, "scale_exp": 125}
+NET_DEFAULTS: dict[str, Any] = {"sizes": ",".join(map(str, SIZES_2017)), "semantics": "all",
+                                "n": 256, "n_fit": None, "scale_exp": SCALE_EXP}
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

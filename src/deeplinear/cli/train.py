@@ -27,6 +27,7 @@ from torch import nn
 from deeplinear.arithmetic import PRESETS, get_semantics
 from deeplinear.cli import absolute_path, seed, summary
 from deeplinear.es import SIGMA_SCALES
+from deeplinear.nets import SCALE_EXP
 from deeplinear.surrogate import FLOAT_AWARE, KINDS
 
 MODELS = ("deeplinear", "mlp", "softmax")
@@ -82,7 +83,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--semantics", default=None, choices=list(PRESETS),
                    help="float semantics of a deep linear net (default TF_GPU)")
     p.add_argument("--scale-exp", type=int, default=None,
-                   help="deep linear: the scale 2^k (default 125)")
+                   help=f"deep linear: the scale 2^k (default {SCALE_EXP})")
     p.add_argument("--seed", type=seed, default=0, help="seed of init, batches and noise")
     p.add_argument("--out", default=None, help="run directory (default runs/train/<name>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
@@ -152,7 +153,7 @@ def check_model_flags(args: argparse.Namespace) -> None:
                          "drop --rank")
     args.method = args.method or ("float-aware" if args.model == "deeplinear" else "backprop")
     args.semantics = args.semantics or "TF_GPU"
-    args.scale_exp = 125 if args.scale_exp is None else args.scale_exp
+    args.scale_exp = SCALE_EXP if args.scale_exp is None else args.scale_exp
 
 
 def check_method(model: str, method: str, surrogate: str | None) -> str:
@@ -230,7 +231,7 @@ def note_lowrank(cfg: Any, sizes: list[int]) -> None:
               "--perturbation full", file=sys.stderr)
 
 
-def build_model(kind: str, sizes: list[int], scale_exp: int = 125, semantics: Any = None,
+def build_model(kind: str, sizes: list[int], scale_exp: int = SCALE_EXP, semantics: Any = None,
                 seed: int = 0) -> nn.Module:
     """A fresh model whose initial weights depend only on ``seed``."""
     import torch
@@ -312,7 +313,7 @@ def run(args: argparse.Namespace) -> int:
             from deeplinear.train.backprop import calibrate
 
             assert isinstance(model, DeepLinear)  # check_model_flags: --init-gain is deep only
-            calibrate(model, data.x_train[:2000], rescale, center=False, output=False)
+            calibrate(model, data.x_train, rescale, center=False, output=False)
     data_spec = {"name": args.dataset, "data_dir": args.data_dir, "seed": args.data_seed,
                  "n_train": args.n_train, "n_test": args.n_test}
     config = {"model": {"kind": args.model, "sizes": sizes, "scale_exp": args.scale_exp},

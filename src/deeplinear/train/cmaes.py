@@ -165,7 +165,7 @@ def train(model: DeepLinear, data: Dataset, cfg: Config, run: Run | None = None,
         rows = run.metrics()
     else:
         if cfg.init_gain is not None:
-            calibrate(model, x[:2000], cfg.init_gain, cfg.center)
+            calibrate(model, x, cfg.init_gain, cfg.center)
         opt = strategy(layout.flatten(model).double().numpy(), cfg)
         start, wall0, loss_sum, loss_n = 0, 0.0, 0.0, 0
     n_eval = min(cfg.eval_n, len(x), len(data.x_test))

@@ -132,7 +132,7 @@ def train(model: DeepLinear, data: Dataset, cfg: Config, run: Run | None = None,
         rows = run.metrics()
     else:
         if cfg.init_gain is not None:
-            calibrate(model, x[:2000], cfg.init_gain, cfg.center)
+            calibrate(model, x, cfg.init_gain, cfg.center)
         state = es.init(strategy, layout.flatten(model))
         wall0, loss_sum, loss_n = 0.0, 0.0, 0
     start = state.generation
