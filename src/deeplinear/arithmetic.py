@@ -174,6 +174,11 @@ CPU_FTZ_DAZ = Semantics("float32", "ftz_daz", "all")
 PRESETS: dict[str, Semantics] = {"TF_GPU": TF_GPU, "IEEE": IEEE, "CPU_FTZ_DAZ": CPU_FTZ_DAZ}
 
 
+def preset_name(sem: Semantics) -> str | None:
+    """The name under which ``sem`` is a preset, else None (callers choose what to show)."""
+    return next((name for name, preset in PRESETS.items() if preset == sem), None)
+
+
 def get_semantics(name: str) -> Semantics:
     if not isinstance(name, str) or name not in PRESETS:
         raise ValueError(f"unknown semantics {name!r}; choose one of {', '.join(PRESETS)}")

@@ -46,6 +46,7 @@ from torch import Tensor
 from deeplinear import es
 from deeplinear.engine import Engine
 from deeplinear.nets import SIZES_2017, DeepLinear, parse_sizes
+from deeplinear.surrogate import identity
 from deeplinear.train import check_device
 
 NETS: dict[str, tuple[int, ...]] = {"2017": SIZES_2017, "small": (64, 256, 256, 10)}
@@ -308,10 +309,6 @@ def bench_row(net_name: str, mode: str, pop: int, batch: int, cfg: BenchConfig,
     }
 
 
-def _identity(u: Tensor) -> Tensor:
-    return u
-
-
 def ftz_share(net_name: str, mode: str, pop: int, batch: int, cfg: BenchConfig) -> dict[str, Any]:
     """Evaluation time with the engine's flush vs with identity in its place (float-blind)."""
     s = make_setup(net_sizes(net_name), pop, batch, cfg.rank if mode == "lowrank" else 0, cfg)
@@ -327,7 +324,7 @@ def ftz_share(net_name: str, mode: str, pop: int, batch: int, cfg: BenchConfig) 
     for _ in range(max(cfg.repeats, 3)):
         s.engine.rule = real
         t_real.times += timeit(evaluate, cfg.device, cfg.min_time / 2, 1, warmup=False).times
-        s.engine.rule = _identity
+        s.engine.rule = identity
         t_id.times += timeit(evaluate, cfg.device, cfg.min_time / 2, 1, warmup=False).times
     s.engine.rule = real
     return {"net": net_name, "mode": mode, "pop": pop, "batch": batch,

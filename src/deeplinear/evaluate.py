@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from deeplinear.arithmetic import PRESETS, Semantics
+from deeplinear.arithmetic import PRESETS, Semantics, preset_name
 from deeplinear.collapse import collapse
 from deeplinear.data import Dataset
 from deeplinear.nets import DeepLinear, Mode
@@ -69,7 +69,7 @@ def paired(correct_a: Tensor, correct_b: Tensor) -> dict[str, float]:
 
 def semantics_name(net: DeepLinear) -> str:
     """The preset name of the net's float32 semantics, or ``custom``."""
-    return next((n for n, s in PRESETS.items() if s == net.semantics), "custom")
+    return preset_name(net.semantics) or "custom"
 
 
 def portability(net: DeepLinear, data: Dataset, batch_size: int = BATCH) -> dict[str, Any]:

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from deeplinear import arithmetic as ar
-from deeplinear.arithmetic import PRESETS, Semantics
+from deeplinear.arithmetic import PRESETS, Semantics, preset_name
 from deeplinear.collapse import collapse_gap
 from deeplinear.nets import SCALE_EXP, DeepLinear, Mode, parse_sizes
 
@@ -50,10 +50,8 @@ HOMOGENEITY_SCALARS = (0.5, 2.0)
 
 def semantics_label(sem: Semantics) -> str:
     """The preset name of ``sem`` if it is one, else ``format/underflow/scope[/saturate]``."""
-    for name, preset in PRESETS.items():
-        if preset == sem:
-            return name
-    return f"{sem.format}/{sem.underflow}/{sem.scope}" + ("/saturate" if sem.saturates else "")
+    return preset_name(sem) or (f"{sem.format}/{sem.underflow}/{sem.scope}"
+                                + ("/saturate" if sem.saturates else ""))
 
 
 def _resolve(semantics: Sequence[str | Semantics]) -> dict[str, Semantics]:

@@ -418,10 +418,6 @@ _ABSORB = 9  # c = 2^9 in float16: ulp 1/2
 _SAT = 8  # x 2^8 into float8_e4m3fn: clamp at 1.75
 
 
-def _probe_input(n: int = 4096, seed: int = 0) -> Tensor:
-    return normal_sample(n, seed)
-
-
 def classify(out: Tensor, u: Tensor, candidates: Sequence[Regime]) -> tuple[str, str]:
     """Which candidate regime's activation ``out`` equals bit for bit (else "identity" or
     a count of differences from the closest)."""
@@ -442,7 +438,7 @@ def classify(out: Tensor, u: Tensor, candidates: Sequence[Regime]) -> tuple[str,
 def _underflow_rows(backend: str, setting: str, scale: Callable[[Tensor], Tensor],
                     matmul: Callable[[Tensor, Tensor], Tensor] | None) -> list[Observation]:
     """``u 2^-125`` by an elementwise op and by a matmul whose products are subnormal."""
-    u = _probe_input()
+    u = normal_sample(4096)
     cands = [Regime("ftz-deadzone", _K), Regime("subnormal-staircase", _K)]
 
     def units(x: Tensor) -> Tensor:  # outside any FTZ thread: exact
@@ -465,7 +461,7 @@ def _underflow_rows(backend: str, setting: str, scale: Callable[[Tensor], Tensor
 def _torch_rows(device: str, setting: str, run: Callable[[Callable[[], Any]], Any]
                 ) -> list[Observation]:
     backend = f"torch {torch.__version__} {device}"
-    u = _probe_input()
+    u = normal_sample(4096)
 
     def on(x: Tensor) -> Tensor:
         return x.to(device)
@@ -502,7 +498,7 @@ def _numpy_rows() -> list[Observation]:
         backend, setting,
         lambda x: torch.from_numpy(x.numpy() * np.float32(2.0**-_K)),
         lambda a, b: torch.from_numpy(a.numpy() @ b.numpy()))
-    u = _probe_input()
+    u = normal_sample(4096)
     c = np.float16(2.0**_ABSORB)
     out = torch.from_numpy(((u.numpy().astype(np.float16) + c) - c).astype(np.float32))
     rows.append(Observation(backend, setting, f"(x + 2^{_ABSORB}) - 2^{_ABSORB} in float16",
@@ -527,7 +523,7 @@ def _jax_rows() -> list[Observation]:
     import jax.numpy as jnp
 
     backend = f"jax {jax.__version__} {jax.default_backend()}"
-    u = _probe_input()
+    u = normal_sample(4096)
     cands = [Regime("ftz-deadzone", _K), Regime("subnormal-staircase", _K)]
     x = jnp.asarray(u.numpy())
     s_down, s_up = jnp.float32(2.0**-_K), jnp.float32(2.0**_K)
@@ -544,11 +540,12 @@ def _jax_rows() -> list[Observation]:
     return rows
 
 
-def _cuda_rows(compiled: bool) -> list[Observation]:
-    def plain(fn: Callable[[], Any]) -> Any:
-        return fn()
+def _plain(fn: Callable[[], Any]) -> Any:
+    return fn()
 
-    rows = _torch_rows("cuda", "default (eager)", plain)
+
+def _cuda_rows(compiled: bool) -> list[Observation]:
+    rows = _torch_rows("cuda", "default (eager)", _plain)
     m = torch.backends.cuda.matmul
     a = torch.full((128, 128), 1 + 2.0**-20, device="cuda")
     exact = torch.equal(a @ torch.eye(128, device="cuda"), a)
@@ -560,7 +557,7 @@ def _cuda_rows(compiled: bool) -> list[Observation]:
         f"float32_matmul_precision={torch.get_float32_matmul_precision()!r}, "
         f"{torch.cuda.get_device_name()}"))
     if compiled:
-        u = _probe_input().cuda()
+        u = normal_sample(4096).cuda()
         f = torch.compile(lambda x, s: x * s)  # the scale a runtime tensor: nothing to fold
         out = (f(u, torch.tensor(2.0**-_K, device="cuda")).cpu().double() * 2.0**_K).float()
         cands = [Regime("ftz-deadzone", _K), Regime("subnormal-staircase", _K)]
@@ -577,16 +574,9 @@ def hardware_report(cuda: bool | None = None, jax: bool | None = None,
     the result bit for bit with the regimes' activations. ``cuda``/``jax``: None = when available
     (JAX is optional and never a dependency). ``compiled`` adds torch.compile on CUDA.
     """
-
-    def plain(fn: Callable[[], Any]) -> Any:
-        return fn()
-
-    def flushing(fn: Callable[[], Any]) -> Any:
-        return ar.run_with_hardware_ftz(fn)
-
-    rows = _torch_rows("cpu", "default", plain)
+    rows = _torch_rows("cpu", "default", _plain)
     if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686"):
-        rows += _torch_rows("cpu", "FTZ+DAZ (run_with_hardware_ftz)", flushing)
+        rows += _torch_rows("cpu", "FTZ+DAZ (run_with_hardware_ftz)", ar.run_with_hardware_ftz)
     rows += _numpy_rows()
     if jax is None:
         jax = "jax" in sys.modules or _importable("jax")

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from deeplinear import evaluate, probes
-from deeplinear.arithmetic import PRESETS, TF_GPU, Semantics
+from deeplinear.arithmetic import PRESETS, TF_GPU, Semantics, preset_name
 from deeplinear.bench import cpu_model
 from deeplinear.collapse import collapse_gap
 from deeplinear.data import Dataset, data_dir_for, load_dataset
@@ -240,7 +240,7 @@ def command(datasets: tuple[str, ...], budget: str | Budget, seed: int, semantic
     IEEE``) names a command that computes a different table. A custom :class:`Budget` or
     :class:`Semantics` (Python API only) shows as its repr.
     """
-    sem = next((name for name, s in PRESETS.items() if s == semantics), repr(semantics))
+    sem = preset_name(semantics) or repr(semantics)
     flags = [f"--budget {budget}", f"--seed {seed}", f"--dataset {','.join(datasets)}",
              f"--semantics {sem}"]
     flags += [f"--data-dir {data_dir}"] if data_dir is not None else []
