@@ -220,17 +220,21 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
     assert rows(killed) == rows(tmp_path / "whole")
 
 
-def test_ctrl_c_before_the_first_checkpoint_keeps_the_work(tmp_path):
-    """A real Ctrl-C (SIGINT to the CLI in a subprocess) long before the first scheduled
-    checkpoint: the run stops after the step with a checkpoint, says how to resume, and the
-    resumed run equals an uninterrupted one bit for bit."""
+@pytest.mark.parametrize("sig, sigint", [(signal.SIGINT, signal.SIG_DFL),
+                                         (signal.SIGTERM, signal.SIG_IGN)],
+                         ids=["ctrl_c", "kill_a_background_job"])
+def test_ctrl_c_before_the_first_checkpoint_keeps_the_work(tmp_path, sig, sigint):
+    """A real Ctrl-C (SIGINT to the CLI in a subprocess), or ``kill PID`` (SIGTERM) to a
+    background job (which ignores SIGINT), long before the first scheduled checkpoint: the run
+    stops after the step with a checkpoint, says how to resume, and the resumed run equals an
+    uninterrupted one bit for bit."""
     args = [*TINY, "--steps", "3000", "--checkpoint-every", "5000", "--eval-every", "20"]
     stopped = tmp_path / "stopped"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "deeplinear", "train", *args, "--out",
                              str(stopped)], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True,  # a shell's background job
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            stderr=subprocess.PIPE, text=True,  # set, whatever pytest runs in
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, sigint))
     try:
         deadline = time.monotonic() + 120
         metrics = stopped / "metrics.jsonl"
@@ -238,7 +242,7 @@ def test_ctrl_c_before_the_first_checkpoint_keeps_the_work(tmp_path):
             assert proc.poll() is None, proc.stderr.read()
             assert time.monotonic() < deadline, "no metrics after 120 s"
             time.sleep(0.005)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         err = proc.communicate(timeout=120)[1]
     finally:
         proc.kill()

@@ -74,15 +74,16 @@ CONFIGS = {  # short runs with an evaluation every 2 steps and no checkpoint bef
 }
 
 
-def ctrl_c_at_first_eval(monkeypatch, module, presses=1):
-    """Press Ctrl-C ``presses`` times while the trainer scores its first evaluation (step 2)."""
+def ctrl_c_at_first_eval(monkeypatch, module, presses=1, sig=signal.SIGINT):
+    """Press Ctrl-C (or send ``sig``) ``presses`` times while the trainer scores its first
+    evaluation (step 2)."""
     real, calls = module.scores, []
 
     def scores(*args, **kwargs):
         calls.append(1)
         if len(calls) == 1:
             for _ in range(presses):
-                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), sig)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(module, "scores", scores)
@@ -92,9 +93,10 @@ def weights(model):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl_c", "sigterm"])
 @pytest.mark.parametrize("module", [backprop, es_train, cmaes], ids=["backprop", "es", "cmaes"])
 def test_ctrl_c_checkpoints_the_finished_step_and_resume_ends_as_an_unbroken_run(
-        module, rings, tmp_path, monkeypatch):
+        module, sig, rings, tmp_path, monkeypatch):
     if module is cmaes:
         pytest.importorskip("cma")
     cfg = module.Config(**CONFIGS[module])
@@ -102,12 +104,13 @@ def test_ctrl_c_checkpoints_the_finished_step_and_resume_ends_as_an_unbroken_run
     module.train(unbroken, rings, cfg, run=Run.open(tmp_path / "a", {}), progress=False)
 
     model = DeepLinear([2, 8, 8, 2], generator=torch.Generator().manual_seed(0))
-    handler = signal.getsignal(signal.SIGINT)
+    handlers = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
     with monkeypatch.context() as m:
-        ctrl_c_at_first_eval(m, module)
+        ctrl_c_at_first_eval(m, module, sig=sig)
         with pytest.raises(Interrupted, match=r"stopped after step 3; checkpoint in .*--resume"):
             module.train(model, rings, cfg, run=Run.open(tmp_path / "b", {}), progress=False)
-    assert signal.getsignal(signal.SIGINT) is handler  # the trainer's handler is gone again
+    # the trainer's handlers are gone again
+    assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == handlers
     run = Run.open(tmp_path / "b", {}, resume=True)
     assert run.resumed_state["step"] == 3  # read at step 3: step 2 was past its checkpoint
     module.train(model, rings, cfg, run=run, progress=False)
@@ -115,8 +118,9 @@ def test_ctrl_c_checkpoints_the_finished_step_and_resume_ends_as_an_unbroken_run
     assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
 
 
-def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(rings, tmp_path, monkeypatch):
-    ctrl_c_at_first_eval(monkeypatch, backprop, presses=2)
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl_c", "sigterm"])
+def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(rings, tmp_path, monkeypatch, sig):
+    ctrl_c_at_first_eval(monkeypatch, backprop, presses=2, sig=sig)
     model = DeepLinear([2, 8, 8, 2], generator=torch.Generator().manual_seed(0))
     with pytest.raises(KeyboardInterrupt) as e:
         backprop.train(model, rings, backprop.Config(**CONFIGS[backprop]),

@@ -73,52 +73,58 @@ def keeps_model_device(train: Train) -> Train:
 
 
 class Interrupted(KeyboardInterrupt):
-    """Ctrl-C stopped a run after a finished step; the message says where its checkpoint is."""
+    """Ctrl-C or SIGTERM stopped a run after a finished step; the message says where its
+    checkpoint is."""
 
 
 _stop = threading.Event()
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C; `kill PID`, a scheduler's time limit
 
 
 def stops_cleanly(train: Train) -> Train:
-    """``train(...)`` on which a first Ctrl-C finishes the current step, saves a checkpoint and
-    raises :class:`Interrupted` (see :func:`stop_asked`); a second one stops at once.
+    """``train(...)`` on which a first Ctrl-C or SIGTERM finishes the current step, saves a
+    checkpoint and raises :class:`Interrupted` (see :func:`stop_asked`); a second stops at once.
 
-    Why: a Ctrl-C lands anywhere, e.g. halfway through an optimiser update, so it cannot be saved
+    Why: a signal lands anywhere, e.g. halfway through an optimiser update, so it cannot be saved
     from; and with checkpoints every 500 steps, stopping at once threw away up to 499 steps (all
-    of them before the first). Only in the main thread, where Python delivers signals, and not
-    where SIGINT is ignored (a background job keeps ignoring it).
+    of them before the first). SIGTERM too: it is how ``kill``, a job scheduler or a background
+    job's owner stops a run (a background job ignores Ctrl-C). Only in the main thread, where
+    Python delivers signals, and never for a signal that is ignored (it stays ignored).
     """
     @functools.wraps(train)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        if (threading.current_thread() is not threading.main_thread()
-                or signal.getsignal(signal.SIGINT) is signal.SIG_IGN):  # e.g. nohup ... &
+        caught = [s for s in STOP_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN]
+        if threading.current_thread() is not threading.main_thread() or not caught:
             return train(*args, **kwargs)
 
         def ask_to_stop(signum: int, frame: Any) -> None:
             if _stop.is_set():
                 raise KeyboardInterrupt
             _stop.set()
-            print("\nstopping after this step, with a checkpoint (Ctrl-C again: stop now)",
+            again = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+            print(f"\nstopping after this step, with a checkpoint ({again} again: stop now)",
                   file=sys.stderr, flush=True)
 
-        previous = signal.signal(signal.SIGINT, ask_to_stop)
+        previous = {s: signal.signal(s, ask_to_stop) for s in caught}
         _stop.clear()
         try:
             return train(*args, **kwargs)
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for s, handler in previous.items():
+                signal.signal(s, handler if handler is not None else signal.SIG_DFL)
             _stop.clear()
     return wrapper  # type: ignore[return-value]
 
 
 def stop_asked() -> bool:
-    """Whether Ctrl-C asked the running trainer to stop. A trainer reads it once per step,
-    before deciding to checkpoint, then checkpoints that step and raises :func:`interrupted`."""
+    """Whether Ctrl-C or SIGTERM asked the running trainer to stop. A trainer reads it once per
+    step, before deciding to checkpoint, then checkpoints that step and raises
+    :func:`interrupted`."""
     return _stop.is_set()
 
 
 def interrupted(step: int, run: Any) -> Interrupted:
-    """The exception that ends a run stopped by Ctrl-C after ``step`` (its checkpoint saved)."""
+    """The exception that ends a run stopped by a signal after ``step`` (its checkpoint saved)."""
     where = f"; checkpoint in {run.dir}: continue with --resume" if run is not None else ""
     return Interrupted(f"stopped after step {step}{where}")
 
