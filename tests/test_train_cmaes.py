@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from sklearn.linear_model import LogisticRegression
+from threadpoolctl import threadpool_info, threadpool_limits
 
 from deeplinear import es
 from deeplinear.data import load_dataset
@@ -144,6 +145,23 @@ def test_runs_are_reproducible_from_the_seed_and_leave_numpy_global_rng_alone():
     train(b, rings(), cfg, progress=False)
     train(c, rings(), dataclasses.replace(cfg, seed=1), progress=False)
     assert torch.equal(a.weights[0], b.weights[0]) and not torch.equal(a.weights[0], c.weights[0])
+
+
+def blas_threads() -> int:
+    return next(p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas")
+
+
+def test_cma_runs_on_one_blas_thread_whatever_the_callers_setting(monkeypatch):
+    """numpy's BLAS rounds cma's eigendecompositions by its thread count: the trainer pins it to
+    one while it runs (so a run gives the same result on any machine) and gives it back."""
+    seen = []
+    real = cmaes.fitness
+    monkeypatch.setattr(cmaes, "fitness", lambda *a: seen.append(blas_threads()) or real(*a))
+    with threadpool_limits(limits=2, user_api="blas"):
+        outside = blas_threads()
+        train(net(), rings(), Config(steps=2, eval_every=2, **FAST), progress=False)
+        assert blas_threads() == outside
+    assert seen == [1, 1]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
