@@ -39,6 +39,15 @@ def rings():
     return load_dataset("rings", seed=0)
 
 
+@pytest.fixture(autouse=True)
+def sigint_delivered():
+    """These tests press Ctrl-C on pytest itself; under a shell's background job SIGINT is
+    ignored (and a trainer rightly leaves it so), so give it Python's own handler meanwhile."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.parametrize("module, bad, moves", [
     (backprop, {"lr": -1.0}, [CPU]),  # refused before it moved: home
     (es_train, {"steps": 0}, [CPU]),
@@ -74,14 +83,14 @@ CONFIGS = {  # short runs with an evaluation every 2 steps and no checkpoint bef
 }
 
 
-def ctrl_c_at_first_eval(monkeypatch, module, presses=1, sig=signal.SIGINT):
-    """Press Ctrl-C (or send ``sig``) ``presses`` times while the trainer scores its first
-    evaluation (step 2)."""
+def ctrl_c_at_first_eval(monkeypatch, module, presses=1, sig=signal.SIGINT, at=1):
+    """Press Ctrl-C (or send ``sig``) ``presses`` times while the trainer scores its ``at``-th
+    evaluation (step ``2 * at``)."""
     real, calls = module.scores, []
 
     def scores(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 1:
+        if len(calls) == at:
             for _ in range(presses):
                 os.kill(os.getpid(), sig)
         return real(*args, **kwargs)
@@ -128,15 +137,31 @@ def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(rings, tmp_path, mon
     assert not isinstance(e.value, Interrupted) and not (tmp_path / "checkpoint.pt").exists()
 
 
-def test_an_ignored_sigint_stays_ignored(rings, monkeypatch):
-    """A background job (``nohup ... &``) ignores SIGINT; a trainer must not start catching it."""
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["sigint", "sigterm"])
+def test_an_ignored_signal_stays_ignored(rings, monkeypatch, sig):
+    """A background job (``nohup ... &``) ignores SIGINT (``nohup`` SIGHUP, some launchers
+    SIGTERM); a trainer must not start catching what its caller ignores."""
     seen = []
     monkeypatch.setattr(backprop, "scores",
-                        lambda *a, **k: seen.append(signal.getsignal(signal.SIGINT)) or {})
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+                        lambda *a, **k: seen.append(signal.getsignal(sig)) or {})
+    previous = signal.signal(sig, signal.SIG_IGN)
     try:
         backprop.train(DeepLinear([2, 8, 8, 2]), rings, backprop.Config(**CONFIGS[backprop]),
                        progress=False)
     finally:
-        signal.signal(signal.SIGINT, previous)
+        signal.signal(sig, previous)
     assert seen and all(h is signal.SIG_IGN for h in seen)
+
+
+@pytest.mark.parametrize("module", [backprop, es_train, cmaes], ids=["backprop", "es", "cmaes"])
+def test_a_signal_during_the_last_step_is_not_lost(module, rings, tmp_path, monkeypatch):
+    """Asked after the trainer's last look (while it scores its final step), the stop still
+    happens: the run ends with its final checkpoint and says so, and --resume finishes it."""
+    if module is cmaes:
+        pytest.importorskip("cma")
+    cfg = module.Config(**CONFIGS[module])
+    ctrl_c_at_first_eval(monkeypatch, module, sig=signal.SIGTERM, at=cfg.steps // 2)
+    model = DeepLinear([2, 8, 8, 2], generator=torch.Generator().manual_seed(0))
+    with pytest.raises(Interrupted, match=rf"stopped after step {cfg.steps}; checkpoint in .*"):
+        module.train(model, rings, cfg, run=Run.open(tmp_path, {}), progress=False)
+    assert Run.open(tmp_path, {}, resume=True).resumed_state["step"] == cfg.steps

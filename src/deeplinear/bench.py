@@ -23,7 +23,7 @@ Sections of a report:
 - ``targets``: low-rank vs full-rank generation time on the 2017 net at pop 1000.
 - ``ftz_share``: the share of evaluation time spent emulating the flush (the engine's in-place
   rule replaced by identity vs real).
-- ``exact``: the net's exact-mode forward (true scale, subnormal arithmetic; 12-27x slower on the
+- ``exact``: the net's exact-mode forward (true scale, subnormal arithmetic; 11-27x slower on the
   2-core Xeon VM of ``benchmarks/README.md``) vs scaled mode, one member.
 """
 

@@ -8,7 +8,7 @@ Mathematically this is one affine map (see :mod:`deeplinear.collapse`). In float
 values live near 1e-38, where the semantics' underflow rule acts as a hidden activation.
 
 ``exact`` mode executes exactly that, every op through :mod:`deeplinear.arithmetic`: the ground
-truth, but on x86 subnormal products make it slow (12-27x for whole nets here). ``scaled`` mode runs
+truth, but on x86 subnormal products make it slow (11-27x for whole nets here). ``scaled`` mode runs
 the same network in units of 2**-scale_exp, where every value is normal and each underflow becomes
 an explicit elementwise function of the float32 value (``dead_zone`` for FTZ, ``staircase`` for IEEE
 gradual underflow). Layer 1 and every bias are identical by construction: multiplying a float32 by a

@@ -16,6 +16,7 @@ they share lives here.
 from __future__ import annotations
 
 import functools
+import inspect
 import signal
 import sys
 import threading
@@ -108,7 +109,11 @@ def stops_cleanly(train: Train) -> Train:
         previous = {s: signal.signal(s, ask_to_stop) for s in caught}
         _stop.clear()
         try:
-            return train(*args, **kwargs)
+            rows = train(*args, **kwargs)
+            if _stop.is_set():  # asked during the last step, after the trainer's own check
+                given = inspect.signature(train).bind(*args, **kwargs).arguments
+                raise interrupted(given["cfg"].steps, given.get("run"))
+            return rows
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler if handler is not None else signal.SIG_DFL)

@@ -22,7 +22,8 @@ settings 89.2% (232 s, most of it ``cma``'s own update). OpenAI-ES reaches 95% o
 Reproducible and resumable bit for bit: the candidates come from a ``numpy.random.RandomState``
 of our own (``cma``'s ``randn`` option), pickled with the strategy into the checkpoint beside
 the batch generator; ``cma``'s linear algebra runs on one BLAS thread, since numpy's BLAS rounds
-by its thread count (the 1000-generation spirals run above: 84.2% on one thread, 83.2% on two).
+by its thread count (the 1000-generation spirals run above: 84.2% on one thread, 83.2% on two;
+the pin reaches OpenBLAS and MKL, the BLAS of numpy's Linux and Windows wheels, not Accelerate).
 ``cma`` is an optional dependency: ``pip install 'deeplinear[cma]'``.
 """
 
