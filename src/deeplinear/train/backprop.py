@@ -37,8 +37,10 @@ permutation and the loss accumulators, and the learning rate is a pure function 
 
 from __future__ import annotations
 
+import functools
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -150,8 +152,28 @@ def calibrate(net: DeepLinear, x: Tensor, gain: float, center: bool = True,
     factor that undoes the hidden ones, so with ``center=False`` a *trained* net keeps its
     collapsed (IEEE) map, logits included, and only moves against the dead zone
     (``train --init-from RUN --init-gain G``).
+
+    Where the semantics also flush a product (``CPU_FTZ_DAZ``), the flushed pre-activation's std
+    is not proportional to the scale (a smaller scale flushes more), so that factor is found by
+    bisection; one proportional step left those layers at 0.6-0.9 of the target.
     """
     target, f = gain * net.threshold, net.under()
+    flush_matmul = net.semantics.matmul_flush
+
+    def pre(i: int, m: Tensor, b: Tensor) -> Tensor:  # as DeepLinear.trace, from m = h @ w
+        return m + b if i == 0 else (f(m) if flush_matmul else m) + f(b)
+
+    def spread(u: Tensor) -> float:
+        std = float(u.std())
+        if not (math.isfinite(std) and std > 0):
+            raise ValueError(f"cannot calibrate layer {i + 1}: its pre-activations on the data "
+                             f"have std {std}; check the inputs or use init_gain=None "
+                             "(--init-gain he)")
+        return std
+
+    def flushed_spread(m: Tensor, b: Tensor, a: float) -> float:
+        return spread(f(a * m) + f(a * b))
+
     h, scale = x[:CALIBRATION_ROWS], 1.0  # scale: the factor applied so far to this layer's input
     last = len(net.weights) - 1
     for i, (w, b) in enumerate(zip(net.weights, net.biases, strict=True)):
@@ -162,16 +184,32 @@ def calibrate(net: DeepLinear, x: Tensor, gain: float, center: bool = True,
         if i == last and not output:
             factor = 1 / scale
         else:
-            std = float((m + (b if i == 0 else f(b))).std())
-            if not (math.isfinite(std) and std > 0):
-                raise ValueError(f"cannot calibrate layer {i + 1}: its pre-activations on the "
-                                 f"data have std {std}; check the inputs or use init_gain=None "
-                                 "(--init-gain he)")
-            factor = target / std
+            # proportional: exact unless the product is flushed too, and then a scale at which
+            # the flushed spread is at most the target, where the search starts
+            factor = target / spread(m + (b if i == 0 else f(b)))
+            if i > 0 and flush_matmul:
+                factor = _bisect_scale(functools.partial(flushed_spread, m, b), target, factor)
         w.mul_(factor)
         b.mul_(factor)
         scale *= factor
-        h = f(h @ w + (b if i == 0 else f(b)))
+        h = f(pre(i, h @ w, b))
+
+
+def _bisect_scale(spread: Callable[[float], float], target: float, start: float) -> float:
+    """The scale ``a`` with ``spread(a) = target`` (to 0.1%), for a ``spread`` that grows with
+    ``a`` at least proportionally: from ``start`` (where ``spread(start) <= target``) up."""
+    lo, hi = start, start
+    while spread(hi) < target:
+        lo, hi = hi, hi * 2
+        if hi > start * 2**20:
+            raise ValueError("cannot calibrate: the flushed pre-activations do not reach the "
+                             "target spread; use init_gain=None (--init-gain he)")
+    for _ in range(40):
+        if hi / lo < 1.001:
+            break
+        mid = math.sqrt(lo * hi)
+        lo, hi = (mid, hi) if spread(mid) < target else (lo, mid)
+    return hi
 
 
 def _step(opt: torch.optim.Optimizer, ftz: bool) -> None:
