@@ -516,6 +516,8 @@ def test_format_constants_are_torch_finfo(name):
         assert smallest.item() == fmt.min_subnormal
     assert fmt.precision == {"float64": 53, "float32": 24, "float16": 11, "bfloat16": 8}[name]
     assert fmt.normal_gap_ratio == 2 ** (fmt.precision - 1)
+    # IEEE 754's emax (log2 of float64's max rounds up to 1024)
+    assert fmt.max_exp == {"float64": 1023, "float32": 127, "float16": 15, "bfloat16": 127}[name]
 
 
 def test_float32_gap_ratio_and_threshold():
@@ -736,6 +738,8 @@ def test_bad_arguments_are_one_line_errors():
         Semantics(["float32"])  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="expected a tensor or a number, got object"):
         ar.add(x, object(), IEEE)
+    with pytest.raises(ValueError, match="got int \\(a number must fit float64\\)"):
+        ar.mul(x, 10**400, IEEE)
     with pytest.raises(ValueError, match="complex"):
         ar.add(torch.ones(2, dtype=torch.complex64), x, IEEE)
     assert ar.matmul([[1.0]], [[2.0]], IEEE).item() == 2.0

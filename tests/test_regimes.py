@@ -99,6 +99,12 @@ def test_float32_facts_on_normal_inputs() -> None:
     assert strong[0].residual < 1e-5 < strong[1].residual < 1e-3 < 0.05 < strong[2].residual
 
 
+def test_a_non_finite_activation_has_no_residual() -> None:
+    """u 2^112 overflows float16 for every input: not 'perfectly affine' (it read 0 before)."""
+    s = rg.strength(Regime.parse("ftz-deadzone:-112", "float16"))
+    assert math.isnan(s.residual) and s.max_error == math.inf
+
+
 def test_strength_grows_with_the_parameter() -> None:
     z = rg.normal_sample(1 << 15, seed=4)
     for kind in KINDS:

@@ -78,8 +78,9 @@ class Format:
 
     @property
     def max_exp(self) -> int:
-        """The exponent of the largest finite value (float32: 127)."""
-        return math.floor(math.log2(self.max))
+        """The exponent of the largest finite value (float32: 127). From ``frexp``, not ``log2``:
+        float64's max rounds to 2**1024 in ``log2``."""
+        return math.frexp(self.max)[1] - 1
 
     @property
     def tiny_threshold(self) -> float:
@@ -125,10 +126,13 @@ class Semantics:
     underflow: ``ieee`` keeps subnormals (gradual underflow); ``ftz`` flushes tiny results to a
     signed zero; ``ftz_daz`` also reads subnormal inputs as zero. scope: ``elementwise`` applies the
     flush to elementwise ops only while matmul keeps subnormals (cuBLAS, under TensorFlow's
-    flushing GPU kernels); ``all`` flushes matmul too (x86 with FTZ/DAZ set, as
-    ``torch.set_flush_denormal(True)`` does). overflow: ``ieee`` gives what the format defines
-    beyond max (inf, or NaN for float8_e4m3fn); ``saturate`` clamps elementwise results and casts
-    to +-max (OCP FP8's saturating mode, NVIDIA's ``.satfinite``), infinities included.
+    flushing GPU kernels); ``all`` flushes matmul too, as x86 with FTZ/DAZ set
+    (``torch.set_flush_denormal(True)``) does, though by a definition (inputs and output flushed,
+    see :func:`matmul`), not MKL's flushes inside its sums: with zero biases a net under
+    ``CPU_FTZ_DAZ`` then computes what it does under ``TF_GPU``. overflow: ``ieee`` gives what
+    the format defines beyond max (inf, or NaN for float8_e4m3fn); ``saturate`` clamps
+    elementwise results and casts to +-max (OCP FP8's saturating mode, NVIDIA's ``.satfinite``),
+    infinities included.
     """
 
     format: str = "float32"
@@ -250,8 +254,9 @@ def _operand(x: Tensor | float, fmt: Format) -> Tensor:
     if not isinstance(x, Tensor):
         try:
             x = torch.as_tensor(x, dtype=torch.float64)
-        except (TypeError, ValueError, RuntimeError):
-            raise ValueError(f"expected a tensor or a number, got {type(x).__name__}") from None
+        except (TypeError, ValueError, RuntimeError, OverflowError):
+            raise ValueError(f"expected a tensor or a number, got {type(x).__name__} (a number "
+                             "must fit float64)") from None
     if x.dtype == fmt.dtype:
         return x
     if x.is_complex():

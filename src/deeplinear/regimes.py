@@ -293,8 +293,10 @@ class Strength:
     param: int
     threshold: float
     changed: float  # fraction of values the activation changes
-    zeroed: float  # fraction of nonzero values sent to zero
-    residual: float  # 1 - R^2 of the best affine fit f(z) ~ a z + b (0 if f is constant)
+    zeroed: float  # fraction of all values that were nonzero and became zero
+    # 1 - R^2 of the best affine fit f(z) ~ a z + b (0 if f is constant, NaN if f is not finite);
+    # probes.affine_fit_residual reports its square root, a relative error
+    residual: float
     max_error: float  # max |f(z) - z|
 
     def as_dict(self) -> dict[str, Any]:
@@ -311,8 +313,8 @@ def strength(regime: Regime, z: Tensor | None = None) -> Strength:
     f, z64 = regime.activation(z).double(), z.double()
     fc, zc = f - f.mean(), z64 - z64.mean()
     var = float(fc @ fc)
-    residual = 0.0
-    if var > 0:
+    residual = 0.0 if math.isfinite(var) else math.nan  # overflowed: no affine fit to speak of
+    if var > 0 and math.isfinite(var):
         a = float(zc @ fc) / float(zc @ zc)
         r = fc - a * zc
         residual = float(r @ r) / var
@@ -419,8 +421,8 @@ _SAT = 8  # x 2^8 into float8_e4m3fn: clamp at 1.75
 
 
 def classify(out: Tensor, u: Tensor, candidates: Sequence[Regime]) -> tuple[str, str]:
-    """Which candidate regime's activation ``out`` equals bit for bit (else "identity" or
-    a count of differences from the closest)."""
+    """Which candidate regime's activation ``out`` equals value for value (``torch.equal``: a
+    zero's sign is not compared) (else "identity" or a count of differences from the closest)."""
     out = out.float()
     for r in candidates:
         if torch.equal(out, r.activation(u)):
