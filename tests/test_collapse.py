@@ -88,6 +88,8 @@ def test_collapse_gap_bad_inputs_are_one_line_errors():
     x[1, 2] = float("nan")
     with pytest.raises(ValueError, match="NaN"):  # was a silent nan gap with agreement 1.0
         collapse_gap(net, x)
+    with pytest.raises(ValueError, match="no inputs"):  # was a RuntimeError from torch's max()
+        collapse_gap(net, torch.rand(0, 4))
 
 
 def test_collapse_gap_of_one_row_and_of_float64_inputs():

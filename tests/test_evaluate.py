@@ -42,6 +42,8 @@ def test_accuracy_of_a_baseline_ignores_mode():
 def test_accuracy_of_nothing_is_an_error():
     with pytest.raises(ValueError, match="empty"):
         evaluate.accuracy(net(), torch.empty(0, 6), torch.empty(0, dtype=torch.long))
+    with pytest.raises(ValueError, match="got 5 inputs but 3 labels"):
+        evaluate.accuracy(net(), torch.rand(5, 6), torch.zeros(3, dtype=torch.long))
 
 
 def test_portability_covers_every_preset_and_the_collapse_without_touching_the_net():

@@ -79,6 +79,11 @@ def test_search_finds_flush_caused_counterexamples_that_recompute(law, sem):
 
 
 def test_search_under_ieee_reports_only_rounding():
+    with pytest.raises(ValueError, match=r"n must be a positive number of triples, got 10\.0"):
+        find_counterexamples("associativity", IEEE, n=10.0)  # type: ignore[arg-type]
+    by_name = find_counterexamples("associativity", "IEEE", n=100, seed=3)  # a preset's name
+    assert by_name.semantics == IEEE and torch.equal(
+        by_name.a, find_counterexamples("associativity", IEEE, n=100, seed=3).a)
     found = find_counterexamples("associativity", IEEE, n=20_000, seed=3)
     assert len(found) > 0 and not found.flush_caused.any()
     with pytest.raises(ValueError, match="unknown law"):
@@ -175,6 +180,8 @@ def test_unit_out_of_range_and_dead_units_are_clear_errors():
         implicit_activation(net, x0, d, t, layer=1, unit=3)  # the output has 3 units
     with pytest.raises(ValueError, match="unit -1 out of range"):
         implicit_activation(net, x0, d, t, layer=0, unit=-1)  # was silently the last unit
+    with pytest.raises(ValueError, match=r"unit must be an integer index, got 1\.5"):
+        unit_ray(net, unit=1.5)  # type: ignore[arg-type]  # was an IndexError
     with torch.no_grad():
         net.weights[0][:, 2] = 0
     with pytest.raises(ValueError, match="pick another unit"):  # was a NaN ray

@@ -8,6 +8,7 @@ import math
 import platform
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -132,6 +133,9 @@ def test_regime_parameters_and_errors() -> None:
         Regime("absorption", 16, "float16")
     with pytest.raises(ValueError, match="integer exponent"):
         Regime("ftz-deadzone", 125.0)  # type: ignore[arg-type]
+    assert Regime("ftz-deadzone", np.int64(125)) == Regime("ftz-deadzone", 125)  # type: ignore
+    with pytest.raises(ValueError, match="unknown format 'float99'"):  # it said "bad regime"
+        Regime.parse("ftz-deadzone", "float99")
 
 
 @pytest.mark.parametrize("fmt", FORMAT_NAMES)

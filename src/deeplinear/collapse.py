@@ -43,6 +43,8 @@ def collapse_gap(net: DeepLinear, x: Tensor, mode: Mode = "exact") -> CollapseGa
     Both sides see the same float32 inputs (the net rounds ``x`` to float32 before layer 1).
     """
     x = net.check_input(x)
+    if x.numel() == 0:
+        raise ValueError("no inputs: the collapse gap needs at least one row of x")
     if not bool(torch.isfinite(x).all()):
         raise ValueError("inputs contain NaN or infinity: the collapse gap needs finite inputs "
                          "(drop or impute those rows)")

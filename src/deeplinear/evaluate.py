@@ -45,6 +45,8 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor, mode: Mode = "scaled",
     """Fraction of rows whose argmax output is the label (``mode`` as in :func:`logits`)."""
     if len(x) == 0:
         raise ValueError("accuracy of an empty set is undefined; pass at least one sample")
+    if len(y) != len(x):
+        raise ValueError(f"got {len(x)} inputs but {len(y)} labels; pass one label per row")
     return float((logits(model, x, mode, batch_size).argmax(1) == y).double().mean())
 
 

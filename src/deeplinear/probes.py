@@ -171,7 +171,7 @@ def _log_uniform(n: int, lo: float, hi: float, g: torch.Generator) -> Tensor:
 
 
 @torch.no_grad()
-def find_counterexamples(law: Law, semantics: Semantics, n: int = 100_000,
+def find_counterexamples(law: Law, semantics: Semantics | str, n: int = 100_000,
                          seed: int = 0) -> Counterexamples:
     """Randomized, vectorised search for triples that break ``law`` under ``semantics``.
 
@@ -183,8 +183,9 @@ def find_counterexamples(law: Law, semantics: Semantics, n: int = 100_000,
     """
     if law not in LAWS:
         raise ValueError(f"unknown law {law!r}; use {' or '.join(LAWS)}")
-    if n < 1:
-        raise ValueError(f"n must be a positive number of triples, got {n}")
+    if ar.integer(n) is None or n < 1:
+        raise ValueError(f"n must be a positive number of triples, got {n!r}")
+    semantics = ar.as_semantics(semantics)
     fmt = semantics.fmt
     g = torch.Generator().manual_seed(seed)
     span = fmt.precision - 1
@@ -295,6 +296,8 @@ def unit_ray(net: DeepLinear, unit: int = 0) -> tuple[Tensor, Tensor]:
 
 def _check_unit(net: DeepLinear, layer: int, unit: int) -> None:
     n = net.sizes[layer + 1]
+    if ar.integer(unit) is None:
+        raise ValueError(f"unit must be an integer index, got {unit!r}")
     if not 0 <= unit < n:
         raise ValueError(f"unit {unit} out of range: layer {layer + 1} has {n} units (0..{n - 1})")
 

@@ -153,8 +153,10 @@ class Regime:
     def __post_init__(self) -> None:
         _check_kind(self.kind)
         fmt = get_format(self.format)
-        if isinstance(self.param, bool) or not isinstance(self.param, int):
+        param = ar.integer(self.param)  # numpy and torch integers too, as scale() takes them
+        if param is None:
             raise ValueError(f"regime parameter must be an integer exponent, got {self.param!r}")
+        object.__setattr__(self, "param", param)
         lo, hi = param_range(self.kind, fmt)
         if not lo <= self.param <= hi:
             absorption = self.kind == "absorption"
@@ -169,6 +171,7 @@ class Regime:
         """``"ftz-deadzone"`` (default parameter) or ``"ftz-deadzone:126"``."""
         kind, _, param = text.partition(":")
         _check_kind(kind)
+        get_format(format)  # its own error, not "bad regime"
         try:
             p = int(param) if param else default_param(kind, format)
         except ValueError:
