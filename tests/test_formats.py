@@ -344,5 +344,7 @@ def test_bad_input_is_a_one_line_error() -> None:
         fm.to_bits(torch.ones(2), "float64")
     with pytest.raises(ValueError, match=r"\[0, 2\*\*8\)"):
         fm.from_bits(torch.tensor([256]), "float8_e5m2")
+    with pytest.raises(ValueError, match=r"must be integers, got torch\.float32"):  # read 1.5 as 1
+        fm.from_bits(torch.tensor([1.5]), "float16")
     with pytest.raises(ValueError, match="unknown overflow"):
         Semantics("float32", overflow="wrap")  # type: ignore[arg-type]

@@ -100,6 +100,13 @@ def test_float32_facts_on_normal_inputs() -> None:
     assert strong[0].residual < 1e-5 < strong[1].residual < 1e-3 < 0.05 < strong[2].residual
 
 
+def test_no_samples_is_a_one_line_error() -> None:
+    with pytest.raises(ValueError, match="at least one value of z"):  # was torch's max() error
+        rg.strength(Regime("ftz-deadzone", 125), torch.zeros(0))
+    with pytest.raises(ValueError, match="n must be a positive number of samples, got 0"):
+        rg.probe_report("ftz-deadzone:125", n=0)
+
+
 def test_a_non_finite_activation_has_no_residual() -> None:
     """u 2^112 overflows float16 for every input: not 'perfectly affine' (it read 0 before)."""
     s = rg.strength(Regime.parse("ftz-deadzone:-112", "float16"))

@@ -132,7 +132,10 @@ def from_bits(bits: Tensor, fmt: Format | str) -> Tensor:
     fmt = _format(fmt)
     if fmt.bits > 32:
         raise ValueError(f"from_bits covers formats up to 32 bits, not {fmt.name}")
-    b = torch.as_tensor(bits).to(torch.int64)
+    b = torch.as_tensor(bits)
+    if b.is_floating_point() or b.is_complex() or b.dtype == torch.bool:
+        raise ValueError(f"encodings must be integers, got {b.dtype} (a float would be truncated)")
+    b = b.to(torch.int64)
     if ((b < 0) | (b >= 1 << fmt.bits)).any():
         raise ValueError(f"{fmt.name} encodings are integers in [0, 2**{fmt.bits})")
     stored = fmt.precision - 1

@@ -313,6 +313,8 @@ def normal_sample(n: int = 1 << 20, seed: int = 0) -> Tensor:
 def strength(regime: Regime, z: Tensor | None = None) -> Strength:
     """Residual of the best affine fit and the fractions changed and zeroed, on ``z``."""
     z = normal_sample() if z is None else z
+    if z.numel() == 0:
+        raise ValueError("no inputs: a regime's strength needs at least one value of z")
     f, z64 = regime.activation(z).double(), z.double()
     fc, zc = f - f.mean(), z64 - z64.mean()
     var = float(fc @ fc)
@@ -356,6 +358,8 @@ def probe_report(spec: str = "all", format: str = "float32", n: int = 1 << 18,
     """Strength sweeps for ``deeplinear probe --regime``: ``all``, a kind (its default sweep) or
     ``KIND:PARAM`` (one parameter), on one N(0,1) sample. JSON-ready."""
     get_format(format)
+    if ar.integer(n) is None or n < 1:
+        raise ValueError(f"n must be a positive number of samples, got {n!r}")
     z = normal_sample(n, seed)
     sweeps: dict[str, list[Strength]]
     if spec == "all":
