@@ -233,6 +233,9 @@ def test_a_subnormal_float32_matmul_rounds_every_product_to_the_grid() -> None:
 def test_regime_and_scale_together_is_an_error() -> None:
     with pytest.raises(ValueError, match="not both"):
         DeepLinear([4, 8, 2], scale_exp=126, regime=Regime("ftz-deadzone", 125))
+    # a valid regime the net cannot run: named as a regime, not as a flag the caller never gave
+    with pytest.raises(ValueError, match=r"^regime ftz-deadzone:200 \(float32\) is out of range"):
+        DeepLinear([4, 8, 2], regime=Regime("ftz-deadzone", 200))
 
 
 def test_plot_sweeps_writes_a_png(tmp_path) -> None:

@@ -114,9 +114,11 @@ class DeepLinear(nn.Module):
                                  "regime: DeepLinear(sizes, regime=deeplinear.regimes.Regime(...))")
             high = round(-math.log2(semantics.fmt.min_subnormal))
             if not 0 <= scale_exp <= high:
-                raise ValueError(f"scale exponent {scale_exp} (--scale-exp) is out of range: "
-                                 f"0 <= k <= {high} (2^-k must be a nonzero float32 that moves "
-                                 "hidden values toward underflow); the 2017 net uses 125")
+                what = f"regime {regime.label}" if regime is not None else \
+                    f"scale exponent {scale_exp} (--scale-exp)"
+                raise ValueError(f"{what} is out of range for a net: 0 <= k <= {high} (2^-k must "
+                                 "be a nonzero float32 that moves hidden values toward "
+                                 f"underflow); the 2017 net uses {SCALE_EXP}")
         self.scale_exp = scale_exp
         self.semantics = semantics
         self.weights = nn.ParameterList()
