@@ -234,7 +234,8 @@ def test_ctrl_c_before_the_first_checkpoint_keeps_the_work(tmp_path, sig, sigint
     proc = subprocess.Popen([sys.executable, "-m", "deeplinear", "train", *args, "--out",
                              str(stopped)], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True,  # set, whatever pytest runs in
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, sigint))
+                            preexec_fn=lambda: (signal.signal(signal.SIGINT, sigint),
+                                                signal.signal(signal.SIGTERM, signal.SIG_DFL)))
     try:
         deadline = time.monotonic() + 120
         metrics = stopped / "metrics.jsonl"

@@ -40,12 +40,15 @@ def rings():
 
 
 @pytest.fixture(autouse=True)
-def sigint_delivered():
-    """These tests press Ctrl-C on pytest itself; under a shell's background job SIGINT is
-    ignored (and a trainer rightly leaves it so), so give it Python's own handler meanwhile."""
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+def signals_delivered():
+    """These tests send Ctrl-C and SIGTERM to pytest itself; under a shell's background job
+    SIGINT is ignored (and a trainer rightly leaves an ignored signal so), so give both their
+    default handlers meanwhile, whatever runs the suite."""
+    previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler),
+                signal.SIGTERM: signal.signal(signal.SIGTERM, signal.SIG_DFL)}
     yield
-    signal.signal(signal.SIGINT, previous)
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
 
 
 @pytest.mark.parametrize("module, bad, moves", [
