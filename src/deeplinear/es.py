@@ -34,7 +34,6 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from deeplinear.arithmetic import integer
 from deeplinear.nets import parse_sizes
 
 SIGMA_SCALES = ("fan_in", "none")
@@ -217,7 +217,7 @@ class Strategy:
             raise ValueError(f"unknown device {self.device!r}; use cpu, cuda or cuda:N") from None
         for name in ("pop", "rank", "seed", "table_size"):
             value = getattr(self, name)
-            if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+            if integer(value) is None:
                 raise ValueError(f"{name} must be an integer, got {value!r}")
         if self.pop < 2 or self.pop % 2:
             raise ValueError(f"pop must be even and >= 2 (antithetic pairs), got {self.pop}")

@@ -674,6 +674,7 @@ def study(dataset: str = "spirals", regimes: Sequence[Regime] = STUDY_REGIMES,
     b = BUDGETS[budget]
     es_settings = {**STUDY_ES, "steps": b.es["steps"], "pop": b.es["pop"], **(es_overrides or {})}
     data = load_dataset(dataset, data_dir=data_dir, seed=seed, n_train=n_train, n_test=n_test)
+    es_settings["batch_size"] = min(es_settings["batch_size"], len(data.y_train))  # small sets
     sizes = list(sizes) if sizes else default_sizes(data.n_features, data.n_classes)
     xt, yt = data.x_test, data.y_test
 
@@ -702,9 +703,7 @@ def study(dataset: str = "spirals", regimes: Sequence[Regime] = STUDY_REGIMES,
             t0 = time.perf_counter()
             if method == "OpenAI-ES":
                 cfg: Any = es.Config(**{**es_settings, "seed": seed, "init_gain": gain,
-                                        "eval_every": es_settings["steps"],
-                                        "batch_size": min(es_settings["batch_size"],
-                                                          len(data.y_train))})
+                                        "eval_every": es_settings["steps"]})
                 es.train(net, data, cfg, progress=progress)
                 detail = f"pop {cfg.pop}, {cfg.steps} generations, {cfg.perturbation} noise"
             else:
@@ -725,8 +724,7 @@ def study(dataset: str = "spirals", regimes: Sequence[Regime] = STUDY_REGIMES,
             say(f"{r.label} {method}: exact {row['test_acc']:.4f}, collapsed "
                 f"{row['collapsed_acc']:.4f} ({wall:.0f} s)")
     settings = {"budget": budget, "backprop_steps": b.backprop_steps,
-                "es": {**es_settings, "init_gain": STUDY_INIT_GAIN,
-                       "batch_size": min(es_settings["batch_size"], len(data.y_train))}}
+                "es": {**es_settings, "init_gain": STUDY_INIT_GAIN}}
     return {"dataset": dataset, "sizes": sizes, "budget": settings, "seed": seed,
             "n_train": len(data.y_train), "n_test": len(yt), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "baselines": baselines, "rows": rows}

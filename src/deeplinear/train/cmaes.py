@@ -191,7 +191,7 @@ def train(model: DeepLinear, data: Dataset, cfg: Config, run: Run | None = None,
         stop = stop_asked()
         is_ckpt = run is not None and (done % cfg.checkpoint_every == 0 or done == cfg.steps
                                        or stop)
-        if is_eval or is_ckpt:
+        if is_eval or is_ckpt or stop:
             centre()
         if is_eval:
             row = {"step": done, "wall_s": wall0 + time.perf_counter() - t0,
@@ -209,7 +209,6 @@ def train(model: DeepLinear, data: Dataset, cfg: Config, run: Run | None = None,
             last = rows[-1]["test_acc"] if rows else math.nan
             bar.update(done, force=done == cfg.steps, loss=mean, test_acc=last)
         if stop:
-            centre()
             raise interrupted(done, run)
     centre()
     return rows

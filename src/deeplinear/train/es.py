@@ -155,7 +155,7 @@ def train(model: DeepLinear, data: Dataset, cfg: Config, run: Run | None = None,
         stop = stop_asked()
         is_ckpt = run is not None and (done % cfg.checkpoint_every == 0 or done == cfg.steps
                                        or stop)
-        if is_eval or is_ckpt:
+        if is_eval or is_ckpt or stop:
             layout.load(state.theta, model)
         if is_eval:
             row = {"step": done, "wall_s": wall0 + time.perf_counter() - t0,
@@ -172,7 +172,6 @@ def train(model: DeepLinear, data: Dataset, cfg: Config, run: Run | None = None,
             last = rows[-1]["test_acc"] if rows else math.nan
             bar.update(done, force=done == cfg.steps, loss=float(finite.mean()), test_acc=last)
         if stop:
-            layout.load(state.theta, model)
             raise interrupted(done, run)
     layout.load(state.theta, model)
     return rows
