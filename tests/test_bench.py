@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -80,6 +81,19 @@ def test_peak_memory_sees_a_fresh_allocation():
 def _positive_finite(d, keys):
     for k in keys:
         assert math.isfinite(d[k]) and d[k] > 0, (k, d[k])
+
+
+@pytest.mark.parametrize("cfg", [TINY, replace(TINY, nets=("6,8,8,4", "3,5,2"), pops=(2, 4),
+                                                 exact_nets=("3,5,2",))])
+def test_progress_counts_every_measurement_with_an_eta(cfg):
+    lines: list[str] = []
+    run_bench(cfg, log=lines.append)
+    steps = [line for line in lines if line.startswith("[")]
+    total = len(steps)
+    assert lines[0] == "sgemm peak" and len(lines) == total + 1
+    for i, line in enumerate(steps, 1):
+        assert line.startswith(f"[{i}/{total}, ")
+        assert ("s left]" in line) == (i > 1)  # an ETA once one step has been timed
 
 
 def test_run_bench_reports_every_section():

@@ -358,6 +358,30 @@ def engine_error(cfg: BenchConfig) -> str | None:
     return None
 
 
+def _steps(cfg: BenchConfig) -> int:
+    """How many measurements :func:`run_bench` logs after the peak (rows, target, shares, exact)."""
+    grid = len(cfg.nets) * len(cfg.modes)
+    target = 1 if cfg.target_pop and "2017" in cfg.nets and set(MODES) <= set(cfg.modes) else 0
+    return grid * (len(cfg.pops) * len(cfg.batches) + 1) + target + len(cfg.exact_nets or cfg.nets)
+
+
+def _with_eta(log: Callable[[str], None], total: int) -> Callable[[str], None]:
+    """``log`` with ``[step/total, elapsed, ~ETA]`` in front: the full run takes minutes.
+
+    The ETA assumes the steps left take as long as the average so far (rows differ up to ~100x,
+    so it is rough early on and right by the end).
+    """
+    t0, done = time.perf_counter(), 0
+
+    def logged(msg: str) -> None:
+        nonlocal done
+        elapsed = time.perf_counter() - t0
+        eta = f", ~{elapsed / done * (total - done):.0f} s left" if done else ""
+        done += 1
+        log(f"[{done}/{total}, {elapsed:.0f} s{eta}] {msg}")
+    return logged
+
+
 def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
     """Measure everything ``cfg`` asks for; a JSON-able report."""
     check_device(cfg.device)
@@ -371,6 +395,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda _: None) -> 
     if report["engine_error"]:
         log(f"engine unusable on {cfg.device}: {report['engine_error']}")
         cfg = replace(cfg, nets=(), target_pop=None, exact_nets=cfg.nets)
+    log = _with_eta(log, _steps(cfg))
     rows = []
     for net_name in cfg.nets:
         for mode in cfg.modes:
