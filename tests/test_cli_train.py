@@ -268,8 +268,8 @@ def test_resume_accepts_a_run_directory_from_before_a_trainer_setting(tmp_path, 
     assert main(["train", *TINY, "--out", str(out), *es, "--steps", "2", "--resume"]) == 0
     assert main(["train", *TINY, "--out", str(out), *es, "--steps", "2", "--resume",
                  "--sigma-blocks", "biases.0=0"]) == 2
-    assert "config differs in trainer.sigma_blocks; resume with the run's own settings" in \
-        capsys.readouterr().err
+    assert ('config differs in trainer.sigma_blocks (run: "", now: "biases.0=0"); resume with '
+            "the run's own settings") in capsys.readouterr().err
 
 
 def test_resume_from_a_hand_edited_checkpoint_is_one_line(tmp_path, capsys):
@@ -448,3 +448,28 @@ def test_a_seed_out_of_range_names_the_flag_and_the_range(capsys, flag, value):
     err = capsys.readouterr().err
     assert e.value.code == 2
     assert f"argument {flag}: seed '{value}' must be an integer in 0..4294967295" in err
+
+
+def test_ctrl_c_in_the_final_evaluation_says_how_to_finish(tmp_path, monkeypatch, capsys):
+    """Training is over and checkpointed; the message must say that --resume finishes it."""
+    def pressed(*_):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr("deeplinear.cli.train.final_results", pressed)
+        rc, out = train(tmp_path, "--steps", "3")
+    assert rc == 130 and not (out / "final.pt").exists()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"latest checkpoint in {out}: continue with --resume" in err
+    assert train(tmp_path, "--steps", "3", "--resume")[0] == 0 and (out / "final.pt").exists()
+
+
+def test_a_stop_before_the_first_checkpoint_says_nothing_is_saved(tmp_path, monkeypatch, capsys):
+    def pressed(*_, **__):
+        raise KeyboardInterrupt  # a second Ctrl-C: stop at once
+
+    monkeypatch.setattr("deeplinear.train.backprop.train", pressed)
+    rc, out = train(tmp_path, "--steps", "3")
+    assert rc == 130
+    assert f"before the first checkpoint in {out}: run the same command again" in \
+        capsys.readouterr().err

@@ -1,4 +1,5 @@
 import json
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -14,7 +15,16 @@ from deeplinear.arithmetic import IEEE, TF_GPU
 from deeplinear.cli import main
 from deeplinear.data import load_dataset
 from deeplinear.nets import SoftmaxRegression
-from deeplinear.reproduce import Budget, Method, command, default_threads, reproduce, run_method
+from deeplinear.reproduce import (
+    SETTINGS_FILE,
+    Budget,
+    Method,
+    command,
+    default_threads,
+    reproduce,
+    run_method,
+)
+from deeplinear.train import Interrupted
 
 TINY = Budget(backprop_steps=30, es={"steps": 4, "pop": 8})
 
@@ -117,14 +127,55 @@ def test_a_second_run_gives_the_same_numbers(out, tmp_path):
         k: v["test_acc"] for k, v in first.items()}
 
 
-@pytest.mark.parametrize(("changes", "differs"), [
-    ({"seed": 1}, "trainer.seed"), ({"budget": Budget(31, TINY.es)}, "trainer.steps"),
-    ({"semantics": IEEE}, "semantics.underflow"),
+@pytest.mark.parametrize(("changes", "differs", "per_run"), [
+    ({"seed": 1}, "seed (run: 0, now: 1)", "trainer.seed (run: 0, now: 1)"),
+    ({"budget": Budget(31, TINY.es)}, "budget (run: ", "trainer.steps (run: 30, now: 31)"),
+    ({"semantics": IEEE}, 'semantics (run: "TF_GPU", now: "IEEE")', "semantics.underflow"),
 ])
-def test_resume_refuses_finished_runs_made_with_other_settings(out, changes, differs):
+def test_resume_refuses_a_reproduction_made_with_other_settings(out, tmp_path, changes, differs,
+                                                                per_run):
+    """Up front, by the setting the user changed; in a directory of an older version (no
+    settings file), by the first finished run, naming its trainer's field."""
     args = {"budget": TINY, "seed": 0, **changes}
-    with pytest.raises(ValueError, match=f"differs in .*{differs}.*another --out"):
-        reproduce(("checkerboard",), args.pop("budget"), out, resume=True, **args)
+    budget = args.pop("budget")
+    with pytest.raises(ValueError, match=re.escape(f"differs in {differs}")):
+        reproduce(("checkerboard",), budget, out, resume=True, **args)
+    shutil.copytree(out, tmp_path, dirs_exist_ok=True)
+    (tmp_path / SETTINGS_FILE).unlink()
+    with pytest.raises(ValueError, match=f"finished run differs in .*{re.escape(per_run)}"):
+        reproduce(("checkerboard",), budget, tmp_path, resume=True, **args)
+
+
+def test_a_new_reproduction_into_a_used_out_is_refused_before_training(out, capsys):
+    assert main(["reproduce", "--budget", "smoke", "--dataset", "checkerboard", "--out",
+                 str(out)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # nothing trained, no method announced
+    assert captured.err.count("\n") == 1 and "differs in budget" in captured.err
+    settings = json.loads((out / SETTINGS_FILE).read_text())
+    with pytest.raises(FileExistsError, match="already holds this reproduction; add --resume"):
+        reproduce(("checkerboard",), TINY, out, seed=settings["seed"])
+
+
+def test_a_corrupt_settings_file_is_one_line(tmp_path, capsys):
+    (tmp_path / SETTINGS_FILE).write_text("{torn")
+    assert main(["reproduce", "--budget", "smoke", "--dataset", "checkerboard", "--out",
+                 str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{tmp_path / SETTINGS_FILE} is not a reproduction's" in err
+
+
+@pytest.mark.parametrize(("budget", "default_out"), [
+    ("quick", "runs/reproduce"), ("smoke", "runs/reproduce-smoke"), ("full", "runs/reproduce-full"),
+])
+def test_each_budget_has_its_own_default_out(tmp_path, monkeypatch, budget, default_out):
+    """A smoke run must not take the place the README's main command writes to."""
+    seen = {}
+    monkeypatch.setattr("deeplinear.cli.reproduce.reproduce",
+                        lambda datasets, budget, out, *a: seen.update(out=out))
+    monkeypatch.chdir(tmp_path)
+    assert main(["reproduce", "--budget", budget]) == 0
+    assert seen == {"out": default_out}
 
 
 def test_eval_reads_a_method_of_the_reproduction(out, capsys):
@@ -270,3 +321,17 @@ def test_a_set_smaller_than_the_batch_trains_on_all_of_it(tmp_path):
     es_run = json.loads((tmp_path / "parity" / "deep-linear-openai-es" / "config.json")
                         .read_text())
     assert es_run["trainer"]["batch_size"] == 192 and len(task["methods"]) == 5
+
+
+def test_an_interrupted_reproduction_names_the_command_that_continues_it(tmp_path, monkeypatch,
+                                                                          capsys):
+    def stopped(*_):
+        raise Interrupted(f"stopped after step 3; checkpoint in {tmp_path}: continue with --resume")
+
+    monkeypatch.setattr("deeplinear.cli.reproduce.reproduce", stopped)
+    assert main(["reproduce", "--budget", "smoke", "--seed", "2", "--out", str(tmp_path)]) == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "interrupted (stopped after step 3; finished methods" in err
+    assert err.strip().endswith("continue with deeplinear reproduce --budget smoke --seed 2 "
+                                "--dataset spirals,digits --semantics TF_GPU --resume "
+                                f"--out {tmp_path})")

@@ -34,7 +34,7 @@ from deeplinear.report import (
     plot_occupancy,
     render,
 )
-from deeplinear.runs import Run, differences, load_final, make_dir
+from deeplinear.runs import Run, atomic_write_text, differences, load_final, make_dir
 from deeplinear.surrogate import FLOAT_AWARE
 from deeplinear.train import backprop, es
 
@@ -249,6 +249,34 @@ def command(datasets: tuple[str, ...], budget: str | Budget, seed: int, semantic
     return " ".join(["deeplinear reproduce", *flags])
 
 
+SETTINGS_FILE = "reproduction.json"
+
+
+def claim(out: Path, settings: dict[str, Any], resume: bool) -> None:
+    """Refuse, before any training, an ``out`` holding a reproduction made with other settings
+    (or, without ``resume``, any reproduction), then record ``settings`` there.
+
+    Why up front: each method's run refuses on its own, but only when its turn comes (after
+    earlier methods printed and trained), and it names trainer fields (``trainer.steps``) where
+    the user changed ``--budget``. A directory of an older version (no settings file) falls back
+    to those per-run checks.
+    """
+    path, saved = out / SETTINGS_FILE, None
+    if path.is_file():
+        try:
+            saved = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path} is not a reproduction's settings ({e}); delete it or pass "
+                             "another --out") from None
+    if isinstance(saved, dict) and (diff := differences(saved, settings, {})):
+        raise ValueError(f"{out} holds a reproduction that differs in {', '.join(diff)}; pass "
+                         "another --out, or repeat its own settings to resume it")
+    if not resume and (any(out.glob("*/*/checkpoint.pt")) or any(out.glob("*/*/final.pt"))):
+        raise FileExistsError(f"{out} already holds this reproduction; add --resume to reuse "
+                              "its finished methods and continue the rest, or pass another --out")
+    atomic_write_text(json.dumps(settings, indent=1) + "\n", path)
+
+
 def reproduce(datasets: tuple[str, ...] = DEFAULT_DATASETS, budget: str | Budget = "quick",
               out: str | Path = "runs/reproduce", seed: int = 0, data_dir: str | None = None,
               resume: bool = False, semantics: Semantics = TF_GPU,
@@ -260,6 +288,8 @@ def reproduce(datasets: tuple[str, ...] = DEFAULT_DATASETS, budget: str | Budget
     steps = BUDGETS[budget] if isinstance(budget, str) else budget
     out = Path(out)
     make_dir(out)
+    claim(out, {"budget": budget if isinstance(budget, str) else repr(budget), "seed": seed,
+                "semantics": preset_name(semantics) or repr(semantics)}, resume)
     t0 = time.perf_counter()
     loaded = [load_dataset(name, data_dir=data_dir_for(name, data_dir), seed=seed)
               for name in datasets]

@@ -9,7 +9,7 @@ from pathlib import Path
 from deeplinear.arithmetic import PRESETS, get_semantics
 from deeplinear.cli import absolute_path, seed, summary
 from deeplinear.data import DATASETS, check_data_dir, data_dir_for
-from deeplinear.reproduce import BUDGETS, DEFAULT_DATASETS, reproduce
+from deeplinear.reproduce import BUDGETS, DEFAULT_DATASETS, command, reproduce
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -20,7 +20,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--budget", default="quick", choices=sorted(BUDGETS),
                    help="smoke: seconds, a check that everything runs; quick (default): the "
                         "README's figures, minutes; full: longer training")
-    p.add_argument("--out", default="runs/reproduce", help="output directory")
+    p.add_argument("--out", default=None,
+                   help="output directory (default: runs/reproduce, or runs/reproduce-BUDGET "
+                        "for another --budget, so a smoke run does not take the real run's place)")
     p.add_argument("--seed", type=seed, default=0, help="seed of data, init, batches and noise")
     p.add_argument("--data-dir", default=None, type=absolute_path,
                    help="directory holding the IDX files")
@@ -45,6 +47,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"unknown dataset {', '.join(unknown) or '(none)'}; "
                          f"choose from {', '.join(DATASETS)}")
     check_data_dir(datasets, args.data_dir)
+    if args.out is None:
+        args.out = "runs/reproduce" + ("" if args.budget == "quick" else f"-{args.budget}")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     if args.study == "regimes":
@@ -58,8 +62,17 @@ def run(args: argparse.Namespace) -> int:
         return run_regimes_study(datasets, args)
     if args.resume and not any(Path(args.out).glob("*/*/*.pt")):
         print(f"nothing to resume in {args.out}: starting a new reproduction", file=sys.stderr)
-    reproduce(datasets, args.budget, args.out, args.seed, args.data_dir, args.resume,
-              get_semantics(args.semantics), args.threads)
+    semantics = get_semantics(args.semantics)
+    try:
+        reproduce(datasets, args.budget, args.out, args.seed, args.data_dir, args.resume,
+                  semantics, args.threads)
+    except KeyboardInterrupt as e:
+        # a trainer's own message names its run's --resume, which is not how a reproduction goes on
+        stopped = f"{str(e).split(';')[0]}; " if str(e) else ""
+        again = command(datasets, args.budget, args.seed, semantics, args.data_dir, args.threads,
+                        resume=True)
+        raise KeyboardInterrupt(f"{stopped}finished methods and checkpoints are kept in "
+                                f"{args.out}: continue with {again} --out {args.out}") from None
     print(f"wrote {args.out}/results.json, report.md, report.html")
     return 0
 

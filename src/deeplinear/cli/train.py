@@ -333,11 +333,19 @@ def run(args: argparse.Namespace) -> int:
         with backend(args.backend, model, data, cfg, method=args.method, workers=args.workers,
                      address=args.ray_address) as extra:
             rows = trainer.train(model, data, cfg, run=run_dir, progress=not args.quiet, **extra)
+        results = final_results(model, data)
+    except KeyboardInterrupt as e:
+        if str(e):  # Interrupted: it says which step and where its checkpoint is
+            raise
+        raise KeyboardInterrupt(  # a second Ctrl-C, or one during the final evaluation
+            f"latest checkpoint in {out}: continue with --resume"
+            if (out / "checkpoint.pt").exists() else
+            f"before the first checkpoint in {out}: run the same command again to start over"
+        ) from None
     except Exception:
         if not args.resume:
             run_dir.discard_if_unstarted()
         raise
-    results = final_results(model, data)
     run_dir.save_final({
         "state_dict": model.state_dict(), "model": config["model"],
         "semantics": dataclasses.asdict(semantics), "method": args.method,

@@ -295,7 +295,7 @@ def _train(model: nn.Module, data: Dataset, cfg: Config, run: Run | None,
             calibrate(net, x, cfg.init_gain, cfg.center)
         start, perm, wall0, loss_sum, loss_n = 0, torch.empty(0, dtype=torch.long), 0.0, 0.0, 0
     n_eval = min(cfg.eval_n, n, len(data.x_test))
-    bar = Progress(total=cfg.steps, desc="backprop", start_step=start) if progress else None
+    bar = Progress(total=cfg.steps, desc="backprop") if progress else None
     t0 = time.perf_counter()
     last_ckpt = start
     for s in range(start, cfg.steps):

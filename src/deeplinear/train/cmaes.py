@@ -178,7 +178,7 @@ def train(model: DeepLinear, data: Dataset, cfg: Config, run: Run | None = None,
     def centre() -> None:
         layout.load(torch.from_numpy(np.asarray(opt.mean, dtype=np.float32)), model)
 
-    bar = Progress(total=cfg.steps, desc="cma-es", start_step=start) if progress else None
+    bar = Progress(total=cfg.steps, desc="cma-es") if progress else None
     t0 = time.perf_counter()
     for gen in range(start, cfg.steps):
         idx = torch.randint(0, len(x), (cfg.batch_size,), generator=g)

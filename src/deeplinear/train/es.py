@@ -137,7 +137,7 @@ def train(model: DeepLinear, data: Dataset, cfg: Config, run: Run | None = None,
         wall0, loss_sum, loss_n = 0.0, 0.0, 0
     start = state.generation
     n_eval = min(cfg.eval_n, len(x), len(data.x_test))
-    bar = Progress(total=cfg.steps, desc="es", start_step=start) if progress else None
+    bar = Progress(total=cfg.steps, desc="es") if progress else None
     t0 = time.perf_counter()
     for gen in range(start, cfg.steps):
         idx = torch.randint(0, len(x), (cfg.batch_size,), generator=g).to(device)
