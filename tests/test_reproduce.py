@@ -335,3 +335,14 @@ def test_an_interrupted_reproduction_names_the_command_that_continues_it(tmp_pat
     assert err.strip().endswith("continue with deeplinear reproduce --budget smoke --seed 2 "
                                 "--dataset spirals,digits --semantics TF_GPU --resume "
                                 f"--out {tmp_path})")
+
+
+def test_progress_numbers_every_method_and_announces_the_slow_exact_evaluation(tmp_path, capsys):
+    reproduce(("checkerboard", "parity"), Budget(2, {"steps": 2, "pop": 4}), tmp_path)
+    lines = capsys.readouterr().out.splitlines()
+    numbered = [line for line in lines if line.startswith("[")]
+    assert [line.split("]")[0] for line in numbered] == [f"[{i}/10" for i in range(1, 11)]
+    assert numbered[0] == "[1/10] checkerboard: softmax regression"
+    assert numbered[5] == "[6/10] parity: softmax regression"
+    evaluating = [line for line in lines if line.startswith("  evaluating in exact float32")]
+    assert len(evaluating) == 6  # the three deep linear nets of each dataset

@@ -148,6 +148,9 @@ def run_method(method: Method, data: Dataset, sizes: list[int], seed: int, out: 
     t0 = time.perf_counter()
     res: dict[str, Any] = {"curve": curve, "wall_s": wall}
     if isinstance(model, DeepLinear):
+        # exact mode runs subnormal arithmetic: tens of seconds on a large test set, not silent
+        print(f"  evaluating in exact float32 under {', '.join(PRESETS)} and collapsed",
+              flush=True)
         n = TRAIN_EVAL_N  # exact mode runs subnormal arithmetic: a subset of a large train set
         res["train_acc"] = evaluate.accuracy(model, data.x_train[:n], data.y_train[:n], "exact")
         res["portability"] = port = evaluate.portability(model, data)
@@ -185,12 +188,16 @@ def decision_grid(model: nn.Module, data: Dataset, n: int = 200) -> tuple[Any, A
 
 
 def run_task(name: str, data: Dataset, steps: Budget, semantics: Semantics, seed: int, out: Path,
-             resume: bool, data_dir: str | None = None) -> dict[str, Any]:
-    """Every method on one dataset, then the task's plots."""
+             resume: bool, data_dir: str | None = None,
+             count: tuple[int, int] | None = None) -> dict[str, Any]:
+    """Every method on one dataset, then the task's plots. ``count`` (methods done before this
+    task, methods in the whole reproduction) numbers the progress lines."""
     sizes = default_sizes(data.n_features, data.n_classes)
     models, measured = {}, {}
-    for m in methods(steps, semantics):
-        print(f"[{name}] {m.name}", flush=True)
+    task_methods = methods(steps, semantics)
+    done, total = count or (0, len(task_methods))
+    for i, m in enumerate(task_methods, done + 1):
+        print(f"[{i}/{total}] {name}: {m.name}", flush=True)
         models[m.name], measured[m.name] = run_method(
             m, data, sizes, seed, out / name / _slug(m.name), resume,
             {"name": name, "data_dir": data_dir, "seed": seed})
@@ -298,9 +305,10 @@ def reproduce(datasets: tuple[str, ...] = DEFAULT_DATASETS, budget: str | Budget
     before = torch.get_num_threads()
     torch.set_num_threads(used)  # once, before any parallel op (see deeplinear.train.es)
     try:
+        per_task = len(methods(steps, semantics))
         tasks = [run_task(name, data, steps, semantics, seed, out, resume,
-                          data_dir_for(name, data_dir))
-                 for name, data in zip(datasets, loaded, strict=True)]
+                          data_dir_for(name, data_dir), (k * per_task, len(loaded) * per_task))
+                 for k, (name, data) in enumerate(zip(datasets, loaded, strict=True))]
     finally:
         torch.set_num_threads(before)
     cmd = command(datasets, budget, seed, semantics, data_dir, threads, resume)
