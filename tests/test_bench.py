@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from deeplinear.bench import (
+    BUSY_LOAD,
     BenchConfig,
     executed_flops,
     format_report,
@@ -22,6 +23,7 @@ from deeplinear.bench import (
     net_sizes,
     peak_memory,
     run_bench,
+    warnings,
 )
 from deeplinear.cli import main
 
@@ -132,3 +134,28 @@ def test_cli_prints_json(capsys):
 def test_cli_bad_input_exits_2(capsys):
     assert main(["bench", "--pops", "3"]) == 2
     assert "even" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def tiny_report():
+    return run_bench(TINY)
+
+
+def test_a_quiet_report_has_no_warning(tiny_report):
+    r = json.loads(json.dumps(tiny_report))
+    r["machine"]["load_avg_1m"] = BUSY_LOAD
+    for row in r["rows"]:
+        row["frac_of_peak"] = 0.9
+    assert warnings(r) == [] and "warning" not in format_report(r)
+
+
+def test_a_busy_machine_and_rows_above_the_peak_are_flagged(tiny_report):
+    r = json.loads(json.dumps(tiny_report))
+    r["machine"]["load_avg_1m"] = 2.35
+    r["rows"][1]["frac_of_peak"] = 1.256
+    busy, over = warnings(r)
+    assert busy.startswith("load average 2.35 at the start: other processes share the cores")
+    row = r["rows"][1]
+    assert over.startswith(f"{row['net']} lowrank pop {row['pop']} batch {row['batch']} ran above")
+    text = format_report(r)
+    assert f"warning: {busy}" in text and f"warning: {over}" in text

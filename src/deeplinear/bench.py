@@ -429,6 +429,29 @@ def _mib(b: float | None) -> str:
     return "-" if b is None else f"{b / 2**20:.0f}"
 
 
+BUSY_LOAD = 1.0
+# A 1-min load average above this before the run starts means other processes hold cores: on the
+# 2-core VM a load of 2.35 made one quick run's FTZ share 69% (quiet: 0-7%) and put a row above
+# the sgemm peak measured in the same run.
+
+
+def warnings(r: dict[str, Any]) -> list[str]:
+    """What makes a report's figures unreliable, read off the report itself."""
+    out = []
+    load = r["machine"].get("load_avg_1m")
+    if load is not None and load > BUSY_LOAD:
+        out.append(f"load average {load:.2f} at the start: other processes share the cores, so "
+                   "these figures (the %peak and the FTZ share above all) are unreliable; rerun "
+                   "on a quiet machine")
+    rows = r["rows"] + ([r["targets"]["full"], r["targets"]["lowrank"]] if "targets" in r else [])
+    over = [f"{row['net']} {row['mode']} pop {row['pop']} batch {row['batch']}"
+            for row in rows if row["frac_of_peak"] > 1]
+    if over:
+        out.append(f"{', '.join(over)} ran above the sgemm peak measured in this run: the peak "
+                   "was measured while the machine was busier, so every %peak is too high")
+    return out
+
+
 def format_report(r: dict[str, Any]) -> str:
     m, cfg, peak = r["machine"], r["settings"], r["peak"]
     lines = [
@@ -461,6 +484,7 @@ def format_report(r: dict[str, Any]) -> str:
             f"{100 * row['frac_of_peak']:5.1f}% {_mib(row['peak_mem_bytes']):>7s}")
     if r["engine_error"]:
         lines.append(f"(engine not measured on {cfg['device']}: {r['engine_error']})")
+    lines += [f"warning: {w}" for w in warnings(r)]
     if "targets" in r:
         t = r["targets"]
         lines += ["", f"low-rank vs full-rank, 2017 net, pop {t['full']['pop']}, batch 100: "
