@@ -11,6 +11,7 @@ normal, where every decision is made. Run with ``-s`` to see the counts.
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 import textwrap
@@ -743,3 +744,23 @@ def test_bad_arguments_are_one_line_errors():
     with pytest.raises(ValueError, match="complex"):
         ar.add(torch.ones(2, dtype=torch.complex64), x, IEEE)
     assert ar.matmul([[1.0]], [[2.0]], IEEE).item() == 2.0
+
+
+def test_float64_ftz_flushes_a_product_that_rounds_up_to_min():
+    """The product (1 - 2^-53) * 2^-1022 is below float64's min but rounds to it: under FTZ it
+    is tiny (x86 decides before rounding) and flushes; the decision needs the exact product,
+    which float64 itself cannot hold there."""
+    a = torch.tensor([1 - 2**-53], dtype=torch.float64)
+    b = torch.tensor([2.0**-1022], dtype=torch.float64)
+    assert ar.mul(a, b, Semantics("float64", "ieee")).item() == 2.0**-1022
+    assert ar.mul(a, b, Semantics("float64", "ftz")).item() == 0.0
+
+
+def test_scale_spans_every_exponent_between_the_smallest_subnormal_and_the_largest_value():
+    """2^k from the smallest subnormal (2^-149) overflows only at k = 277, and the largest float32
+    reaches the smallest subnormal at k = -277: the clamp on k must not cut that span."""
+    largest = torch.tensor([torch.finfo(torch.float32).max])
+    assert ar.scale(torch.tensor([2.0**-149]), 276, IEEE).item() == 2.0**127
+    assert ar.scale(torch.tensor([2.0**-149]), 277, IEEE).item() == math.inf
+    assert ar.scale(largest, -277, IEEE).item() == 2.0**-149
+    assert ar.scale(largest, -278, IEEE).item() == 0.0

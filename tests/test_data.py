@@ -671,3 +671,11 @@ def test_another_sets_published_files_are_refused_by_name(tmp_path: Path, monkey
     assert data.load_mnist_like("kmnist", data_dir=idx).n_classes == 10
     plain = make_idx_dir(tmp_path / "p", arrays, gz=False)
     np.testing.assert_array_equal(data.load_mnist_like("mnist", data_dir=plain).y_test, arrays[3])
+
+
+def test_a_subset_may_take_every_row():
+    ds = data.load_dataset("spirals", seed=0)
+    sub = ds.subset(n_train=len(ds.x_train), n_test=len(ds.x_test))
+    for part in ("x_train", "x_test"):  # every row, in the subset's own order
+        rows = sorted(map(tuple, getattr(sub, part).tolist()))
+        assert rows == sorted(map(tuple, getattr(ds, part).tolist()))

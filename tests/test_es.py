@@ -280,3 +280,34 @@ def test_bad_sigma_blocks_are_clear_errors(spec, match):
 def test_bad_hyperparameters_are_clear_errors(kw, match):
     with pytest.raises(ValueError, match=match):
         strategy(**kw)
+
+
+def test_weight_decay_shrinks_theta_by_lr_times_decay():
+    """With every loss equal the estimate and Adam's step are zero: only the decay moves theta."""
+    layout = es.Layout.of([2, 3, 2])
+    s = es.Strategy(layout, pop=4, lr=0.1, weight_decay=0.5, table_size=1 << 12)
+    theta0 = torch.randn(layout.n, generator=torch.Generator().manual_seed(0))
+    state = es.init(s, theta0)
+    es.tell(s, state, es.ask(s, state), torch.ones(4))
+    assert torch.allclose(state.theta, theta0 * (1 - 0.1 * 0.5))
+
+
+def test_offsets_reach_the_last_window_of_the_table():
+    layout = es.Layout.of([1, 1, 1])
+    s = es.Strategy(layout, pop=2, table_size=layout.n + 1)
+    assert {s.offsets(g)[0] for g in range(64)} == {0, 1}
+
+
+def test_lr_schedule_starts_at_lr_and_decays_to_its_floor():
+    s = es.Strategy(es.Layout.of([1, 1, 1]), pop=2, lr=0.1, lr_decay=0.5, lr_min=0.01,
+                    table_size=64)
+    assert [s.lr_at(g) for g in (0, 1, 2, 10)] == [0.1, 0.05, 0.025, 0.01]
+
+
+def test_the_noise_stream_is_the_one_earlier_runs_drew():
+    """A checkpoint names its noise by (seed, generation, pair) only: if the table or the offset
+    hash changed, resuming a run written by an earlier version would silently draw other noise.
+    Golden values of this version (torch 2.13's CPU generator)."""
+    assert es.noise_table(0, 3).tolist() == [1.5409960746765137, -0.293428897857666,
+                                             -2.1787893772125244]
+    assert es.counter_hash(0, 0, 0) == 2558736989570252433

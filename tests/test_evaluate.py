@@ -96,3 +96,15 @@ def test_paired_p_value_is_the_exact_two_sided_binomial_test(n10, n01):
 def test_paired_needs_the_same_samples():
     with pytest.raises(ValueError, match="same length"):
         evaluate.paired(torch.ones(3, dtype=torch.bool), torch.ones(4, dtype=torch.bool))
+
+
+def test_the_collapsed_map_keeps_the_biases():
+    """Zero weights and an output bias favouring class 1: the collapsed map predicts 1 for all."""
+    net = DeepLinear([2, 3, 2])
+    with torch.no_grad():
+        for w in net.weights:
+            w.zero_()
+        net.biases[-1].copy_(torch.tensor([-100.0, 100.0]))
+    x, y = torch.rand(4, 2), torch.tensor([1, 1, 1, 0])
+    acc = evaluate.portability(net, Dataset("t", x, y, x, y, 2, (2,)))["test_acc"]
+    assert acc["collapsed"] == 0.75

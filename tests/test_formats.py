@@ -348,3 +348,13 @@ def test_bad_input_is_a_one_line_error() -> None:
         fm.from_bits(torch.tensor([1.5]), "float16")
     with pytest.raises(ValueError, match="unknown overflow"):
         Semantics("float32", overflow="wrap")  # type: ignore[arg-type]
+
+
+def test_a_float64_signalling_nan_stays_a_quiet_nan_in_every_format():
+    """float32 sNaNs are quieted by hardware on the way to float64 before the code sees them;
+    a float64 sNaN reaches the code as is, and its payload must not read as infinity."""
+    x = torch.tensor([0x7FF0000000000001], dtype=torch.int64).view(torch.float64)
+    assert fm.to_bits(x, "float16").item() == 0x7E00
+    assert fm.to_bits(x, "float32").item() == 0x7FC00000
+    assert fm.to_bits(x, "float8_e5m2").item() == 0x7E
+    assert fm.cast(x, "bfloat16").isnan().all()

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from deeplinear.arithmetic import CPU_FTZ_DAZ, FORMATS, IEEE, TF_GPU, Semantics
+from deeplinear.nets import DeepLinear
 from deeplinear.probes import (
     BLOG_EXAMPLES,
     additivity_defect,
@@ -186,3 +187,12 @@ def test_unit_out_of_range_and_dead_units_are_clear_errors():
         net.weights[0][:, 2] = 0
     with pytest.raises(ValueError, match="pick another unit"):  # was a NaN ray
         unit_ray(net, unit=2)
+
+
+def test_occupancy_counts_flushed_values_not_exact_zeros():
+    """A zero input with zero biases gives exact zeros everywhere: nothing was flushed."""
+    net = DeepLinear([4, 5, 5, 3], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for b in net.biases:
+            b.zero_()
+    assert occupancy(net, torch.zeros(8, 4)) == [0.0, 0.0, 0.0]

@@ -1,10 +1,11 @@
 import json
+import math
 import re
 
 import pytest
 import torch
 
-from deeplinear.runs import Progress, Run, atomic_save, rng_state, set_rng_state
+from deeplinear.runs import Progress, Run, atomic_save, load_final, rng_state, set_rng_state
 
 
 def test_fresh_run_layout_and_refuses_overwrite(tmp_path):
@@ -159,3 +160,25 @@ def test_resumed_names_what_a_trainer_needs_and_the_checkpoint_lacks(tmp_path):
     with pytest.raises(ValueError, match=r"checkpoint.pt: no es, wall_s in it, so not this "
                                          r"trainer's checkpoint; start .* another --out"):
         resumed.resumed("es", "rng", "wall_s")
+
+
+def test_a_save_that_dies_halfway_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    atomic_save({"step": 1}, path)
+
+    def dies(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr("deeplinear.runs.torch.save", dies)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_save({"step": 2}, path)
+    assert torch.load(path)["step"] == 1
+
+
+def test_load_final_refuses_non_finite_weights(tmp_path):
+    path = tmp_path / "final.pt"
+    torch.save({"state_dict": {"weights.0": torch.tensor([1.0, math.nan])},
+                "model": {"kind": "deeplinear", "sizes": [2, 2]}}, path)
+    with pytest.raises(ValueError, match=r"non-finite weights in weights\.0; the run diverged"):
+        load_final(path)
