@@ -267,3 +267,16 @@ def test_flushed_fraction_sees_a_flush_inside_the_matmul():
         assert fractions[sem.underflow] == pytest.approx(sum(hidden) / len(hidden))
     # same weights and inputs: scope only moves where the flush happens, not how much is flushed
     assert fractions["ftz_daz"] == pytest.approx(fractions["ftz"], abs=0.02)
+
+
+def test_threads_are_set_once_at_the_start(rings):
+    """Every trainer takes --threads (the CLI refused it for backprop, which README then worked
+    around with OMP_NUM_THREADS); it is torch's global setting, as in the ES trainers."""
+    before = torch.get_num_threads()
+    try:
+        train(deep(), rings, Config(steps=2, threads=2, eval_every=2), progress=False)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="threads must be >= 1, got 0"):
+        Config(threads=0).validate()

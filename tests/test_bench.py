@@ -53,8 +53,11 @@ def test_net_sizes_by_name_or_widths():
     assert net_sizes("6,8,4") == (6, 8, 4)
     with pytest.raises(ValueError, match=r"net 'big': .*use 2017, small or widths"):
         net_sizes("big")
-    with pytest.raises(ValueError, match=r"net '64,0,10': .*width"):
+    with pytest.raises(ValueError, match=r"net '64,0,10': .*width") as e:
         net_sizes("64,0,10")
+    assert "separate them" not in str(e.value)
+    with pytest.raises(ValueError, match=r"net '2017,small': .*separate them with spaces\)$"):
+        net_sizes("2017,small")
 
 
 @pytest.mark.parametrize(("bad", "match"), [

@@ -101,9 +101,14 @@ def test_cli_data_dir_with_only_built_in_datasets_is_an_error(tmp_path, capsys):
     assert "\n" not in err and "checkerboard are built in, so drop --data-dir" in err
 
 
-@pytest.mark.parametrize("flags, named", [(["--resume"], "--resume"),
-                                          (["--semantics", "IEEE"], "--semantics"),
-                                          (["--threads", "2", "--resume"], "--resume, --threads"),
+@pytest.mark.parametrize("flags, named", [(["--resume"], "--resume apply to --study methods "
+                                                         "only (the regimes study keeps no "
+                                                         "checkpoints); drop them"),
+                                          (["--semantics", "IEEE"], "study sets its own "
+                                                                    "semantics per regime)"),
+                                          (["--threads", "2", "--resume"], "--resume, --threads "
+                                           "apply to --study methods only (the regimes study "
+                                           "keeps no checkpoints, sets its own threads)"),
                                           (["--threads", "0"], "--threads must be >= 1")])
 def test_cli_regimes_study_refuses_the_methods_flags(tmp_path, capsys, flags, named):
     """The regimes study sets its own semantics and threads and keeps no checkpoints: a flag it

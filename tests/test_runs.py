@@ -5,7 +5,15 @@ import re
 import pytest
 import torch
 
-from deeplinear.runs import Progress, Run, atomic_save, load_final, rng_state, set_rng_state
+from deeplinear.runs import (
+    Progress,
+    Run,
+    atomic_save,
+    load_file,
+    load_final,
+    rng_state,
+    set_rng_state,
+)
 
 
 def test_fresh_run_layout_and_refuses_overwrite(tmp_path):
@@ -182,3 +190,13 @@ def test_load_final_refuses_non_finite_weights(tmp_path):
                 "model": {"kind": "deeplinear", "sizes": [2, 2]}}, path)
     with pytest.raises(ValueError, match=r"non-finite weights in weights\.0; the run diverged"):
         load_final(path)
+
+
+def test_a_damaged_zip_archive_is_named_in_one_short_sentence(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(b"PK\x03\x04garbage" * 10)  # a zip's signature, then nothing valid
+    with pytest.raises(ValueError) as e:
+        load_file(path, "checkpoint", "start again")
+    assert str(e.value) == (f"{path}: corrupt or not a deeplinear checkpoint (PytorchStreamReader "
+                            "failed reading zip archive: failed finding central directory); "
+                            "start again")

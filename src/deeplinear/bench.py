@@ -60,8 +60,10 @@ def net_sizes(name: str) -> tuple[int, ...]:
     try:
         return tuple(parse_sizes(name))
     except ValueError as e:
+        several = " (several nets: separate them with spaces)" if any(
+            part in NETS for part in name.split(",")) else ""
         raise ValueError(f"net {name!r}: {e}; use {', '.join(NETS)} or widths like 64,256,10"
-                         ) from None
+                         + several) from None
 
 
 @dataclass(frozen=True)

@@ -67,7 +67,9 @@ def load_file(path: Path, what: str, fix: str) -> Any:
         return torch.load(path, weights_only=False, map_location="cpu")
     except (pickle.UnpicklingError, EOFError, RuntimeError, zipfile.BadZipFile,
             AttributeError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        # the first sentence: torch appends a paragraph of advice to a damaged zip archive's
+        first = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else \
+            type(e).__name__
         raise ValueError(f"{path}: corrupt or not a deeplinear {what} ({first}); {fix}") from None
 
 

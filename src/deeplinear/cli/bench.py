@@ -30,7 +30,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description=summary(__doc__))
     p.add_argument("--quick", action="store_true",
                    help="a fast subset: pop 100, batch 100, short timings, no pop-1000 target")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where the engine and the sgemm peak run (default cpu)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: torch's own choice)")
     p.add_argument("--nets", nargs="+", default=None, metavar="NET",

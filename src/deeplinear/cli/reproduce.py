@@ -23,7 +23,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None,
                    help="output directory (default: runs/reproduce, or runs/reproduce-BUDGET "
                         "for another --budget, so a smoke run does not take the real run's place)")
-    p.add_argument("--seed", type=seed, default=0, help="seed of data, init, batches and noise")
+    p.add_argument("--seed", type=seed, default=0,
+                   help="seed of data, init, batches and noise (default 0)")
     p.add_argument("--data-dir", default=None, type=absolute_path,
                    help="directory holding the IDX files")
     p.add_argument("--semantics", default="TF_GPU", choices=list(PRESETS),
@@ -52,13 +53,14 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     if args.study == "regimes":
-        ignored = [flag for flag, given in (("--resume", args.resume),
-                                            ("--semantics", args.semantics != "TF_GPU"),
-                                            ("--threads", args.threads is not None)) if given]
+        ignored = [(flag, why) for flag, given, why in (
+            ("--resume", args.resume, "keeps no checkpoints"),
+            ("--semantics", args.semantics != "TF_GPU", "sets its own semantics per regime"),
+            ("--threads", args.threads is not None, "sets its own threads")) if given]
         if ignored:
-            raise ValueError(f"{', '.join(ignored)} apply to --study methods only; the regimes "
-                             "study keeps no checkpoints and sets its own semantics per regime "
-                             "and its own threads: drop them")
+            flags, whys = (", ".join(part) for part in zip(*ignored, strict=True))
+            raise ValueError(f"{flags} apply to --study methods only (the regimes study {whys}); "
+                             "drop them")
         return run_regimes_study(datasets, args)
     if args.resume and not any(Path(args.out).glob("*/*/*.pt")):
         print(f"nothing to resume in {args.out}: starting a new reproduction", file=sys.stderr)

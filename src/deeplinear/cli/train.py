@@ -59,7 +59,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "train", help="train a deep linear net (or a baseline) into a run directory",
         description=summary(__doc__))
-    p.add_argument("--model", choices=MODELS, default="deeplinear")
+    p.add_argument("--model", choices=MODELS, default="deeplinear",
+                   help="deeplinear (default), or a baseline: mlp (ReLU, same widths) or softmax "
+                        "(regression, no hidden layer)")
     p.add_argument("--method", choices=METHODS, default=None,
                    help="backprop (float-blind for deeplinear), float-aware, es (OpenAI-ES), or "
                    "cma-es (small nets, needs the cma package); default float-aware for "
@@ -84,12 +86,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="float semantics of a deep linear net (default TF_GPU)")
     p.add_argument("--scale-exp", type=int, default=None,
                    help=f"deep linear: the scale 2^k (default {SCALE_EXP})")
-    p.add_argument("--seed", type=seed, default=0, help="seed of init, batches and noise")
+    p.add_argument("--seed", type=seed, default=0,
+                   help="seed of init, batches and noise (default 0)")
     p.add_argument("--out", default=None, help="run directory (default runs/train/<name>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--init-from", type=absolute_path, default=None, metavar="RUN",
-                   help="start from the weights of a finished run (its final.pt or directory) "
-                   "of the same model and sizes, e.g. ES from a float-blind backprop net")
+                   help="start from the weights of another run of the same model and sizes (its "
+                   "final.pt, or its directory: final.pt there, else its latest checkpoint), "
+                   "e.g. ES from a float-blind backprop net")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     t = p.add_argument_group("trainer settings (default: the trainer's Config)")
     t.add_argument("--steps", type=int, help="optimisation steps (es: generations)")
@@ -110,7 +114,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--sigma", type=float, help="es: noise scale; cma-es: initial step size")
     t.add_argument("--perturbation", help="es only: full | lowrank")
     t.add_argument("--rank", type=int, help="es only: rank of lowrank perturbations")
-    t.add_argument("--threads", type=int, help="es, cma-es: torch threads")
+    t.add_argument("--threads", type=int,
+                   help="torch threads, set once at the start (default: torch's own; small nets "
+                        "often run faster on 1)")
     t.add_argument("--device", help="backprop, float-aware, es: cpu (default), cuda or cuda:N "
                    "to train on a GPU (the final exact-mode evaluation runs on the CPU)")
     t.add_argument("--sigma-scale", choices=SIGMA_SCALES,

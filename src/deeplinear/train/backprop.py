@@ -90,6 +90,7 @@ class Config:
     checkpoint_every: int = 1000
     eval_n: int = 10000  # samples of each split scored at every evaluation
     device: str = "cpu"  # cpu | cuda | cuda:N
+    threads: int | None = None  # torch threads, set once at the start (None: leave torch's)
 
     def validate(self) -> None:
         check_device(self.device)
@@ -106,6 +107,8 @@ class Config:
             raise ValueError(f"unknown surrogate {self.surrogate!r}; use {', '.join(KINDS)}")
         if self.init_gain is not None and not self.init_gain > 0:
             raise ValueError(f"init_gain must be > 0 or None, got {self.init_gain}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
 
 
 def saved(step: int) -> str:
@@ -257,6 +260,8 @@ def _train(model: nn.Module, data: Dataset, cfg: Config, run: Run | None,
     if n_in != data.n_features or n_out != data.n_classes:
         raise ValueError(f"model maps {n_in} -> {n_out} but {data.name} has {data.n_features} "
                          f"features and {data.n_classes} classes; fix the sizes")
+    if cfg.threads is not None:  # before the first parallel op (see deeplinear.train.es)
+        torch.set_num_threads(cfg.threads)
     net = model if isinstance(model, DeepLinear) else None  # the deep linear net, if it is one
     if net is None and cfg.surrogate != "blind":
         raise ValueError(f"surrogate {cfg.surrogate!r} needs a deep linear model; "
