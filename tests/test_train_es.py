@@ -165,7 +165,7 @@ def test_cuda_without_a_gpu_names_the_fix():
         train(net(), rings(), Config(**FAST, device="cuda"), progress=False)
 
 
-FAST = {"pop": 8, "batch_size": 64, "sigma": 0.03, "lr": 0.03, "table_size": 1 << 14,
+TINY_ES = {"pop": 8, "batch_size": 64, "sigma": 0.03, "lr": 0.03, "table_size": 1 << 14,
         "threads": 1}
 
 
@@ -177,7 +177,7 @@ def test_metric_rows_score_the_first_eval_n_samples():
     from deeplinear.evaluate import accuracy
 
     data, net = load_dataset("rings", seed=0), _rings_net()
-    rows = train(net, data, Config(steps=1, eval_every=1, eval_n=7, **FAST), progress=False)
+    rows = train(net, data, Config(steps=1, eval_every=1, eval_n=7, **TINY_ES), progress=False)
     assert rows[-1]["test_acc"] == accuracy(net, data.x_test[:7], data.y_test[:7])
     assert rows[-1]["train_acc"] == accuracy(net, data.x_train[:7], data.y_train[:7])
 
@@ -185,6 +185,6 @@ def test_metric_rows_score_the_first_eval_n_samples():
 def test_center_changes_where_es_starts():
     data = load_dataset("rings", seed=0)
     a, b = _rings_net(), _rings_net()
-    train(a, data, Config(steps=1, center=True, **FAST), progress=False)
-    train(b, data, Config(steps=1, center=False, **FAST), progress=False)
+    train(a, data, Config(steps=1, center=True, **TINY_ES), progress=False)
+    train(b, data, Config(steps=1, center=False, **TINY_ES), progress=False)
     assert not torch.equal(a.biases[0], b.biases[0])
