@@ -473,3 +473,56 @@ def test_a_stop_before_the_first_checkpoint_says_nothing_is_saved(tmp_path, monk
     assert rc == 130
     assert f"before the first checkpoint in {out}: run the same command again" in \
         capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags", [
+    ["--method", "es", "--perturbation", "lowrank", "--rank", "2", "--pop", "8",
+     "--sigma-blocks", "weights.0=0.5", "--seed", "3", "--data-seed", "2", "--n-train", "300"],
+    ["--method", "float-aware", "--surrogate", "ste", "--init-gain", "he", "--semantics", "IEEE"],
+    ["--method", "float-aware", "--tau", "0.5", "--scale-exp", "120"],
+    ["--model", "mlp", "--sizes", "2,8,2", "--schedule", "step"],
+    ["--model", "softmax", "--sizes", "2,2"],
+])
+def test_resume_with_out_alone_takes_the_runs_own_settings(tmp_path, flags):
+    rc, out = train(tmp_path, *flags, "--steps", "2", "--checkpoint-every", "2")
+    assert rc == 0
+    (out / "final.pt").unlink()  # a run killed after its last checkpoint
+    assert main(["train", "--out", str(out), "--resume", "--quiet"]) == 0
+    assert (out / "final.pt").exists()
+
+
+def test_resume_with_out_alone_from_an_init_from_run(tmp_path):
+    rc, source = train(tmp_path, "--steps", "2", name="source")
+    assert rc == 0
+    rc, out = train(tmp_path, "--init-from", str(source), "--init-gain", "0.8", "--steps", "2",
+                    "--checkpoint-every", "2")
+    assert rc == 0
+    (out / "final.pt").unlink()
+    assert main(["train", "--out", str(out), "--resume", "--quiet"]) == 0
+
+
+def test_resume_with_out_alone_still_refuses_a_changed_flag(tmp_path, capsys):
+    rc, out = train(tmp_path, "--steps", "2", "--checkpoint-every", "2")
+    assert rc == 0
+    assert main(["train", "--out", str(out), "--resume", "--lr", "0.5"]) == 2
+    assert "differs in trainer.lr (run: 0.01, now: 0.5)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--steps", "2"], "--dataset is required (or --out RUN --resume to continue a run)"),
+    (["--resume"], "--resume without --dataset continues the run in --out: pass --out RUN"),
+    (["--resume", "--out", "nowhere"], "nowhere/config.json: no run to resume there"),
+])
+def test_without_a_dataset_the_error_says_what_to_pass(tmp_path, monkeypatch, capsys, args,
+                                                       message):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+
+
+def test_resume_from_a_foreign_config_is_one_line(tmp_path, capsys):
+    (tmp_path / "config.json").write_text('{"lr": 0.1}')
+    assert main(["train", "--out", str(tmp_path), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a deeplinear train config (KeyError" in err

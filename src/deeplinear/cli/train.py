@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import json
 import math
 import sys
 from pathlib import Path
@@ -59,7 +60,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "train", help="train a deep linear net (or a baseline) into a run directory",
         description=summary(__doc__))
-    p.add_argument("--model", choices=MODELS, default="deeplinear",
+    p.add_argument("--model", choices=MODELS, default=None,
                    help="deeplinear (default), or a baseline: mlp (ReLU, same widths) or softmax "
                         "(regression, no hidden layer)")
     p.add_argument("--method", choices=METHODS, default=None,
@@ -68,14 +69,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    "deeplinear, backprop for mlp and softmax")
     p.add_argument("--surrogate", choices=SURROGATES, default=None,
                    help=f"float-aware gradient of the underflow (default {FLOAT_AWARE})")
-    p.add_argument("--dataset", required=True, help="spirals, rings, checkerboard, parity, "
-                   "digits, mnist, fashion-mnist or kmnist")
+    p.add_argument("--dataset", default=None, help="spirals, rings, checkerboard, parity, "
+                   "digits, mnist, fashion-mnist or kmnist (required, except with --resume: "
+                   "--out RUN --resume continues a run with its own settings)")
     p.add_argument("--data-dir", default=None, type=absolute_path,
                    help="directory with the MNIST-format IDX files (mnist, fashion-mnist, kmnist); "
                    "without it they are downloaded into $DEEPLINEAR_CACHE (default "
                    "~/.cache/deeplinear) from $DEEPLINEAR_MIRROR (comma-separated base URLs) or "
                    "the built-in mirrors")
-    p.add_argument("--data-seed", type=seed, default=0,
+    p.add_argument("--data-seed", type=seed, default=None,
                    help="seed of synthetic data and of --n-train/--n-test subsets (default 0)")
     p.add_argument("--n-train", type=int, default=None, help="random subset of the train split")
     p.add_argument("--n-test", type=int, default=None, help="random subset of the test split")
@@ -86,10 +88,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="float semantics of a deep linear net (default TF_GPU)")
     p.add_argument("--scale-exp", type=int, default=None,
                    help=f"deep linear: the scale 2^k (default {SCALE_EXP})")
-    p.add_argument("--seed", type=seed, default=0,
+    p.add_argument("--seed", type=seed, default=None,
                    help="seed of init, batches and noise (default 0)")
     p.add_argument("--out", default=None, help="run directory (default runs/train/<name>)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out; settings left out come from its config.json, "
+                        "settings given must match it")
     p.add_argument("--init-from", type=absolute_path, default=None, metavar="RUN",
                    help="start from the weights of another run of the same model and sizes (its "
                    "final.pt, or its directory: final.pt there, else its latest checkpoint), "
@@ -292,10 +296,57 @@ def format_results(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def fill_from_run(args: argparse.Namespace) -> None:
+    """``--out RUN --resume``: every setting not given on the command line is the run's own, from
+    its ``config.json`` (the inverse of the ``config`` that :func:`run` writes).
+
+    Why: a resume had to repeat every flag of the original command, and one left out was a
+    changed setting. A flag that is given still has to match the run (``Run.open`` compares the
+    whole config), so a wrong inverse here is a one-line refusal, never another run.
+    """
+    if args.out is None:
+        raise ValueError("--resume without --dataset continues the run in --out: pass --out RUN")
+    path = Path(args.out) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no run to resume there; pass the run's directory as "
+                                "--out, or --dataset to start a run")
+    try:
+        saved = json.loads(path.read_text())
+        model, data, trainer = saved["model"], saved["data"], saved["trainer"]
+        found = {"dataset": data["name"], "data_dir": data.get("data_dir"),
+                 "data_seed": data.get("seed"), "n_train": data.get("n_train"),
+                 "n_test": data.get("n_test"), "model": model["kind"],
+                 "sizes": ",".join(map(str, model["sizes"])), "method": saved["method"],
+                 "init_from": saved.get("init_from"), "seed": trainer.get("seed")}
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a deeplinear train config ({type(e).__name__}: {e}); pass "
+                         "the directory deeplinear train wrote") from None
+    if model["kind"] == "deeplinear":
+        gain = saved.get("rescale_gain") if saved.get("init_from") else trainer.get("init_gain")
+        found |= {"semantics": saved.get("semantics"), "scale_exp": model.get("scale_exp"),
+                  "init_gain": "he" if gain is None else gain}
+    if saved["method"] == "float-aware":
+        found["surrogate"] = trainer.get("surrogate")
+    applies = {"init_gain": False, "tau": trainer.get("surrogate") == "smooth",
+               "rank": trainer.get("perturbation") == "lowrank"}
+    found |= {name: trainer[name] for name in TRAINER_FLAGS
+              if name in trainer and applies.get(name, True)}
+    for name, value in found.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+
+
 def run(args: argparse.Namespace) -> int:
     from deeplinear.data import load_dataset
     from deeplinear.runs import Run
 
+    if args.dataset is None:
+        if not args.resume:
+            raise ValueError("--dataset is required (or --out RUN --resume to continue a run)")
+        fill_from_run(args)
+    args.model = args.model or "deeplinear"
+    args.seed = args.seed or 0
+    args.data_seed = args.data_seed or 0
     check_model_flags(args)
     surrogate = check_method(args.model, args.method, args.surrogate)
     check_tau_flag(args.tau, surrogate)
