@@ -64,6 +64,10 @@ def test_eval_reproduces_the_final_accuracies(float_aware_run, capsys):
     out = capsys.readouterr().out
     ieee = final["results"]["test_acc"]["IEEE"]
     assert "IEEE" in out and f"{100 * ieee:.2f}%" in out
+    # a list, as probe takes it, and the collapsed map alone: the same figures as "all"
+    assert main(["eval", str(float_aware_run), "--semantics", "IEEE,collapsed", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)["test_acc"]
+    assert listed == {k: final["results"]["test_acc"][k] for k in ("IEEE", "collapsed")}
 
 
 @pytest.mark.parametrize(("argv", "message"), [
@@ -140,7 +144,7 @@ def test_eval_errors(tmp_path, float_aware_run, capsys):
     assert main(["eval", str(tmp_path / "nan.pt")]) == 2
     assert "non-finite" in capsys.readouterr().err
     assert main(["eval", str(float_aware_run), "--semantics", "FP8"]) == 2
-    assert "unknown semantics 'FP8'; choose all or one of TF_GPU" in capsys.readouterr().err
+    assert "unknown semantics FP8; choose all, or from TF_GPU" in capsys.readouterr().err
     assert main(["eval", str(tmp_path)]) == 2
     assert "no final.pt or checkpoint.pt here" in capsys.readouterr().err
 

@@ -29,7 +29,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description=summary(__doc__))
     p.add_argument("weights", metavar="WEIGHTS", help="a final.pt, or the run directory holding it")
     p.add_argument("--semantics", default="all",
-                   help=f"{' | '.join(PRESETS)} | all (default all: own, presets, collapsed)")
+                   help=f"comma-separated, from {', '.join(CHOICES)}; or all (default: own, "
+                        "every preset, collapsed)")
     p.add_argument("--dataset", default=None, help="default: the dataset the run trained on")
     p.add_argument("--data-dir", default=None, help="directory with the MNIST-format IDX files")
     p.add_argument("--n-test", type=int, default=None,
@@ -75,6 +76,21 @@ def load_data(payload: dict[str, Any], dataset: str | None = None, data_dir: str
                         n_test=n_test if n_test is not None else spec.get("n_test"))
 
 
+CHOICES = (*PRESETS, "collapsed")
+
+
+def semantics_names(text: str) -> list[str]:
+    """``--semantics``: ``all``, or presets and ``collapsed``, comma-separated (as in probe)."""
+    if text == "all":
+        return ["all"]
+    names = list(dict.fromkeys(s.strip() for s in text.split(",") if s.strip()))
+    unknown = [n for n in names if n not in CHOICES]
+    if unknown or not names:
+        raise ValueError(f"unknown semantics {', '.join(unknown) or '(none)'}; choose all, or "
+                         f"from {', '.join(CHOICES)} (comma-separated)")
+    return names
+
+
 def evaluate_payload(payload: dict[str, Any], semantics: str, dataset: str | None = None,
                      data_dir: str | None = None, n_test: int | None = None) -> dict[str, Any]:
     from deeplinear import evaluate
@@ -93,20 +109,24 @@ def evaluate_payload(payload: dict[str, Any], semantics: str, dataset: str | Non
                              f"no float semantics to choose; drop --semantics {semantics}")
         return {"test_acc": {"float32": evaluate.accuracy(model, data.x_test, data.y_test)},
                 "dataset": data.name, "n_test": len(data.y_test)}
-    if semantics == "all":
+    names = semantics_names(semantics)
+    if names == ["all"]:
         res = evaluate.portability(model, data)
     else:
-        model.semantics = get_semantics(semantics)
-        acc = evaluate.accuracy(model, data.x_test, data.y_test, "exact")
-        res = {"test_acc": {semantics: acc}, "n_test": len(data.y_test)}
+        acc = {}
+        for name in names:
+            if name == "collapsed":
+                acc[name] = evaluate.collapsed_accuracy(model, data.x_test, data.y_test)
+            else:
+                model.semantics = get_semantics(name)
+                acc[name] = evaluate.accuracy(model, data.x_test, data.y_test, "exact")
+        res = {"test_acc": acc, "n_test": len(data.y_test)}
     res["dataset"] = data.name
     return res
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.semantics != "all" and args.semantics not in PRESETS:
-        raise ValueError(f"unknown semantics {args.semantics!r}; choose all or one of "
-                         f"{', '.join(PRESETS)}")
+    semantics_names(args.semantics)  # a typo fails before the weights and data load
     payload = load_final(args.weights)
     res = evaluate_payload(payload, args.semantics, args.dataset, args.data_dir, args.n_test)
     if args.json:
