@@ -158,7 +158,7 @@ def test_a_new_reproduction_into_a_used_out_is_refused_before_training(out, caps
     assert captured.out == ""  # nothing trained, no method announced
     assert captured.err.count("\n") == 1 and "differs in budget" in captured.err
     settings = json.loads((out / SETTINGS_FILE).read_text())
-    with pytest.raises(FileExistsError, match="already holds this reproduction; add --resume"):
+    with pytest.raises(FileExistsError, match="reproduction on checkerboard; add --resume"):
         reproduce(("checkerboard",), TINY, out, seed=settings["seed"])
 
 
@@ -351,3 +351,10 @@ def test_progress_numbers_every_method_and_announces_the_slow_exact_evaluation(t
     assert numbered[5] == "[6/10] parity: softmax regression"
     evaluating = [line for line in lines if line.startswith("  evaluating in exact float32")]
     assert len(evaluating) == 6  # the three deep linear nets of each dataset
+
+
+def test_another_dataset_may_join_a_reproduction_without_resume(out, tmp_path):
+    shutil.copytree(out, tmp_path, dirs_exist_ok=True)
+    results = reproduce(("parity",), TINY, tmp_path)
+    assert [t["dataset"] for t in results["tasks"]] == ["parity"]
+    assert (tmp_path / "checkerboard").is_dir()  # the other dataset's runs are left alone

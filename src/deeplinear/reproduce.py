@@ -259,9 +259,10 @@ def command(datasets: tuple[str, ...], budget: str | Budget, seed: int, semantic
 SETTINGS_FILE = "reproduction.json"
 
 
-def claim(out: Path, settings: dict[str, Any], resume: bool) -> None:
+def claim(out: Path, datasets: tuple[str, ...], settings: dict[str, Any], resume: bool) -> None:
     """Refuse, before any training, an ``out`` holding a reproduction made with other settings
-    (or, without ``resume``, any reproduction), then record ``settings`` there.
+    (or, without ``resume``, one of ``datasets`` already trained there), then record
+    ``settings`` there.
 
     Why up front: each method's run refuses on its own, but only when its turn comes (after
     earlier methods printed and trained), and it names trainer fields (``trainer.steps``) where
@@ -278,9 +279,12 @@ def claim(out: Path, settings: dict[str, Any], resume: bool) -> None:
     if isinstance(saved, dict) and (diff := differences(saved, settings, {})):
         raise ValueError(f"{out} holds a reproduction that differs in {', '.join(diff)}; pass "
                          "another --out, or repeat its own settings to resume it")
-    if not resume and (any(out.glob("*/*/checkpoint.pt")) or any(out.glob("*/*/final.pt"))):
-        raise FileExistsError(f"{out} already holds this reproduction; add --resume to reuse "
-                              "its finished methods and continue the rest, or pass another --out")
+    done = [d for d in datasets if any((out / d).glob("*/checkpoint.pt"))
+            or any((out / d).glob("*/final.pt"))]
+    if not resume and done:
+        raise FileExistsError(f"{out} already holds a reproduction on {', '.join(done)}; add "
+                              "--resume to reuse its finished methods and continue the rest, or "
+                              "pass another --out")
     atomic_write_text(json.dumps(settings, indent=1) + "\n", path)
 
 
@@ -295,8 +299,9 @@ def reproduce(datasets: tuple[str, ...] = DEFAULT_DATASETS, budget: str | Budget
     steps = BUDGETS[budget] if isinstance(budget, str) else budget
     out = Path(out)
     make_dir(out)
-    claim(out, {"budget": budget if isinstance(budget, str) else repr(budget), "seed": seed,
-                "semantics": preset_name(semantics) or repr(semantics)}, resume)
+    claim(out, datasets, {"budget": budget if isinstance(budget, str) else repr(budget),
+                          "seed": seed, "semantics": preset_name(semantics) or repr(semantics)},
+          resume)
     t0 = time.perf_counter()
     loaded = [load_dataset(name, data_dir=data_dir_for(name, data_dir), seed=seed)
               for name in datasets]
