@@ -90,7 +90,7 @@ def test_eval_reproduces_the_final_accuracies(float_aware_run, capsys):
     (["--surrogate", "ste", "--tau", "0.5"], "not --surrogate ste"),
     (["--model", "mlp", "--tau", "0.5"], "--tau applies"),
     (["--method", "float-aware", "--sigma-scale", "none"], "--sigma-scale does not apply"),
-    (["--resume"], "no checkpoint"),
+    (["--resume"], "config.json: no run to resume there"),
     (["--method", "es", "--device", "tpu"], "unknown device 'tpu'"),
     (["--method", "es", "--device", "he"], "unknown device 'he'"),  # 'he' means He init only
     (["--method", "es", "--sigma-blocks", "he"], "bad sigma block 'he'"),
@@ -251,7 +251,10 @@ def test_ctrl_c_before_the_first_checkpoint_keeps_the_work(tmp_path, sig, sigint
         err = proc.communicate(timeout=120)[1]
     finally:
         proc.kill()
-    assert proc.returncode == 130 and "continue with --resume" in err, err
+    assert proc.returncode == 130, err
+    assert re.search(rf"stopped after step \d+; latest checkpoint in {re.escape(str(stopped))}: "
+                     rf"continue with deeplinear train --out {re.escape(str(stopped))} --resume",
+                     err), err
     assert not (stopped / "final.pt").exists(), "the run finished before the Ctrl-C"
     assert 20 <= torch.load(stopped / "checkpoint.pt", weights_only=False)["step"] < 3000
     assert main(["train", *args, "--out", str(stopped), "--resume"]) == 0
@@ -464,7 +467,8 @@ def test_ctrl_c_in_the_final_evaluation_says_how_to_finish(tmp_path, monkeypatch
         rc, out = train(tmp_path, "--steps", "3")
     assert rc == 130 and not (out / "final.pt").exists()
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"latest checkpoint in {out}: continue with --resume" in err
+    assert err.count("\n") == 1
+    assert f"latest checkpoint in {out}: continue with deeplinear train --out {out} --resume" in err
     assert train(tmp_path, "--steps", "3", "--resume")[0] == 0 and (out / "final.pt").exists()
 
 
@@ -530,3 +534,43 @@ def test_resume_from_a_foreign_config_is_one_line(tmp_path, capsys):
     assert main(["train", "--out", str(tmp_path), "--resume"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not a deeplinear train config (KeyError" in err
+
+
+def test_resume_fills_what_is_left_out_even_with_some_flags_given(tmp_path, monkeypatch):
+    """The flags given (here the dataset, as in the original command) must match; the rest is
+    the run's own, at --out or at the default directory."""
+    monkeypatch.chdir(tmp_path)
+    es = ["--method", "es", "--pop", "8", "--eval-every", "2", "--checkpoint-every", "2"]
+    assert main(["train", *TINY, *es, "--steps", "2"]) == 0
+    out = tmp_path / "runs" / "train" / "rings_deeplinear_es_seed0"
+    (out / "final.pt").unlink()
+    assert main(["train", "--dataset", "rings", "--method", "es", "--resume", "--quiet"]) == 0
+    (out / "final.pt").unlink()
+    assert main(["train", "--dataset", "rings", "--out", str(out), "--resume", "--quiet"]) == 0
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--method", "backprop"], "was trained with --method es, not backprop; resume it with its "
+                               "own settings"),
+    (["--model", "mlp"], "was trained with --model deeplinear, not mlp"),
+    (["--perturbation", "lowrank"], "was trained with --perturbation full, not lowrank"),
+])
+def test_resume_names_a_changed_method_before_the_flags_it_decides(tmp_path, capsys, flags,
+                                                                   message):
+    rc, out = train(tmp_path, "--method", "es", "--pop", "8", "--steps", "2")
+    assert rc == 0
+    assert main(["train", "--out", str(out), "--resume", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{out} {message}" in err
+
+
+def test_resume_of_a_reproductions_run_points_to_reproduce(tmp_path, capsys):
+    from deeplinear.reproduce import Budget, reproduce
+
+    reproduce(("checkerboard",), Budget(2, {"steps": 2, "pop": 4}), tmp_path)
+    capsys.readouterr()
+    run = tmp_path / "checkerboard" / "deep-linear-openai-es"
+    assert main(["train", "--out", str(run), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is a run of a reproduction (deep linear, OpenAI-ES)" in err
+    assert err.strip().endswith(f"deeplinear reproduce --resume --out {tmp_path}")

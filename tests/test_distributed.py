@@ -267,7 +267,8 @@ def test_a_terminal_ctrl_c_under_ray_stops_with_a_checkpoint_that_resumes(tmp_pa
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 130 and "continue with --resume" in err, err[-2000:]
+    assert proc.returncode == 130, err[-2000:]
+    assert f"continue with deeplinear train --out {stopped} --resume" in err, err[-2000:]
     assert not (stopped / "final.pt").exists(), "the run finished before the Ctrl-C"
     assert main([*args, "--out", str(stopped), "--resume"]) == 0
     assert main([*args, "--out", str(tmp_path / "whole")]) == 0

@@ -150,6 +150,17 @@ def trainer_module(method: str) -> ModuleType:
                          f"(no deeplinear.train.{name})") from None
 
 
+def default_method(model: str) -> str:
+    return "float-aware" if model == "deeplinear" else "backprop"
+
+
+def default_out(args: argparse.Namespace) -> Path:
+    """``runs/train/<dataset>_<model>_<method>_seed<seed>``: where a run goes without --out."""
+    model = args.model or "deeplinear"
+    return Path("runs", "train", f"{args.dataset}_{model}_{args.method or default_method(model)}"
+                                 f"_seed{args.seed or 0}")
+
+
 def check_model_flags(args: argparse.Namespace) -> None:
     """Fill in the defaults that depend on ``--model``; a deep-linear-only flag on a baseline, or
     ``--rank`` without low-rank noise, is an error rather than silently ignored."""
@@ -161,7 +172,7 @@ def check_model_flags(args: argparse.Namespace) -> None:
     if args.rank is not None and args.perturbation != "lowrank":
         raise ValueError("--rank applies to --method es --perturbation lowrank; use those or "
                          "drop --rank")
-    args.method = args.method or ("float-aware" if args.model == "deeplinear" else "backprop")
+    args.method = args.method or default_method(args.model)
     args.semantics = args.semantics or "TF_GPU"
     args.scale_exp = SCALE_EXP if args.scale_exp is None else args.scale_exp
 
@@ -305,11 +316,14 @@ def fill_from_run(args: argparse.Namespace) -> None:
     whole config), so a wrong inverse here is a one-line refusal, never another run.
     """
     if args.out is None:
-        raise ValueError("--resume without --dataset continues the run in --out: pass --out RUN")
+        if args.dataset is None:
+            raise ValueError("--resume without --dataset continues the run in --out: pass "
+                             "--out RUN")
+        args.out = str(default_out(args))
     path = Path(args.out) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no run to resume there; pass the run's directory as "
-                                "--out, or --dataset to start a run")
+                                "--out, or drop --resume to start a run")
     try:
         saved = json.loads(path.read_text())
         model, data, trainer = saved["model"], saved["data"], saved["trainer"]
@@ -321,6 +335,18 @@ def fill_from_run(args: argparse.Namespace) -> None:
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{path}: not a deeplinear train config ({type(e).__name__}: {e}); pass "
                          "the directory deeplinear train wrote") from None
+    if found["method"] not in METHODS or found["model"] not in MODELS:  # reproduce's names
+        raise ValueError(f"{args.out} is a run of a reproduction ({found['method']}), not of "
+                         "deeplinear train: continue it with deeplinear reproduce --resume --out "
+                         f"{Path(args.out).parent.parent}")
+    trained = {"model": found["model"], "method": found["method"],
+               "surrogate": trainer.get("surrogate") if found["method"] == "float-aware" else None,
+               "perturbation": trainer.get("perturbation")}
+    for name, value in trained.items():  # these decide which other flags apply: compare first
+        given = getattr(args, name)
+        if given is not None and value is not None and given != value:
+            raise ValueError(f"{args.out} was trained with --{name} {value}, not {given}; resume "
+                             "it with its own settings, or start another --out")
     if model["kind"] == "deeplinear":
         gain = saved.get("rescale_gain") if saved.get("init_from") else trainer.get("init_gain")
         found |= {"semantics": saved.get("semantics"), "scale_exp": model.get("scale_exp"),
@@ -340,10 +366,10 @@ def run(args: argparse.Namespace) -> int:
     from deeplinear.data import load_dataset
     from deeplinear.runs import Run
 
-    if args.dataset is None:
-        if not args.resume:
-            raise ValueError("--dataset is required (or --out RUN --resume to continue a run)")
+    if args.resume:
         fill_from_run(args)
+    elif args.dataset is None:
+        raise ValueError("--dataset is required (or --out RUN --resume to continue a run)")
     args.model = args.model or "deeplinear"
     args.seed = args.seed or 0
     args.data_seed = args.data_seed or 0
@@ -377,8 +403,7 @@ def run(args: argparse.Namespace) -> int:
               "semantics": args.semantics, "method": args.method, "data": data_spec,
               "trainer": dataclasses.asdict(cfg), "init_from": args.init_from,
               "rescale_gain": rescale}
-    out = Path(args.out) if args.out else Path(
-        "runs", "train", f"{args.dataset}_{args.model}_{args.method}_seed{args.seed}")
+    out = Path(args.out) if args.out else default_out(args)
     run_dir = Run.open(out, config, resume=args.resume,
                        defaults={"trainer": dataclasses.asdict(trainer.Config()),
                                  "rescale_gain": None})
@@ -392,13 +417,14 @@ def run(args: argparse.Namespace) -> int:
             rows = trainer.train(model, data, cfg, run=run_dir, progress=not args.quiet, **extra)
         results = final_results(model, data)
     except KeyboardInterrupt as e:
-        if str(e):  # Interrupted: it says which step and where its checkpoint is
-            raise
-        raise KeyboardInterrupt(  # a second Ctrl-C, or one during the final evaluation
-            f"latest checkpoint in {out}: continue with --resume"
-            if (out / "checkpoint.pt").exists() else
-            f"before the first checkpoint in {out}: run the same command again to start over"
-        ) from None
+        # the trainer's Interrupted says at which step; a second Ctrl-C, or one during the final
+        # evaluation, says nothing: either way, name the command that goes on
+        stopped = f"{str(e).split(';')[0]}; " if str(e) else ""
+        raise KeyboardInterrupt(
+            f"{stopped}latest checkpoint in {out}: continue with deeplinear train --out {out} "
+            "--resume" if (out / "checkpoint.pt").exists() else
+            f"{stopped}before the first checkpoint in {out}: run the same command again to "
+            "start over") from None
     except Exception:
         if not args.resume:
             run_dir.discard_if_unstarted()
