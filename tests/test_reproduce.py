@@ -162,12 +162,36 @@ def test_a_new_reproduction_into_a_used_out_is_refused_before_training(out, caps
         reproduce(("checkerboard",), TINY, out, seed=settings["seed"])
 
 
-def test_a_corrupt_settings_file_is_one_line(tmp_path, capsys):
+def test_a_corrupt_settings_file_is_one_line(out, tmp_path, capsys):
+    shutil.copytree(out, tmp_path, dirs_exist_ok=True)
     (tmp_path / SETTINGS_FILE).write_text("{torn")
     assert main(["reproduce", "--budget", "smoke", "--dataset", "checkerboard", "--out",
                  str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{tmp_path / SETTINGS_FILE} is not a reproduction's" in err
+
+
+def test_the_settings_bind_only_while_runs_exist(out, tmp_path):
+    """A reproduction that failed before its first run leaves no claim; a directory of an older
+    version (runs, no settings file) is not given one by a refused resume."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / SETTINGS_FILE).write_text('{"budget": "full", "seed": 0}')
+    reproduce(("parity",), TINY, tmp_path / "empty")
+    assert "Budget(" in json.loads((tmp_path / "empty" / SETTINGS_FILE).read_text())["budget"]
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    (old / SETTINGS_FILE).unlink()
+    with pytest.raises(ValueError, match=r"finished run differs in .*trainer\.seed"):
+        reproduce(("checkerboard",), TINY, old, seed=1, resume=True)
+    assert not (old / SETTINGS_FILE).exists()
+    reproduce(("checkerboard",), TINY, old, seed=0, resume=True)  # its own settings still resume
+
+
+def test_the_python_api_defaults_to_the_budgets_own_out(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    reproduce(("parity",), "smoke")
+    assert (tmp_path / "runs" / "reproduce-smoke" / "results.json").exists()
+    assert not (tmp_path / "runs" / "reproduce").exists()
 
 
 @pytest.mark.parametrize(("budget", "default_out"), [

@@ -148,7 +148,7 @@ def run_method(method: Method, data: Dataset, sizes: list[int], seed: int, out: 
     t0 = time.perf_counter()
     res: dict[str, Any] = {"curve": curve, "wall_s": wall}
     if isinstance(model, DeepLinear):
-        # exact mode runs subnormal arithmetic: tens of seconds on a large test set, not silent
+        # tens of seconds on a large test set (subnormal arithmetic): not in silence
         print(f"  evaluating in exact float32 under {', '.join(PRESETS)} and collapsed",
               flush=True)
         n = TRAIN_EVAL_N  # exact mode runs subnormal arithmetic: a subset of a large train set
@@ -260,17 +260,19 @@ SETTINGS_FILE = "reproduction.json"
 
 
 def claim(out: Path, datasets: tuple[str, ...], settings: dict[str, Any], resume: bool) -> None:
-    """Refuse, before any training, an ``out`` holding a reproduction made with other settings
-    (or, without ``resume``, one of ``datasets`` already trained there), then record
-    ``settings`` there.
+    """Refuse, before any training, an ``out`` holding runs of a reproduction made with other
+    settings (or, without ``resume``, runs of one of ``datasets``), then record ``settings``.
 
     Why up front: each method's run refuses on its own, but only when its turn comes (after
     earlier methods printed and trained), and it names trainer fields (``trainer.steps``) where
-    the user changed ``--budget``. A directory of an older version (no settings file) falls back
-    to those per-run checks.
+    the user changed ``--budget``. The record binds only while runs exist: a reproduction that
+    failed before its first run (a download, say) leaves no claim. A directory of an older
+    version (runs, no record) gets none either: its per-run checks stay the judge.
     """
     path, saved = out / SETTINGS_FILE, None
-    if path.is_file():
+    runs = {d.parent.parent.name for d in [*out.glob("*/*/checkpoint.pt"),
+                                           *out.glob("*/*/final.pt")]}
+    if runs and path.is_file():
         try:
             saved = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -279,25 +281,34 @@ def claim(out: Path, datasets: tuple[str, ...], settings: dict[str, Any], resume
     if isinstance(saved, dict) and (diff := differences(saved, settings, {})):
         raise ValueError(f"{out} holds a reproduction that differs in {', '.join(diff)}; pass "
                          "another --out, or repeat its own settings to resume it")
-    done = [d for d in datasets if any((out / d).glob("*/checkpoint.pt"))
-            or any((out / d).glob("*/final.pt"))]
+    done = [d for d in datasets if d in runs]
     if not resume and done:
         raise FileExistsError(f"{out} already holds a reproduction on {', '.join(done)}; add "
                               "--resume to reuse its finished methods and continue the rest, or "
                               "pass another --out")
-    atomic_write_text(json.dumps(settings, indent=1) + "\n", path)
+    if not runs or saved is not None:
+        atomic_write_text(json.dumps(settings, indent=1) + "\n", path)
+
+
+def default_out(budget: str | Budget) -> Path:
+    """``runs/reproduce`` for the README's budget (quick), ``runs/reproduce-BUDGET`` for another,
+    so a smoke run does not take the main job's directory."""
+    if budget == "quick":
+        return Path("runs/reproduce")
+    return Path(f"runs/reproduce-{budget if isinstance(budget, str) else 'custom'}")
 
 
 def reproduce(datasets: tuple[str, ...] = DEFAULT_DATASETS, budget: str | Budget = "quick",
-              out: str | Path = "runs/reproduce", seed: int = 0, data_dir: str | None = None,
+              out: str | Path | None = None, seed: int = 0, data_dir: str | None = None,
               resume: bool = False, semantics: Semantics = TF_GPU,
               threads: int | None = None) -> dict[str, Any]:
     """Train and measure every method on each dataset; write results.json, report.md and
-    report.html (from those same results) into ``out``, and return the results."""
+    report.html (from those same results) into ``out`` (default: :func:`default_out`), and
+    return the results."""
     if isinstance(budget, str) and budget not in BUDGETS:
         raise ValueError(f"unknown budget {budget!r}; use {' or '.join(BUDGETS)}")
     steps = BUDGETS[budget] if isinstance(budget, str) else budget
-    out = Path(out)
+    out = Path(out) if out is not None else default_out(budget)
     make_dir(out)
     claim(out, datasets, {"budget": budget if isinstance(budget, str) else repr(budget),
                           "seed": seed, "semantics": preset_name(semantics) or repr(semantics)},

@@ -9,7 +9,7 @@ from pathlib import Path
 from deeplinear.arithmetic import PRESETS, get_semantics
 from deeplinear.cli import absolute_path, seed, summary
 from deeplinear.data import DATASETS, check_data_dir, data_dir_for
-from deeplinear.reproduce import BUDGETS, DEFAULT_DATASETS, command, reproduce
+from deeplinear.reproduce import BUDGETS, DEFAULT_DATASETS, command, default_out, reproduce
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
                          f"choose from {', '.join(DATASETS)}")
     check_data_dir(datasets, args.data_dir)
     if args.out is None:
-        args.out = "runs/reproduce" + ("" if args.budget == "quick" else f"-{args.budget}")
+        args.out = str(default_out(args.budget))
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     if args.study == "regimes":
