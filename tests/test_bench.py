@@ -22,8 +22,8 @@ from deeplinear.bench import (
     forward_flops,
     net_sizes,
     peak_memory,
+    report_warnings,
     run_bench,
-    warnings,
 )
 from deeplinear.cli import main
 
@@ -149,16 +149,25 @@ def test_a_quiet_report_has_no_warning(tiny_report):
     r["machine"]["load_avg_1m"] = BUSY_LOAD
     for row in r["rows"]:
         row["frac_of_peak"] = 0.9
-    assert warnings(r) == [] and "warning" not in format_report(r)
+    assert report_warnings(r) == [] and "warning" not in format_report(r)
 
 
 def test_a_busy_machine_and_rows_above_the_peak_are_flagged(tiny_report):
     r = json.loads(json.dumps(tiny_report))
     r["machine"]["load_avg_1m"] = 2.35
     r["rows"][1]["frac_of_peak"] = 1.256
-    busy, over = warnings(r)
+    busy, over = report_warnings(r)
     assert busy.startswith("load average 2.35 at the start: other processes share the cores")
     row = r["rows"][1]
     assert over.startswith(f"{row['net']} lowrank pop {row['pop']} batch {row['batch']} ran above")
     text = format_report(r)
     assert f"warning: {busy}" in text and f"warning: {over}" in text
+
+
+def test_json_and_log_carry_the_warnings(monkeypatch):
+    monkeypatch.setattr("deeplinear.bench.os.getloadavg", lambda: (3.0, 3.0, 3.0))
+    lines: list[str] = []
+    r = run_bench(TINY, log=lines.append)
+    assert r["warnings"] and r["warnings"] == report_warnings(r)
+    assert lines[-len(r["warnings"]):] == [f"warning: {w}" for w in r["warnings"]]
+    assert json.loads(json.dumps(r))["warnings"][0].startswith("load average 3.00 at the start")

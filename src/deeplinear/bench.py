@@ -397,7 +397,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda _: None) -> 
     if report["engine_error"]:
         log(f"engine unusable on {cfg.device}: {report['engine_error']}")
         cfg = replace(cfg, nets=(), target_pop=None, exact_nets=cfg.nets)
-    log = _with_eta(log, _steps(cfg))
+    plain, log = log, _with_eta(log, _steps(cfg))
     rows = []
     for net_name in cfg.nets:
         for mode in cfg.modes:
@@ -422,6 +422,9 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda _: None) -> 
         report["exact"].append(exact_vs_scaled(net_name, cfg.exact_batch, cfg))
     report["peak_after"] = sgemm_peak(cfg.device, n=cfg.peak_n)
     report["machine"]["load_avg_1m_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    report["warnings"] = report_warnings(report)  # in the JSON too, and on the log as they arise
+    for w in report["warnings"]:
+        plain(f"warning: {w}")
     return report
 
 
@@ -437,7 +440,7 @@ BUSY_LOAD = 1.0
 # the sgemm peak measured in the same run.
 
 
-def warnings(r: dict[str, Any]) -> list[str]:
+def report_warnings(r: dict[str, Any]) -> list[str]:
     """What makes a report's figures unreliable, read off the report itself."""
     out = []
     load = r["machine"].get("load_avg_1m")
@@ -486,7 +489,7 @@ def format_report(r: dict[str, Any]) -> str:
             f"{100 * row['frac_of_peak']:5.1f}% {_mib(row['peak_mem_bytes']):>7s}")
     if r["engine_error"]:
         lines.append(f"(engine not measured on {cfg['device']}: {r['engine_error']})")
-    lines += [f"warning: {w}" for w in warnings(r)]
+    lines += [f"warning: {w}" for w in report_warnings(r)]
     if "targets" in r:
         t = r["targets"]
         lines += ["", f"low-rank vs full-rank, 2017 net, pop {t['full']['pop']}, batch 100: "
