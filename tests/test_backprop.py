@@ -270,8 +270,8 @@ def test_flushed_fraction_sees_a_flush_inside_the_matmul():
 
 
 def test_threads_are_set_once_at_the_start(rings):
-    """Every trainer takes --threads (the CLI refused it for backprop, which README then worked
-    around with OMP_NUM_THREADS); it is torch's global setting, as in the ES trainers."""
+    """Every trainer takes --threads (the CLI refused it for backprop); it is torch's global
+    setting, as in the ES trainers."""
     before = torch.get_num_threads()
     try:
         train(deep(), rings, Config(steps=2, threads=2, eval_every=2), progress=False)

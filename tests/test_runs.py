@@ -69,6 +69,9 @@ def test_resume_accepts_a_run_written_before_a_setting_existed(tmp_path):
     with pytest.raises(ValueError, match=r"differs in seed \(run: 0, now: 1\), "
                        r"trainer\.lr \(run: 0\.1, now: 0\.5\); "):
         Run.open(tmp_path, {"trainer": {"lr": 0.5}, "seed": 1}, resume=True, defaults=defaults)
+    with pytest.raises(ValueError, match=r"differs in seed \(run: 0, now: not set\), "
+                       r"trainer\.extra \(run: not set, now: 2\); "):
+        Run.open(tmp_path, {"trainer": {"lr": 0.1, "extra": 2}}, resume=True, defaults=defaults)
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
@@ -90,12 +93,11 @@ def test_rng_state_roundtrip():
     assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
-def test_progress_prints_rate_and_eta(capsys, monkeypatch):
+def test_progress_prints_rate_and_eta(capsys):
     import sys
 
     clock = iter([100.0, 101.0, 103.0])  # first update after a slow first step, then 1 s, 2 s
-    monkeypatch.setattr("deeplinear.runs.time.perf_counter", lambda: next(clock))
-    p = Progress(total=10, desc="es", every_s=0.0, stream=sys.stdout)
+    p = Progress(total=10, desc="es", every_s=0.0, stream=sys.stdout, clock=lambda: next(clock))
     p.update(5, loss=1.5)  # the first update: no rate yet
     out = capsys.readouterr().out
     assert out.startswith("es 5/10      ?/s eta     ? ") and "loss=1.5" in out

@@ -165,8 +165,7 @@ def test_cuda_without_a_gpu_names_the_fix():
         train(net(), rings(), Config(**FAST, device="cuda"), progress=False)
 
 
-TINY_ES = {"pop": 8, "batch_size": 64, "sigma": 0.03, "lr": 0.03, "table_size": 1 << 14,
-        "threads": 1}
+TINY_ES = {"pop": 8, "batch_size": 64, "sigma": 0.03, "lr": 0.03, "table_size": 1 << 14}
 
 
 def _rings_net():

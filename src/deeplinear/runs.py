@@ -25,6 +25,7 @@ import pickle
 import sys
 import time
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -270,7 +271,9 @@ def differences(saved: dict[str, Any], config: dict[str, Any], defaults: dict[st
             continue
         elif old != new:
             was = default if k not in saved and k in defaults else old
-            diff.append(f"{prefix}{k} (run: {_short(was)}, now: {_short(new)})")
+            had = k in saved or k in defaults
+            diff.append(f"{prefix}{k} (run: {_short(was) if had else 'not set'}, "
+                        f"now: {_short(new) if k in config else 'not set'})")
     return diff
 
 
@@ -303,11 +306,12 @@ class Progress:
     desc: str = ""
     every_s: float = 2.0
     stream: TextIO = field(default_factory=lambda: sys.stderr)
+    clock: Callable[[], float] = time.perf_counter
     _first: tuple[int, float] | None = None
     _last: float = -math.inf
 
     def update(self, step: int, force: bool = False, **metrics: float) -> None:
-        now = time.perf_counter()
+        now = self.clock()
         if self._first is None:
             self._first = (step, now)
         if not force and now - self._last < self.every_s:

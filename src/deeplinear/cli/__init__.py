@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from deeplinear import __version__
+from deeplinear.arithmetic import PRESETS
 
 COMMANDS = ("probe", "train", "eval", "reproduce", "bench")
 
@@ -46,6 +47,20 @@ def seed(text: str) -> int:
     if value is None or not 0 <= value <= MAX_SEED:
         raise argparse.ArgumentTypeError(f"seed {text!r} must be an integer in 0..{MAX_SEED}")
     return value
+
+
+def semantics_names(text: str, extra: tuple[str, ...] = ()) -> list[str] | None:
+    """``--semantics`` of probe and eval: ``all`` (None), or preset names and ``extra`` (eval's
+    ``collapsed``), comma-separated, each once; an unknown or empty list is a one-line error."""
+    if text == "all":
+        return None
+    choices = (*PRESETS, *extra)
+    names = list(dict.fromkeys(s.strip() for s in text.split(",") if s.strip()))
+    unknown = [n for n in names if n not in choices]
+    if unknown or not names:
+        raise ValueError(f"unknown semantics {', '.join(unknown) or '(none)'}; choose all, or "
+                         f"from {', '.join(choices)} (comma-separated)")
+    return names
 
 
 def summary(doc: str | None) -> str | None:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from deeplinear.arithmetic import PRESETS, Semantics, get_semantics
-from deeplinear.cli import summary
+from deeplinear.cli import semantics_names, summary
 from deeplinear.cli.train import build_model, format_results
 from deeplinear.nets import SCALE_EXP
 from deeplinear.runs import load_final
@@ -29,8 +29,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description=summary(__doc__))
     p.add_argument("weights", metavar="WEIGHTS", help="a final.pt, or the run directory holding it")
     p.add_argument("--semantics", default="all",
-                   help=f"comma-separated, from {', '.join(CHOICES)}; or all (default: own, "
-                        "every preset, collapsed)")
+                   help=f"comma-separated, from {', '.join((*PRESETS, COLLAPSED))}; or all "
+                        "(default: own, every preset, collapsed)")
     p.add_argument("--dataset", default=None, help="default: the dataset the run trained on")
     p.add_argument("--data-dir", default=None, help="directory with the MNIST-format IDX files")
     p.add_argument("--n-test", type=int, default=None,
@@ -76,19 +76,7 @@ def load_data(payload: dict[str, Any], dataset: str | None = None, data_dir: str
                         n_test=n_test if n_test is not None else spec.get("n_test"))
 
 
-CHOICES = (*PRESETS, "collapsed")
-
-
-def semantics_names(text: str) -> list[str]:
-    """``--semantics``: ``all``, or presets and ``collapsed``, comma-separated (as in probe)."""
-    if text == "all":
-        return ["all"]
-    names = list(dict.fromkeys(s.strip() for s in text.split(",") if s.strip()))
-    unknown = [n for n in names if n not in CHOICES]
-    if unknown or not names:
-        raise ValueError(f"unknown semantics {', '.join(unknown) or '(none)'}; choose all, or "
-                         f"from {', '.join(CHOICES)} (comma-separated)")
-    return names
+COLLAPSED = "collapsed"  # the layers' affine map, a --semantics choice beside the presets
 
 
 def evaluate_payload(payload: dict[str, Any], semantics: str, dataset: str | None = None,
@@ -109,13 +97,13 @@ def evaluate_payload(payload: dict[str, Any], semantics: str, dataset: str | Non
                              f"no float semantics to choose; drop --semantics {semantics}")
         return {"test_acc": {"float32": evaluate.accuracy(model, data.x_test, data.y_test)},
                 "dataset": data.name, "n_test": len(data.y_test)}
-    names = semantics_names(semantics)
-    if names == ["all"]:
+    names = semantics_names(semantics, (COLLAPSED,))
+    if names is None:
         res = evaluate.portability(model, data)
     else:
         acc = {}
         for name in names:
-            if name == "collapsed":
+            if name == COLLAPSED:
                 acc[name] = evaluate.collapsed_accuracy(model, data.x_test, data.y_test)
             else:
                 model.semantics = get_semantics(name)
@@ -126,7 +114,7 @@ def evaluate_payload(payload: dict[str, Any], semantics: str, dataset: str | Non
 
 
 def run(args: argparse.Namespace) -> int:
-    semantics_names(args.semantics)  # a typo fails before the weights and data load
+    semantics_names(args.semantics, (COLLAPSED,))  # a typo fails before weights and data load
     payload = load_final(args.weights)
     res = evaluate_payload(payload, args.semantics, args.dataset, args.data_dir, args.n_test)
     if args.json:

@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from deeplinear.arithmetic import FORMATS, PRESETS, get_semantics
-from deeplinear.cli import seed, summary
+from deeplinear.arithmetic import FORMATS, PRESETS
+from deeplinear.cli import seed, semantics_names, summary
 from deeplinear.nets import SCALE_EXP, SIZES_2017, parse_sizes
 from deeplinear.probes import make_nets, plot_implicit_activation, probe_report
 from deeplinear.regimes import KINDS, format_probe_report, plot_sweeps
@@ -58,17 +58,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="format of the regime sweep (default: float32); given without "
                         "--regime, it sweeps all regimes, as --regime all does")
     p.set_defaults(func=run)
-
-
-def _semantics_names(text: str) -> list[str]:
-    if text == "all":
-        return list(PRESETS)
-    names = [s.strip() for s in text.split(",") if s.strip()]
-    for name in names:
-        get_semantics(name)  # one-line ValueError naming the choices
-    if not names:
-        raise ValueError("--semantics is empty; use " + " | ".join(PRESETS) + " | all")
-    return names
 
 
 def _check_plot_path(text: str) -> Path:
@@ -175,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
         return _run_regimes(args, plot)
     net = _net_settings(args)
     sizes = parse_sizes(net["sizes"])
-    names = _semantics_names(net["semantics"])
+    names = semantics_names(net["semantics"]) or list(PRESETS)
     if net["n"] < 1:
         raise ValueError(f"--n must be a positive number of inputs, got {net['n']}")
     start = time.perf_counter()
