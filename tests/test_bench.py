@@ -91,8 +91,9 @@ def _positive_finite(d, keys):
 @pytest.mark.parametrize("cfg", [TINY, replace(TINY, nets=("6,8,8,4", "3,5,2"), pops=(2, 4),
                                                  exact_nets=("3,5,2",))])
 def test_progress_counts_every_measurement_with_an_eta(cfg):
-    lines: list[str] = []
-    run_bench(cfg, log=lines.append)
+    logged: list[str] = []
+    run_bench(cfg, log=logged.append)
+    lines = [line for line in logged if not line.startswith("warning: ")]  # a busy machine's
     steps = [line for line in lines if line.startswith("[")]
     total = len(steps)
     assert lines[0] == "sgemm peak" and len(lines) == total + 1
