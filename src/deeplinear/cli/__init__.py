@@ -49,13 +49,20 @@ def seed(text: str) -> int:
     return value
 
 
+def preset(text: str) -> str:
+    """A preset's name in any case (``ieee`` is ``IEEE``); anything else as given, for the
+    caller's own error."""
+    return text.upper() if text.upper() in PRESETS else text
+
+
 def semantics_names(text: str, extra: tuple[str, ...] = ()) -> list[str] | None:
-    """``--semantics`` of probe and eval: ``all`` (None), or preset names and ``extra`` (eval's
-    ``collapsed``), comma-separated, each once; an unknown or empty list is a one-line error."""
-    if text == "all":
+    """``--semantics`` of probe and eval: ``all`` (None), or preset names (any case) and
+    ``extra`` (eval's ``collapsed``), comma-separated, each once; an unknown or empty list is a
+    one-line error."""
+    if text.lower() == "all":
         return None
     choices = (*PRESETS, *extra)
-    names = list(dict.fromkeys(s.strip() for s in text.split(",") if s.strip()))
+    names = list(dict.fromkeys(preset(s.strip()) for s in text.split(",") if s.strip()))
     unknown = [n for n in names if n not in choices]
     if unknown or not names:
         raise ValueError(f"unknown semantics {', '.join(unknown) or '(none)'}; choose all, or "

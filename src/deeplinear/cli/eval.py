@@ -91,13 +91,13 @@ def evaluate_payload(payload: dict[str, Any], semantics: str, dataset: str | Non
     if n_in != data.n_features:
         raise ValueError(f"the weights take {n_in} features but {data.name} has {data.n_features}; "
                          "pass the dataset they were trained on")
+    names = semantics_names(semantics, (COLLAPSED,))
     if not isinstance(model, DeepLinear):
-        if semantics != "all":
+        if names is not None:
             raise ValueError(f"a {payload['model']['kind']} model runs in plain float32 and has "
                              f"no float semantics to choose; drop --semantics {semantics}")
         return {"test_acc": {"float32": evaluate.accuracy(model, data.x_test, data.y_test)},
                 "dataset": data.name, "n_test": len(data.y_test)}
-    names = semantics_names(semantics, (COLLAPSED,))
     if names is None:
         res = evaluate.portability(model, data)
     else:

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from deeplinear.arithmetic import PRESETS, get_semantics
-from deeplinear.cli import absolute_path, seed, summary
+from deeplinear.cli import absolute_path, preset, seed, summary
 from deeplinear.data import DATASETS, check_data_dir, data_dir_for
 from deeplinear.reproduce import BUDGETS, DEFAULT_DATASETS, command, default_out, reproduce
 
@@ -27,7 +27,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="seed of data, init, batches and noise (default 0)")
     p.add_argument("--data-dir", default=None, type=absolute_path,
                    help="directory holding the IDX files")
-    p.add_argument("--semantics", default="TF_GPU", choices=list(PRESETS),
+    p.add_argument("--semantics", default="TF_GPU", type=preset, choices=list(PRESETS),
                    help="the deep linear nets' semantics (default: %(default)s)")
     p.add_argument("--study", default="methods", choices=["methods", "regimes"],
                    help="methods: the 2017 table (default); regimes: every float nonlinearity "

@@ -26,7 +26,7 @@ from typing import Any
 from torch import nn
 
 from deeplinear.arithmetic import PRESETS, get_semantics
-from deeplinear.cli import absolute_path, seed, summary
+from deeplinear.cli import absolute_path, preset, seed, summary
 from deeplinear.es import SIGMA_SCALES
 from deeplinear.nets import SCALE_EXP
 from deeplinear.surrogate import FLOAT_AWARE, KINDS
@@ -84,7 +84,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--sizes", default=None,
                    help="layer widths, input first, e.g. 784,512,512,10 (default: two hidden "
                         "layers sized for the dataset)")
-    p.add_argument("--semantics", default=None, choices=list(PRESETS),
+    p.add_argument("--semantics", default=None, type=preset, choices=list(PRESETS),
                    help="float semantics of a deep linear net (default TF_GPU)")
     p.add_argument("--scale-exp", type=int, default=None,
                    help=f"deep linear: the scale 2^k (default {SCALE_EXP})")
