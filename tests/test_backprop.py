@@ -280,3 +280,28 @@ def test_threads_are_set_once_at_the_start(rings):
         torch.set_num_threads(before)
     with pytest.raises(ValueError, match="threads must be >= 1, got 0"):
         Config(threads=0).validate()
+
+
+def test_weight_decay_reaches_the_optimiser(rings):
+    norms = {}
+    for wd in (0.0, 1.0):
+        torch.manual_seed(0)
+        model = SoftmaxRegression(2, 2)
+        train(model, rings, Config(steps=50, lr=1e-2, weight_decay=wd, schedule="constant",
+                                   eval_every=50), progress=False)
+        norms[wd] = float(model.linear.weight.detach().norm())
+    assert norms[1.0] < 0.8 * norms[0.0]  # decoupled decay: x(1 - 0.01) per step
+
+
+def test_a_batch_of_the_whole_training_set_is_allowed():
+    data = load_dataset("rings", seed=0, n_train=64, n_test=64)
+    rows = train(deep(), data, Config(steps=2, batch_size=64, eval_every=2), progress=False)
+    assert [r["step"] for r in rows] == [2]
+    with pytest.raises(ValueError, match="exceeds the 64 training samples"):
+        train(deep(), data, Config(steps=2, batch_size=65), progress=False)
+
+
+def test_logged_epoch_counts_the_finished_steps():
+    data = load_dataset("rings", seed=0, n_train=100, n_test=64)  # batch 50: 2 steps per epoch
+    rows = train(deep(), data, Config(steps=6, batch_size=50, eval_every=3), progress=False)
+    assert [(r["step"], r["epoch"]) for r in rows] == [(3, 1.5), (6, 3.0)]

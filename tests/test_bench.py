@@ -172,3 +172,33 @@ def test_json_and_log_carry_the_warnings(monkeypatch):
     assert r["warnings"] and r["warnings"] == report_warnings(r)
     assert lines[-len(r["warnings"]):] == [f"warning: {w}" for w in r["warnings"]]
     assert json.loads(json.dumps(r))["warnings"][0].startswith("load average 3.00 at the start")
+
+
+def test_sgemm_peak_is_the_best_time_with_the_median_beside_it(monkeypatch):
+    from deeplinear import bench
+
+    monkeypatch.setattr(bench, "timeit", lambda *a, **k: bench.Timing([1.0, 2.0, 4.0]))
+    p = bench.sgemm_peak("cpu", n=8)
+    assert p["gflops"] == 2 * 8**3 / 1.0 / 1e9 and p["gflops_median"] == 2 * 8**3 / 2.0 / 1e9
+
+
+def test_a_load_just_above_the_busy_level_is_flagged(tiny_report):
+    r = json.loads(json.dumps(tiny_report))
+    r["machine"]["load_avg_1m"] = BUSY_LOAD + 0.25
+    for row in r["rows"]:
+        row["frac_of_peak"] = 0.5
+    (busy,) = report_warnings(r)
+    assert busy.startswith(f"load average {BUSY_LOAD + 0.25:.2f} at the start")
+
+
+def test_a_target_row_above_the_peak_is_flagged(tiny_report):
+    r = json.loads(json.dumps(tiny_report))
+    r["machine"]["load_avg_1m"] = 0.0
+    for row in r["rows"]:
+        row["frac_of_peak"] = 0.5
+    full = {**r["rows"][0], "net": "2017", "mode": "full", "pop": 1000, "batch": 100,
+            "frac_of_peak": 1.3}
+    low = {**full, "mode": "lowrank", "frac_of_peak": 0.5}
+    r["targets"] = {"lowrank_over_full": 2.0, "full": full, "lowrank": low}
+    (over,) = report_warnings(r)
+    assert over.startswith("2017 full pop 1000 batch 100 ran above the sgemm peak")

@@ -124,3 +124,19 @@ def test_regime_plot_says_where_it_went(tmp_path, capsys):
     assert main(["probe", "--regime", "ftz-deadzone:125", "--plot", str(path)]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == f"plot written to {path}"
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_regime_sweep_uses_the_seed_given(capsys):
+    from deeplinear.regimes import probe_report
+
+    assert main(["probe", "--regime", "ftz-deadzone:125", "--seed", "3", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["seed"] == 3
+    assert r["sweeps"] == probe_report("ftz-deadzone:125", seed=3)["sweeps"]
+
+
+def test_table_names_the_last_layer_the_output_layer(capsys):
+    assert main([*SMALL, "--semantics", "TF_GPU"]) == 0
+    out = capsys.readouterr().out
+    assert "dead-zone occupancy, layer 1" in out and "dead-zone occupancy, output layer" in out
+    assert "dead-zone occupancy, layer 2" not in out  # 64-32-10: one hidden layer, then output

@@ -574,3 +574,41 @@ def test_resume_of_a_reproductions_run_points_to_reproduce(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "is a run of a reproduction (deep linear, OpenAI-ES)" in err
     assert err.strip().endswith(f"deeplinear reproduce --resume --out {tmp_path}")
+
+
+def test_scale_exp_zero_is_kept_not_replaced_by_the_default(tmp_path):
+    rc, out = train(tmp_path, "--method", "backprop", "--init-gain", "he", "--scale-exp", "0",
+                    "--steps", "2")
+    assert rc == 0
+    assert json.loads((out / "config.json").read_text())["model"]["scale_exp"] == 0
+
+
+def test_eval_rebuilds_the_net_at_its_own_scale(tmp_path, capsys):
+    rc, out = train(tmp_path, "--scale-exp", "120", "--steps", "60")
+    assert rc == 0
+    final = torch.load(out / "final.pt", weights_only=False)
+    capsys.readouterr()
+    assert main(["eval", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["test_acc"] == final["results"]["test_acc"]
+
+
+def test_eval_keeps_the_runs_test_subset_only_for_its_own_dataset(tmp_path, capsys):
+    from deeplinear.data import load_dataset
+
+    rc, out = train(tmp_path, "--method", "backprop", "--steps", "2", "--n-test", "50")
+    assert rc == 0
+    capsys.readouterr()
+    assert main(["eval", str(out), "--semantics", "IEEE", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n_test"] == 50  # as trained
+    assert main(["eval", str(out), "--semantics", "IEEE", "--dataset", "spirals", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["dataset"] == "spirals"
+    assert got["n_test"] == len(load_dataset("spirals", seed=0).y_test)  # none of the run's
+
+
+def test_workers_or_ray_address_without_the_ray_backend_is_one_line(tmp_path, capsys):
+    for flags in (["--workers", "2"], ["--ray-address", "auto"]):
+        rc, _ = train(tmp_path, "--method", "es", "--steps", "1", "--pop", "4", *flags,
+                      name="w" + flags[0])
+        assert rc == 2
+        assert "--workers and --ray-address need --backend ray" in capsys.readouterr().err

@@ -318,3 +318,44 @@ def test_study_es_settings_can_be_overridden_and_are_recorded() -> None:
     assert r["rows"][0]["detail"] == "pop 4, 3 generations, lowrank noise"
     assert r["budget"]["es"]["perturbation"] == "lowrank" and r["budget"]["es"]["steps"] == 3
     assert r["budget"]["es"]["batch_size"] == 200  # the batch it ran: the whole training set
+
+
+def test_study_builds_each_net_under_the_regime_and_parameter_asked_for(monkeypatch) -> None:
+    """A non-default parameter must reach the net (the row label alone would not show it)."""
+    from deeplinear.nets import DeepLinear
+    from deeplinear.train import backprop
+
+    seen = []
+
+    def spy(model, data, cfg, run=None, progress=True):
+        if isinstance(model, DeepLinear):
+            seen.append(model.threshold)  # native regimes run as the 2017 layout
+        return []
+
+    monkeypatch.setattr(backprop, "train", spy)
+    regimes = (Regime("ftz-deadzone", 123), Regime("absorption", 7, "float16"))
+    rg.study("spirals", regimes, budget="smoke", n_train=200, n_test=100,
+             methods=("float-aware backprop",))
+    assert seen == [r.threshold for r in regimes] == [2.0**-3, 2.0**-3]
+
+
+def test_format_study_cells_read_exact_then_scaled_then_collapsed() -> None:
+    result = {"dataset": "spirals", "sizes": [2, 8, 2], "n_train": 10, "n_test": 5, "seed": 0,
+              "budget": {"budget": "smoke"}, "baselines": {"ReLU MLP": 0.9},
+              "rows": [{"regime": "r", "method": "m", "test_acc": 0.1, "scaled_acc": 0.2,
+                        "collapsed_acc": 0.3}]}
+    table = rg.format_study(result)
+    assert "(in brackets: in the scaled model trained / of the affine map" in table
+    assert "| r | 10.0% (20.0% / 30.0%) |" in table
+
+
+def test_zeroed_counts_only_values_that_were_nonzero() -> None:
+    z = torch.tensor([0.0, 0.25, 1.0, -2.0])  # dead zone |u| < 1/2: 0.25 is flushed, 0 stays 0
+    s = rg.strength(Regime("ftz-deadzone", 125), z)
+    assert s.changed == 0.25 and s.zeroed == 0.25
+
+
+def test_probe_report_draws_its_sample_from_the_seed() -> None:
+    r = rg.probe_report("ftz-deadzone:125", n=4096, seed=3)
+    expected = rg.strength(Regime("ftz-deadzone", 125), rg.normal_sample(4096, 3)).as_dict()
+    assert r["seed"] == 3 and r["sweeps"]["ftz-deadzone"] == [expected]

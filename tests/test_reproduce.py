@@ -382,3 +382,47 @@ def test_another_dataset_may_join_a_reproduction_without_resume(out, tmp_path):
     results = reproduce(("parity",), TINY, tmp_path)
     assert [t["dataset"] for t in results["tasks"]] == ["parity"]
     assert (tmp_path / "checkerboard").is_dir()  # the other dataset's runs are left alone
+
+
+#     json, reproduce, Budget) ---
+
+def test_regimes_study_runs_with_the_seed_given(tmp_path, monkeypatch):
+    import deeplinear.regimes as rg
+
+    calls = []
+
+    def fake_study(name, **kw):
+        calls.append((name, kw))
+        return {"dataset": name, "sizes": [2, 8, 2], "n_train": 1, "n_test": 1,
+                "seed": kw.get("seed", 0), "budget": {"budget": kw["budget"]}, "baselines": {},
+                "rows": []}
+
+    monkeypatch.setattr(rg, "study", fake_study)
+    assert main(["reproduce", "--study", "regimes", "--dataset", "spirals", "--seed", "7",
+                 "--budget", "smoke", "--out", str(tmp_path)]) == 0
+    assert [(n, kw.get("seed"), kw["budget"]) for n, kw in calls] == [("spirals", 7, "smoke")]
+    assert json.loads((tmp_path / "regimes_spirals.json").read_text())["seed"] == 7
+
+
+def test_results_table_columns_are_train_then_test():
+    task = {"methods": {"m": {"train_acc": 0.9, "test_acc": 0.8, "wall_s": 1.25,
+                              "evaluated_in": "float32"}}}
+    table = report.results_table(task)
+    assert table.splitlines()[0] == "| method | train | test | wall (s) | evaluated in |"
+    assert table.splitlines()[2] == "| m | 90.0% | 80.0% | 1.2 | float32 |"
+
+
+def test_html_tables_have_a_header_row():
+    page = report._to_html("| a | b |\n|---|---|\n| 1 | 2 |\n", [])
+    assert "<tr><th>a</th><th>b</th></tr>" in page and "<tr><td>1</td><td>2</td></tr>" in page
+
+
+def test_reproduce_gives_the_callers_thread_count_back(tmp_path):
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # small nets train on 1 (default_threads)
+    try:
+        reproduce(("parity",), Budget(backprop_steps=2, es={"steps": 1, "pop": 4}), tmp_path,
+                  seed=0)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -198,3 +198,35 @@ def test_without_the_cma_package_the_error_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "cma", None)
     with pytest.raises(ValueError, match=r"pip install 'deeplinear\[cma\]'"):
         train(net(), rings(), Config(**FAST), progress=False)
+
+
+def test_resume_between_evaluations_keeps_the_loss_accumulators(tmp_path):
+    """A checkpoint that falls between two evaluations (4, with eval_every 6) must carry the
+    running loss, or the first row after the resume averages only the generations since."""
+    cfg = Config(steps=12, eval_every=6, checkpoint_every=4, **FAST)
+    config = dataclasses.asdict(cfg)
+    ref = train(net(), rings(), cfg, Run.open(tmp_path / "whole", config), progress=False)
+
+    run = Run.open(tmp_path / "part", config)
+    save = run.checkpoint
+
+    def checkpoint(state):
+        save(state)
+        if state["step"] == 4:
+            raise KeyboardInterrupt  # a kill right after the checkpoint
+
+    run.checkpoint = checkpoint
+    with pytest.raises(KeyboardInterrupt):
+        train(net(), rings(), cfg, run, progress=False)
+    run = Run.open(tmp_path / "part", config, resume=True)
+    assert run.resumed_state["step"] == 4
+    rows = train(net(), rings(), cfg, run, progress=False)
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "wall_s"} for r in rs]  # noqa: E731
+    assert strip(rows) == strip(ref)
+
+
+def test_defaults_are_the_documented_measured_settings():
+    """The module docstring's measured setting: pop 200, sigma 0.3, batch 1000, init gain 2."""
+    cfg = Config()
+    assert (cfg.pop, cfg.sigma, cfg.batch_size, cfg.init_gain, cfg.steps) == (200, 0.3, 1000,
+                                                                              2.0, 1000)
