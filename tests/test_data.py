@@ -679,3 +679,28 @@ def test_a_subset_may_take_every_row():
     for part in ("x_train", "x_test"):  # every row, in the subset's own order
         rows = sorted(map(tuple, getattr(sub, part).tolist()))
         assert rows == sorted(map(tuple, getattr(ds, part).tolist()))
+
+
+@pytest.mark.parametrize(("asked", "counts", "named"), [
+    ("mnist", (1000,) * 10, "fashion-mnist and kmnist, not as in mnist; pass --dataset "
+                            "fashion-mnist or --dataset kmnist"),
+    ("kmnist", data.MNIST_LIKE["mnist"].test_counts, "mnist, not as in kmnist; pass --dataset "
+                                                     "mnist,"),
+])
+def test_another_sets_files_are_known_by_their_test_label_counts(tmp_path: Path, asked: str,
+                                                                  counts: tuple[int, ...],
+                                                                  named: str) -> None:
+    """Re-gzipped copies (Debian's Fashion-MNIST) escape the published MD5s; their labels do not."""
+    arrays = make_arrays(n_test=sum(counts), side=2)
+    arrays[3] = np.repeat(np.arange(10, dtype=np.uint8), counts)
+    make_idx_dir(tmp_path, arrays)
+    with pytest.raises(DataError) as e:
+        data.load_mnist_like(asked, data_dir=tmp_path)
+    assert named in assert_one_line_naming(e, str(tmp_path))
+    other = "fashion-mnist" if asked == "mnist" else "mnist"
+    assert len(data.load_mnist_like(other, data_dir=tmp_path).y_test) == sum(counts)
+
+
+def test_a_users_own_set_with_other_counts_loads_under_any_name(tmp_path: Path) -> None:
+    make_idx_dir(tmp_path, make_arrays(n_test=30))
+    assert len(data.load_mnist_like("mnist", data_dir=tmp_path).y_test) == 30

@@ -330,6 +330,9 @@ class MnistLike:
     mirrors: tuple[str, ...]
     md5: tuple[tuple[str, str], ...]  # (file name, MD5 of the .gz as the mirrors serve it)
     system_dir: str | None = None  # a distribution package's copy (maybe re-gzipped: not checked)
+    # How many test images each class has in the published set: re-gzipped copies (Debian's)
+    # escape the MD5s, but not their labels' counts.
+    test_counts: tuple[int, ...] = (1000,) * 10
 
 
 def _md5s(*checksums: str) -> tuple[tuple[str, str], ...]:
@@ -349,6 +352,7 @@ MNIST_LIKE: dict[str, MnistLike] = {
             "9fb629c4189551a2d022fa330f9573f3",
             "ec29112dd5afa0611ce80d1b7f02629c",
         ),
+        test_counts=(980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009),
     ),
     "fashion-mnist": MnistLike(
         mirrors=("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
@@ -526,6 +530,21 @@ def _refuse_another_set(name: str, directory: Path) -> None:
                             f"--dataset {other}, or a --data-dir holding {name}'s files")
 
 
+def _refuse_by_label_counts(name: str, loaded: Dataset, directory: Path) -> None:
+    """Refuse a user's files whose test labels count exactly as another set's do and not as
+    ``name``'s: MNIST's are uneven (980 zeros, 1135 ones, ...), Fashion-MNIST's and KMNIST's 1000
+    a class. Debian's Fashion-MNIST passed as MNIST trained and scored as "mnist" otherwise. A
+    user's own set with other counts is left alone: only a known other set is a mix-up."""
+    counts = tuple(torch.bincount(loaded.y_test, minlength=10).tolist())
+    if counts == MNIST_LIKE[name].test_counts:
+        return
+    others = [n for n, s in MNIST_LIKE.items() if s.test_counts == counts]
+    if others:
+        raise DataError(f"{directory}: its test labels per class count as in "
+                        f"{' and '.join(others)}, not as in {name}; pass --dataset "
+                        f"{' or --dataset '.join(others)}, or a --data-dir holding {name}'s files")
+
+
 def load_mnist_like(
     name: str,
     data_dir: str | os.PathLike[str] | None = None,
@@ -544,7 +563,9 @@ def load_mnist_like(
     source = MNIST_LIKE[name]
     if data_dir is not None:
         _refuse_another_set(name, Path(data_dir))
-        return load_idx_dataset(data_dir, name)
+        loaded = load_idx_dataset(data_dir, name)
+        _refuse_by_label_counts(name, loaded, Path(data_dir))
+        return loaded
     if source.system_dir is not None and not _find_idx_files(Path(source.system_dir))[1]:
         return load_idx_dataset(source.system_dir, name)
     cache = (Path(cache_dir) if cache_dir is not None else cache_root()) / name
