@@ -355,7 +355,7 @@ def test_a_set_smaller_than_the_batch_trains_on_all_of_it(tmp_path):
 def test_an_interrupted_reproduction_names_the_command_that_continues_it(tmp_path, monkeypatch,
                                                                           capsys):
     def stopped(*_):
-        raise Interrupted(f"stopped after step 3; checkpoint in {tmp_path}: continue with --resume")
+        raise Interrupted(3, f"; checkpoint in {tmp_path}: continue with --resume")
 
     monkeypatch.setattr("deeplinear.cli.reproduce.reproduce", stopped)
     assert main(["reproduce", "--budget", "smoke", "--seed", "2", "--out", str(tmp_path)]) == 130

@@ -360,11 +360,17 @@ def engine_error(cfg: BenchConfig) -> str | None:
     return None
 
 
+def _target_pop(cfg: BenchConfig) -> int | None:
+    """The population of the low-rank vs full-rank target (2017 net, both modes), if measured."""
+    wanted = "2017" in cfg.nets and set(MODES) <= set(cfg.modes)
+    return cfg.target_pop if wanted and cfg.target_pop else None
+
+
 def _steps(cfg: BenchConfig) -> int:
     """How many measurements :func:`run_bench` logs after the peak (rows, target, shares, exact)."""
     grid = len(cfg.nets) * len(cfg.modes)
-    target = 1 if cfg.target_pop and "2017" in cfg.nets and set(MODES) <= set(cfg.modes) else 0
-    return grid * (len(cfg.pops) * len(cfg.batches) + 1) + target + len(cfg.exact_nets or cfg.nets)
+    return (grid * (len(cfg.pops) * len(cfg.batches) + 1) + (_target_pop(cfg) is not None)
+            + len(cfg.exact_nets or cfg.nets))
 
 
 def _with_eta(log: Callable[[str], None], total: int) -> Callable[[str], None]:
@@ -406,9 +412,9 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda _: None) -> 
                     log(f"{net_name} {mode} pop {pop} batch {batch}")
                     rows.append(bench_row(net_name, mode, pop, batch, cfg, peak))
     report["rows"] = rows
-    if cfg.target_pop and "2017" in cfg.nets and set(MODES) <= set(cfg.modes):
-        log(f"target: low-rank vs full-rank, 2017 net, pop {cfg.target_pop}")
-        full, low = (bench_row("2017", m, cfg.target_pop, 100, cfg, peak) for m in MODES)
+    if (target := _target_pop(cfg)) is not None:
+        log(f"target: low-rank vs full-rank, 2017 net, pop {target}")
+        full, low = (bench_row("2017", m, target, 100, cfg, peak) for m in MODES)
         report["targets"] = {"lowrank_over_full": full["s_per_gen"] / low["s_per_gen"],
                              "full": full, "lowrank": low}
     report["ftz_share"] = []
@@ -440,6 +446,11 @@ BUSY_LOAD = 1.0
 # the sgemm peak measured in the same run.
 
 
+def _all_rows(r: dict[str, Any]) -> list[dict[str, Any]]:
+    """The grid's rows, then the target's two (full, low rank) if measured."""
+    return r["rows"] + ([r["targets"]["full"], r["targets"]["lowrank"]] if "targets" in r else [])
+
+
 def report_warnings(r: dict[str, Any]) -> list[str]:
     """What makes a report's figures unreliable, read off the report itself."""
     out = []
@@ -448,9 +459,8 @@ def report_warnings(r: dict[str, Any]) -> list[str]:
         out.append(f"load average {load:.2f} at the start: other processes share the cores, so "
                    "these figures (the %peak and the FTZ share above all) are unreliable; rerun "
                    "on a quiet machine")
-    rows = r["rows"] + ([r["targets"]["full"], r["targets"]["lowrank"]] if "targets" in r else [])
     over = [f"{row['net']} {row['mode']} pop {row['pop']} batch {row['batch']}"
-            for row in rows if row["frac_of_peak"] > 1]
+            for row in _all_rows(r) if row["frac_of_peak"] > 1]
     if over:
         out.append(f"{', '.join(over)} ran above the sgemm peak measured in this run: the peak "
                    "was measured while the machine was busier, so every %peak is too high")
@@ -480,8 +490,7 @@ def format_report(r: dict[str, Any]) -> str:
         f"{'eval s':>7s} {'member/s':>9s} {'GFLOP/s':>8s} {'exec':>7s} {'%peak':>6s} "
         f"{'mem MiB':>7s}",
     ]
-    for row in r["rows"] + ([r["targets"]["full"], r["targets"]["lowrank"]]
-                            if "targets" in r else []):
+    for row in _all_rows(r):
         lines.append(
             f"{row['net']:7s} {row['mode']:7s} {row['pop']:5d} {row['batch']:5d} "
             f"{row['gens_per_s']:7.2f} {row['s_per_gen']:7.3f} {row['s_eval']:7.3f} "

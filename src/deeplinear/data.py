@@ -516,10 +516,13 @@ def fetch(mirrors: tuple[str, ...], dest: Path, md5: str) -> Path:
     raise DataError(f"could not download {dest.name} from any mirror ({details}); {fix}")
 
 
-def _refuse_another_set(name: str, directory: Path) -> None:
-    """A user's files are not checked against ``name``'s MD5s (a re-gzipped copy differs), but
-    one that *is* byte for byte another set's published file (same 28x28 shape, so nothing else
-    would notice: Fashion-MNIST passed as MNIST trains and scores) is a mix-up worth an error."""
+def _refuse_another_set(name: str, directory: Path, loaded: Dataset) -> None:
+    """Refuse a user's files (loaded as ``loaded``) that are another known set's: a file byte for
+    byte another set's published .gz (the MD5s), or test labels that count per class as another
+    set's do and not as ``name``'s (MNIST's are uneven, 980 zeros, 1135 ones, ...; Fashion-MNIST's
+    and KMNIST's 1000 a class), which catches re-gzipped copies such as Debian's. Same 28x28
+    shape, so nothing else would notice: Fashion-MNIST passed as MNIST trained and scored. A
+    user's own set (other MD5s, other counts) is left alone."""
     for path in _find_idx_files(directory)[0]:
         if path.suffix != ".gz":
             continue
@@ -528,18 +531,9 @@ def _refuse_another_set(name: str, directory: Path) -> None:
         if other != name:
             raise DataError(f"{path}: this is {other}'s published file, not {name}'s; pass "
                             f"--dataset {other}, or a --data-dir holding {name}'s files")
-
-
-def _refuse_by_label_counts(name: str, loaded: Dataset, directory: Path) -> None:
-    """Refuse a user's files whose test labels count exactly as another set's do and not as
-    ``name``'s: MNIST's are uneven (980 zeros, 1135 ones, ...), Fashion-MNIST's and KMNIST's 1000
-    a class. Debian's Fashion-MNIST passed as MNIST trained and scored as "mnist" otherwise. A
-    user's own set with other counts is left alone: only a known other set is a mix-up."""
     counts = tuple(torch.bincount(loaded.y_test, minlength=10).tolist())
-    if counts == MNIST_LIKE[name].test_counts:
-        return
     others = [n for n, s in MNIST_LIKE.items() if s.test_counts == counts]
-    if others:
+    if others and name not in others:
         raise DataError(f"{directory}: its test labels per class count as in "
                         f"{' and '.join(others)}, not as in {name}; pass --dataset "
                         f"{' or --dataset '.join(others)}, or a --data-dir holding {name}'s files")
@@ -562,9 +556,8 @@ def load_mnist_like(
         )
     source = MNIST_LIKE[name]
     if data_dir is not None:
-        _refuse_another_set(name, Path(data_dir))
         loaded = load_idx_dataset(data_dir, name)
-        _refuse_by_label_counts(name, loaded, Path(data_dir))
+        _refuse_another_set(name, Path(data_dir), loaded)
         return loaded
     if source.system_dir is not None and not _find_idx_files(Path(source.system_dir))[1]:
         return load_idx_dataset(source.system_dir, name)

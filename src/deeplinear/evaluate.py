@@ -74,6 +74,9 @@ def semantics_name(net: DeepLinear) -> str:
     return preset_name(net.semantics) or "custom"
 
 
+COLLAPSED = "collapsed"  # portability's name for the collapsed affine map, beside the presets
+
+
 def portability(net: DeepLinear, data: Dataset, batch_size: int = BATCH) -> dict[str, Any]:
     """Exact-mode test accuracy of ``net`` under its own semantics and every preset.
 
@@ -94,8 +97,8 @@ def portability(net: DeepLinear, data: Dataset, batch_size: int = BATCH) -> dict
         acc[name] = accuracy(other, data.x_test, data.y_test, "exact", batch_size)
         seconds[name] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    acc["collapsed"] = collapsed_accuracy(net, data.x_test, data.y_test)
-    seconds["collapsed"] = time.perf_counter() - t0
+    acc[COLLAPSED] = collapsed_accuracy(net, data.x_test, data.y_test)
+    seconds[COLLAPSED] = time.perf_counter() - t0
     return {"own": own, "test_acc": acc, "seconds": seconds, "n_test": len(data.y_test)}
 
 

@@ -247,8 +247,8 @@ def command(datasets: tuple[str, ...], budget: str | Budget, seed: int, semantic
     IEEE``) names a command that computes a different table. A custom :class:`Budget` or
     :class:`Semantics` (Python API only) shows as its repr.
     """
-    sem = preset_name(semantics) or repr(semantics)
-    flags = [f"--budget {budget}", f"--seed {seed}", f"--dataset {','.join(datasets)}",
+    sem = _label(semantics)
+    flags = [f"--budget {_label(budget)}", f"--seed {seed}", f"--dataset {','.join(datasets)}",
              f"--semantics {sem}"]
     flags += [f"--data-dir {data_dir}"] if data_dir is not None else []
     flags += [f"--threads {threads}"] if threads is not None else []
@@ -310,8 +310,7 @@ def reproduce(datasets: tuple[str, ...] = DEFAULT_DATASETS, budget: str | Budget
     steps = BUDGETS[budget] if isinstance(budget, str) else budget
     out = Path(out) if out is not None else default_out(budget)
     make_dir(out)
-    claim(out, datasets, {"budget": budget if isinstance(budget, str) else repr(budget),
-                          "seed": seed, "semantics": preset_name(semantics) or repr(semantics)},
+    claim(out, datasets, {"budget": _label(budget), "seed": seed, "semantics": _label(semantics)},
           resume)
     t0 = time.perf_counter()
     loaded = [load_dataset(name, data_dir=data_dir_for(name, data_dir), seed=seed)
@@ -339,6 +338,14 @@ def reproduce(datasets: tuple[str, ...] = DEFAULT_DATASETS, budget: str | Budget
     (out / "results.json").write_text(json.dumps(results, indent=1))
     render(results, out)
     return results
+
+
+def _label(setting: str | Budget | Semantics) -> str:
+    """A budget's or semantics' name as ``deeplinear reproduce`` takes it; a custom one (Python
+    API only) as its repr."""
+    if isinstance(setting, Semantics):
+        return preset_name(setting) or repr(setting)
+    return setting if isinstance(setting, str) else repr(setting)
 
 
 def _slug(name: str) -> str:

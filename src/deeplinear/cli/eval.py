@@ -16,6 +16,7 @@ import torch
 from deeplinear.arithmetic import PRESETS, Semantics, get_semantics
 from deeplinear.cli import semantics_names, summary
 from deeplinear.cli.train import build_model, format_results
+from deeplinear.evaluate import COLLAPSED
 from deeplinear.nets import SCALE_EXP
 from deeplinear.runs import load_final
 
@@ -74,9 +75,6 @@ def load_data(payload: dict[str, Any], dataset: str | None = None, data_dir: str
     return load_dataset(name, data_dir=data_dir or recorded, seed=spec.get("seed", 0),
                         n_train=spec.get("n_train"),
                         n_test=n_test if n_test is not None else spec.get("n_test"))
-
-
-COLLAPSED = "collapsed"  # the layers' affine map, a --semantics choice beside the presets
 
 
 def evaluate_payload(payload: dict[str, Any], semantics: str, dataset: str | None = None,

@@ -351,8 +351,7 @@ def fill_from_run(args: argparse.Namespace) -> None:
         gain = saved.get("rescale_gain") if saved.get("init_from") else trainer.get("init_gain")
         found |= {"semantics": saved.get("semantics"), "scale_exp": model.get("scale_exp"),
                   "init_gain": "he" if gain is None else gain}
-    if saved["method"] == "float-aware":
-        found["surrogate"] = trainer.get("surrogate")
+    found["surrogate"] = trained["surrogate"]
     applies = {"init_gain": False, "tau": trainer.get("surrogate") == "smooth",
                "rank": trainer.get("perturbation") == "lowrank"}
     found |= {name: trainer[name] for name in TRAINER_FLAGS
@@ -365,6 +364,7 @@ def fill_from_run(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     from deeplinear.data import load_dataset
     from deeplinear.runs import Run
+    from deeplinear.train import Interrupted
 
     if args.resume:
         fill_from_run(args)
@@ -417,9 +417,9 @@ def run(args: argparse.Namespace) -> int:
             rows = trainer.train(model, data, cfg, run=run_dir, progress=not args.quiet, **extra)
         results = final_results(model, data)
     except KeyboardInterrupt as e:
-        # the trainer's Interrupted says at which step; a second Ctrl-C, or one during the final
-        # evaluation, says nothing: either way, name the command that goes on
-        stopped = f"{str(e).split(';')[0]}; " if str(e) else ""
+        # the trainer's Interrupted knows its step; a second Ctrl-C, or one during the final
+        # evaluation, knows none: either way, name the command that goes on
+        stopped = f"stopped after step {e.step}; " if isinstance(e, Interrupted) else ""
         raise KeyboardInterrupt(
             f"{stopped}latest checkpoint in {out}: continue with deeplinear train --out {out} "
             "--resume" if (out / "checkpoint.pt").exists() else

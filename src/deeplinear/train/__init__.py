@@ -74,8 +74,12 @@ def keeps_model_device(train: Train) -> Train:
 
 
 class Interrupted(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM stopped a run after a finished step; the message says where its
-    checkpoint is."""
+    """Ctrl-C or SIGTERM stopped a run after finished step ``step``; the message says where its
+    checkpoint is (a CLI that knows a better command to go on builds its own from ``step``)."""
+
+    def __init__(self, step: int, where: str = "") -> None:
+        super().__init__(f"stopped after step {step}{where}")
+        self.step = step
 
 
 _stop = threading.Event()
@@ -130,33 +134,40 @@ def stop_asked() -> bool:
 
 def interrupted(step: int, run: Any) -> Interrupted:
     """The exception that ends a run stopped by a signal after ``step`` (its checkpoint saved)."""
-    where = f"; checkpoint in {run.dir}: continue with --resume" if run is not None else ""
-    return Interrupted(f"stopped after step {step}{where}")
+    return Interrupted(step, f"; checkpoint in {run.dir}: continue with --resume"
+                       if run is not None else "")
 
 
-def check_counts(cfg: Any) -> None:
-    """Every trainer's step counts must be >= 1; the error names the ones that are not."""
+def check_config(cfg: Any) -> None:
+    """The checks every trainer's ``Config.validate`` shares: step counts >= 1 (the error names
+    the ones that are not), init gain and threads."""
     counts = ("steps", "batch_size", "eval_every", "checkpoint_every", "eval_n")
     bad = [f"{name} = {getattr(cfg, name)}" for name in counts if getattr(cfg, name) < 1]
     if bad:
         raise ValueError(f"{', '.join(bad)}: must be >= 1 (flags --steps, --batch-size, "
                          "--eval-every, --checkpoint-every, --eval-n)")
-
-
-def check_evolution_config(cfg: Any) -> None:
-    """The checks the evolution strategies' ``Config.validate`` share."""
-    check_counts(cfg)
-    if cfg.fitness not in FITNESS:
-        raise ValueError(f"unknown fitness {cfg.fitness!r}; use {', '.join(FITNESS)}")
     if cfg.init_gain is not None and not cfg.init_gain > 0:
         raise ValueError(f"init_gain must be > 0 or None, got {cfg.init_gain}")
     if cfg.threads is not None and cfg.threads < 1:
         raise ValueError(f"threads must be >= 1, got {cfg.threads}")
 
 
+def use_threads(cfg: Any) -> None:
+    """``cfg.threads`` for torch, once, before the run's first parallel op (see
+    :mod:`deeplinear.train.es`); None leaves torch's own."""
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+
+
+def check_evolution_config(cfg: Any) -> None:
+    """The checks the evolution strategies' ``Config.validate`` share."""
+    check_config(cfg)
+    if cfg.fitness not in FITNESS:
+        raise ValueError(f"unknown fitness {cfg.fitness!r}; use {', '.join(FITNESS)}")
+
+
 def check_evolvable(model: nn.Module, data: Dataset, cfg: Any, method: str) -> None:
-    """One-line errors for what an evolution strategy cannot train, then ``cfg.threads`` once,
-    before the run's first parallel op (see :mod:`deeplinear.train.es`)."""
+    """One-line errors for what an evolution strategy cannot train, then :func:`use_threads`."""
     if not isinstance(model, DeepLinear):
         raise ValueError(f"{method} trains deep linear nets only, not {type(model).__name__}; "
                          "use the backprop trainer")
@@ -166,8 +177,7 @@ def check_evolvable(model: nn.Module, data: Dataset, cfg: Any, method: str) -> N
     if cfg.batch_size > len(data.x_train):
         raise ValueError(f"batch_size {cfg.batch_size} exceeds the {len(data.x_train)} training "
                          "samples; lower the batch size (--batch-size)")
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
+    use_threads(cfg)
 
 
 def scores(model: nn.Module, data: Dataset, n: int) -> dict[str, float]:

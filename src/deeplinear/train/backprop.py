@@ -55,13 +55,14 @@ from deeplinear.probes import occupancy
 from deeplinear.runs import Progress, Run, rng_state, set_rng_state
 from deeplinear.surrogate import DEFAULT_TAU, KINDS, make_under
 from deeplinear.train import (
-    check_counts,
+    check_config,
     check_device,
     interrupted,
     keeps_model_device,
     scores,
     stop_asked,
     stops_cleanly,
+    use_threads,
 )
 
 SCHEDULES = ("cosine", "step", "constant")
@@ -94,7 +95,7 @@ class Config:
 
     def validate(self) -> None:
         check_device(self.device)
-        check_counts(self)
+        check_config(self)
         for name, value, ok, need in (("lr", self.lr, 0 < self.lr < math.inf, "> 0 and finite"),
                                       ("weight_decay", self.weight_decay, self.weight_decay >= 0,
                                        ">= 0"),
@@ -105,10 +106,6 @@ class Config:
             raise ValueError(f"unknown schedule {self.schedule!r}; use {', '.join(SCHEDULES)}")
         if self.surrogate not in KINDS:
             raise ValueError(f"unknown surrogate {self.surrogate!r}; use {', '.join(KINDS)}")
-        if self.init_gain is not None and not self.init_gain > 0:
-            raise ValueError(f"init_gain must be > 0 or None, got {self.init_gain}")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads must be >= 1, got {self.threads}")
 
 
 def saved(step: int) -> str:
@@ -260,8 +257,7 @@ def _train(model: nn.Module, data: Dataset, cfg: Config, run: Run | None,
     if n_in != data.n_features or n_out != data.n_classes:
         raise ValueError(f"model maps {n_in} -> {n_out} but {data.name} has {data.n_features} "
                          f"features and {data.n_classes} classes; fix the sizes")
-    if cfg.threads is not None:  # before the first parallel op (see deeplinear.train.es)
-        torch.set_num_threads(cfg.threads)
+    use_threads(cfg)
     net = model if isinstance(model, DeepLinear) else None  # the deep linear net, if it is one
     if net is None and cfg.surrogate != "blind":
         raise ValueError(f"surrogate {cfg.surrogate!r} needs a deep linear model; "
