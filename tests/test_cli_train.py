@@ -129,7 +129,9 @@ def test_baseline_eval_does_not_claim_exact_mode(tmp_path, capsys):
 
 def test_existing_run_is_not_overwritten(float_aware_run, capsys):
     assert main(["train", *TINY, "--steps", "150", "--out", str(float_aware_run)]) == 2
-    assert "--resume" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "a run with other settings (trainer.eval_every (run: 50, now: 500))" in err
+    assert err.rstrip().endswith("; pass another --out for this one")
 
 
 def test_eval_errors(tmp_path, float_aware_run, capsys):

@@ -22,8 +22,15 @@ def test_fresh_run_layout_and_refuses_overwrite(tmp_path):
     run.checkpoint({"step": 1})
     assert json.loads((tmp_path / "r" / "config.json").read_text()) == {"lr": 0.1}
     assert run.metrics() == [{"loss": 2.0, "step": 1}]
-    with pytest.raises(FileExistsError, match="--resume"):
+    with pytest.raises(FileExistsError, match="holds this run; continue it with --resume"):
         Run.open(tmp_path / "r", {"lr": 0.1})
+    # a sweep into one directory: the message names what differs, and that only --out helps
+    with pytest.raises(FileExistsError, match=re.escape(
+            "other settings (lr (run: 0.1, now: 0.2)); pass another --out")):
+        Run.open(tmp_path / "r", {"lr": 0.2})
+    (tmp_path / "r" / "config.json").unlink()  # no readable settings: the plain refusal
+    with pytest.raises(FileExistsError, match="already holds a run; use --resume or another"):
+        Run.open(tmp_path / "r", {"lr": 0.2})
 
 
 def test_resume_truncates_metrics_after_checkpoint_and_checks_config(tmp_path):

@@ -102,8 +102,7 @@ class Run:
             if not isinstance(saved, dict):
                 raise ValueError(f"{cfg_path}: not a run's config (a JSON object); restore it or "
                                  "start the run again in another --out")
-            asked, known = json.loads(json.dumps([config, defaults or {}]))  # as saved: lists
-            diff = differences(saved, asked, known)
+            diff = _changes(saved, config, defaults or {})
             if diff:
                 raise ValueError(f"cannot resume {d}: config differs in {', '.join(diff)}; "
                                  "resume with the run's own settings or start another --out")
@@ -111,15 +110,15 @@ class Run:
             if not isinstance(state, dict) or "step" not in state:
                 raise ValueError(f"{ckpt}: not a deeplinear checkpoint (no step); start the run "
                                  "again in another --out")
-            if "run_config" in state and differences(
-                    json.loads(json.dumps(state["run_config"])), asked, known):
+            if "run_config" in state and _changes(
+                    json.loads(json.dumps(state["run_config"])), config, defaults or {}):
                 raise ValueError(f"{ckpt}: written by another run than {cfg_path} describes; "
                                  "restore this run's checkpoint or start again in another --out")
             run = cls(d, config, state)
             run._truncate_metrics(state["step"])
             return run
         if (d / "checkpoint.pt").exists() or (d / "final.pt").exists():
-            raise FileExistsError(f"{d} already holds a run; use --resume or another --out")
+            raise FileExistsError(_taken(d, config, defaults or {}))
         fresh = json.dumps(config, indent=2, sort_keys=True) + "\n"
         # only the same run, stopped before its first checkpoint, may be written over
         written = cfg_path.exists() or (d / "metrics.jsonl").exists()
@@ -275,6 +274,32 @@ def differences(saved: dict[str, Any], config: dict[str, Any], defaults: dict[st
             diff.append(f"{prefix}{k} (run: {_short(was) if had else 'not set'}, "
                         f"now: {_short(new) if k in config else 'not set'})")
     return diff
+
+
+def _taken(d: Path, config: dict[str, Any], defaults: dict[str, Any]) -> str:
+    """Why a fresh run may not start in ``d``, which holds one: with the same settings it can only
+    be continued; with others (a sweep over, say, ``--lr`` into one default directory) the
+    message names them, so the user sees that only another ``--out`` helps."""
+    try:
+        saved = json.loads((d / "config.json").read_text())
+    except (OSError, ValueError):
+        saved = None
+    if not isinstance(saved, dict):
+        return f"{d} already holds a run; use --resume or another --out"
+    diff = _changes(saved, config, defaults)
+    if not diff:
+        return (f"{d} already holds this run; continue it with --resume, or start again in "
+                "another --out")
+    return (f"{d} already holds a run with other settings ({', '.join(diff)}); pass another "
+            "--out for this one")
+
+
+def _changes(saved: dict[str, Any], config: dict[str, Any],
+             defaults: dict[str, Any]) -> list[str]:
+    """:func:`differences` of a saved config and a new one, the new one first put in the form a
+    config takes in JSON (tuples become lists)."""
+    asked, known = json.loads(json.dumps([config, defaults]))
+    return differences(saved, asked, known)
 
 
 def _short(value: Any, width: int = 40) -> str:
