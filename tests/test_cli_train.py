@@ -80,7 +80,7 @@ def test_eval_reproduces_the_final_accuracies(float_aware_run, capsys):
                                            "--sizes 2,64,2 (or --model softmax)"),
     (["--method", "backprop", "--surrogate", "exact"], "--surrogate applies to"),
     (["--method", "backprop", "--pop", "10"], "--pop does not apply"),
-    (["--steps", "0"], "steps = 0: must be >= 1"),
+    (["--steps", "0"], "steps = 0: must be an integer >= 1"),
     (["--method", "es", "--eval-n", "0", "--batch-size", "0"], "batch_size = 0, eval_n = 0: must"),
     (["--init-gain", "big"], "expected a positive number or 'he'"),
     (["--init-gain", "-1"], "expected a positive number or 'he', got '-1'"),

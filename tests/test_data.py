@@ -10,6 +10,7 @@ import dataclasses
 import gzip
 import hashlib
 import math
+import re
 import socket
 import threading
 from collections.abc import Iterator
@@ -704,3 +705,54 @@ def test_another_sets_files_are_known_by_their_test_label_counts(tmp_path: Path,
 def test_a_users_own_set_with_other_counts_loads_under_any_name(tmp_path: Path) -> None:
     make_idx_dir(tmp_path, make_arrays(n_test=30))
     assert len(data.load_mnist_like("mnist", data_dir=tmp_path).y_test) == 30
+
+
+# --- a Dataset built by hand ---------------------------------------------------------------------
+
+
+def _toy(**changes: object) -> data.Dataset:
+    x, y = torch.rand(6, 3), torch.tensor([0, 1, 2, 0, 1, 2])
+    fields = dict(name="toy", x_train=x, y_train=y, x_test=x[:4], y_test=y[:4], n_classes=3,
+                  shape=(3,))
+    fields.update(changes)
+    return data.Dataset(**fields)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"x_train": torch.rand(6, 3, dtype=torch.float64)},
+     "x_train must be float32 of shape (N, features), got torch.float64 (6, 3); pass x.float()"),
+    ({"x_test": torch.rand(4, 3, 1)}, "x_test must be float32 of shape (N, features)"),
+    ({"y_test": torch.tensor([[0], [1], [2], [0]])},
+     "y_test must be int64 of shape (4,) to match x_test, got torch.int64 (4, 1)"),
+    ({"y_train": torch.tensor([0, 1, 2, 0, 1, 2], dtype=torch.int32)},
+     "y_train must be int64 of shape (6,)"),
+    ({"y_train": torch.tensor([0, 1, 2])}, "y_train must be int64 of shape (6,)"),
+    ({"x_test": torch.rand(4, 5)}, "x_test has 5 features but x_train has 3"),
+    ({"y_test": torch.tensor([0, 1, 3, 0])}, "y_test spans 0..3, outside 0..2"),
+    ({"y_train": torch.tensor([0, -1, 2, 0, 1, 2])}, "y_train spans -1..2, outside 0..2"),
+    ({"x_train": torch.tensor([[0.0, math.nan, 0.0]] * 6)}, "x_train holds NaN or infinite"),
+    ({"x_test": torch.full((4, 3), math.inf)}, "x_test holds NaN or infinite"),
+    ({"n_classes": 1}, "n_classes must be an integer >= 2, got 1"),
+    ({"x_train": np.zeros((6, 3), np.float32)}, "must be torch tensors, got ndarray and Tensor"),
+])
+def test_a_dataset_refuses_what_would_fail_or_score_wrong_later(changes, message):
+    with pytest.raises(DataError, match=re.escape(message)):
+        _toy(**changes)
+
+
+def test_a_well_formed_dataset_and_its_subsets_are_accepted():
+    ds = _toy()
+    assert ds.n_features == 3 and len(ds.subset(2, 2).y_test) == 2
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32, 1.5, None, True])
+def test_a_data_seed_outside_what_every_set_takes_is_refused(seed):
+    with pytest.raises(DataError, match=re.escape(
+            f"data seed must be an integer in [0, 2**32) (scikit-learn's range, which splits "
+            f"digits), got {seed!r}")):
+        data.load_dataset("spirals", seed=seed)
+
+
+def test_a_numpy_seed_is_a_seed():
+    a, b = data.load_dataset("digits", seed=np.int64(3)), data.load_dataset("digits", seed=3)
+    assert torch.equal(a.x_test, b.x_test)

@@ -1,3 +1,6 @@
+import math
+import re
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -6,7 +9,7 @@ from scipy.stats import binomtest  # scipy comes with scikit-learn
 
 from deeplinear import evaluate
 from deeplinear.arithmetic import IEEE, PRESETS, TF_GPU, Semantics
-from deeplinear.collapse import collapse
+from deeplinear.collapse import collapse, collapse_gap
 from deeplinear.data import Dataset
 from deeplinear.nets import MLP, DeepLinear
 
@@ -42,8 +45,32 @@ def test_accuracy_of_a_baseline_ignores_mode():
 def test_accuracy_of_nothing_is_an_error():
     with pytest.raises(ValueError, match="empty"):
         evaluate.accuracy(net(), torch.empty(0, 6), torch.empty(0, dtype=torch.long))
-    with pytest.raises(ValueError, match="got 5 inputs but 3 labels"):
+    with pytest.raises(ValueError, match=re.escape("got 5 inputs but labels of shape (3,)")):
         evaluate.accuracy(net(), torch.rand(5, 6), torch.zeros(3, dtype=torch.long))
+
+
+def test_accuracy_refuses_what_would_score_without_meaning():
+    data, model = toy_data(), net()
+    x, y = data.x_test, data.y_test
+    with pytest.raises(ValueError, match=re.escape(f"labels of shape ({len(y)}, 1)")):
+        evaluate.accuracy(model, x, y[:, None])  # would broadcast to an N x N comparison
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        evaluate.accuracy(model, x, y, batch_size=0)
+    with pytest.raises(ValueError, match="inputs contain NaN"):
+        evaluate.accuracy(model, torch.where(x > 1, math.nan, x), y)
+    with torch.no_grad():
+        model.weights[1][0, 0] = math.nan  # argmax would read every NaN row as class 0
+    for score in (lambda: evaluate.accuracy(model, x, y), lambda: evaluate.portability(model, data),
+                  lambda: collapse(model)):
+        with pytest.raises(ValueError, match=re.escape("non-finite weights in weights.1;")):
+            score()
+
+
+def test_portability_refuses_a_net_of_other_widths_than_the_data():
+    wide = DeepLinear([6, 32, 32, 10])  # 10 outputs for 3 classes: it would still "score"
+    with pytest.raises(ValueError, match=re.escape(
+            "model maps 6 -> 10 but toy has 6 features and 3 classes; fix the sizes")):
+        evaluate.portability(wide, toy_data())
 
 
 def test_portability_covers_every_preset_and_the_collapse_without_touching_the_net():
@@ -108,3 +135,21 @@ def test_the_collapsed_map_keeps_the_biases():
     x, y = torch.rand(4, 2), torch.tensor([1, 1, 1, 0])
     acc = evaluate.portability(net, Dataset("t", x, y, x, y, 2, (2,)))["test_acc"]
     assert acc["collapsed"] == 0.75
+
+
+def test_the_collapsed_accuracy_checks_its_inputs_like_accuracy():
+    data, model = toy_data(), net()
+    with pytest.raises(ValueError, match=re.escape("inputs of shape (300, 5) do not fit the net")):
+        evaluate.collapsed_accuracy(model, data.x_test[:, :5], data.y_test)
+    with pytest.raises(ValueError, match=re.escape("labels of shape (300, 1)")):
+        evaluate.collapsed_accuracy(model, data.x_test, data.y_test[:, None])
+
+
+def test_portability_and_the_collapse_name_a_model_that_is_not_a_deep_linear_net():
+    mlp = MLP([6, 32, 32, 3])
+    with pytest.raises(ValueError, match=r"a MLP has none: score it with evaluate\.accuracy"):
+        evaluate.portability(mlp, toy_data())
+    with pytest.raises(ValueError, match="a MLP is not one"):
+        collapse(mlp)
+    with pytest.raises(ValueError, match="a MLP is not one"):
+        collapse_gap(mlp, torch.rand(4, 6))

@@ -147,11 +147,52 @@ def test_threshold_and_rules():
 
 def test_bad_sizes_and_mode_are_clear_errors():
     assert parse_sizes("784,512,10") == [784, 512, 10]
-    for bad, match in [("784,x,10", "bad sizes"), ("784", "at least two"), ("5,0,3", "positive")]:
+    for bad, match in [("784,x,10", "bad sizes"), ("784", "at least two"),
+                       ("5,0,3", "every layer width must be >= 1")]:
         with pytest.raises(ValueError, match=match):
             parse_sizes(bad)
     with pytest.raises(ValueError, match="hidden layer"):
         DeepLinear([784, 10])
+    # integers of any kind are widths (numpy's, a tensor's), bools and floats are not
+    assert parse_sizes(np.array([3, 4, 2])) == parse_sizes(torch.tensor([3, 4, 2])) == [3, 4, 2]
+    assert parse_sizes([np.int64(3), 4, 2]) == [3, 4, 2]
+    for bad in ([3, 4.0, 2], [3, True, 2]):
+        with pytest.raises(ValueError, match="use integers like 784,512,10"):
+            parse_sizes(bad)
+
+
+def test_semantics_and_scale_set_later_are_checked_like_the_constructor_s():
+    net = DeepLinear([4, 8, 3])
+    net.semantics = "IEEE"  # a preset's name, as the constructor takes it
+    assert net.semantics == IEEE and net.threshold == 0.5
+    net.scale_exp = np.int64(120)
+    assert net.scale_exp == 120 and isinstance(net.scale_exp, int) and net.threshold == 2.0**-6
+    with pytest.raises(ValueError, match="DeepLinear runs float32"):
+        net.semantics = Semantics("float16", "ftz", "elementwise")
+    with pytest.raises(ValueError, match="scale exponent 300 \\(--scale-exp\\) is out of range"):
+        net.scale_exp = 300
+    with pytest.raises(ValueError, match=r"scale exponent must be an integer like 125, got 2\.5"):
+        net.scale_exp = 2.5
+    assert (net.semantics, net.scale_exp) == (IEEE, 120)  # a refused value changes nothing
+
+
+def test_a_regime_by_name_and_never_beside_scale_or_semantics():
+    from deeplinear.regimes import Regime
+
+    by_name = DeepLinear([4, 8, 3], regime="absorption:9")
+    assert by_name.regime == Regime.parse("absorption:9")
+    for extra in ({"semantics": TF_GPU}, {"scale_exp": 125}):  # even the defaults' values
+        with pytest.raises(ValueError, match="pass a regime or scale_exp/semantics, not both"):
+            DeepLinear([4, 8, 3], regime="absorption:9", **extra)
+
+
+def test_a_net_cast_to_another_dtype_is_refused_not_run_half_in_float32():
+    net = DeepLinear([4, 8, 3]).double()
+    for mode in ("scaled", "exact"):
+        with pytest.raises(ValueError, match=r"parameters are torch\.float64; DeepLinear computes "
+                                             r"in float32 .* call net\.float\(\)"):
+            net(torch.rand(2, 4), mode=mode)
+    assert net.float()(torch.rand(2, 4)).dtype == torch.float32
     with pytest.raises(ValueError, match="unknown mode 'fast'"):
         DeepLinear(DIGITS_SIZES)(torch.rand(2, 64), mode="fast")
 

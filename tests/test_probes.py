@@ -1,4 +1,5 @@
 import math
+import re
 
 import pytest
 import torch
@@ -196,3 +197,17 @@ def test_occupancy_counts_flushed_values_not_exact_zeros():
         for b in net.biases:
             b.zero_()
     assert occupancy(net, torch.zeros(8, 4)) == [0.0, 0.0, 0.0]
+
+
+def test_probes_refuse_no_rows_instead_of_reading_as_linear():
+    net = make_nets([4, 8, 3], "TF_GPU")["TF_GPU"]  # one preset by name, not 'T', 'F', ...
+    empty = torch.empty(0, 4)
+    f = net.forward
+    for call in (lambda: additivity_defect(f, empty, empty),
+                 lambda: homogeneity_defect(f, empty, 2.0),
+                 lambda: occupancy(net, empty)):
+        with pytest.raises(ValueError, match="no inputs: a probe needs at least one row of x"):
+            call()
+    with pytest.raises(ValueError, match=re.escape("x and y must have one shape, got (3, 4) and "
+                                                   "(2, 4)")):
+        additivity_defect(f, torch.rand(3, 4), torch.rand(2, 4))

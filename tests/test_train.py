@@ -3,6 +3,7 @@ Ctrl-C stops a run after a finished step with a checkpoint to resume from."""
 
 import math
 import os
+import re
 import signal
 
 import pytest
@@ -168,3 +169,42 @@ def test_a_signal_during_the_last_step_is_not_lost(module, rings, tmp_path, monk
     with pytest.raises(Interrupted, match=rf"stopped after step {cfg.steps}; checkpoint in .*"):
         module.train(model, rings, cfg, run=Run.open(tmp_path, {}), progress=False)
     assert Run.open(tmp_path, {}, resume=True).resumed_state["step"] == cfg.steps
+
+
+TRAINERS = [(backprop, {}), (es_train, {"pop": 4}), (cmaes, {})]
+
+
+@pytest.mark.parametrize("module, base", TRAINERS)
+@pytest.mark.parametrize("changes, message", [
+    ({"steps": 2.5}, "steps = 2.5: must be an integer >= 1"),
+    ({"steps": "3"}, "steps = '3': must be an integer >= 1"),
+    ({"batch_size": True}, "batch_size = True: must be an integer >= 1"),
+    ({"seed": 1.5}, "seed must be an integer in [0, 2**63), got 1.5"),
+    ({"seed": -1}, "seed must be an integer in [0, 2**63), got -1"),
+])
+def test_every_trainer_refuses_counts_and_seeds_that_are_not_integers(module, base, changes,
+                                                                       message, rings):
+    cfg = module.Config(**{**base, "steps": 1, "batch_size": 8, **changes})
+    with pytest.raises(ValueError, match=re.escape(message)):
+        module.train(DeepLinear([2, 8, 8, 2]), rings, cfg, progress=False)
+
+
+@pytest.mark.parametrize("module, base", TRAINERS)
+def test_non_finite_starting_weights_are_named_not_reported_as_divergence(module, base, rings):
+    net = DeepLinear([2, 8, 8, 2])
+    with torch.no_grad():
+        net.biases[2][1] = math.inf
+    cfg = module.Config(**{**base, "steps": 1, "batch_size": 8, "init_gain": None})
+    with pytest.raises(ValueError, match=re.escape(
+            "the model has non-finite weights in biases.2; initialise the model again")):
+        module.train(net, rings, cfg, progress=False)
+
+
+@pytest.mark.parametrize("module, base", TRAINERS)
+def test_wrong_argument_types_are_named(module, base, rings):
+    with pytest.raises(ValueError, match=r"data must be a deeplinear\.data\.Dataset .*got str"):
+        module.train(DeepLinear([2, 8, 8, 2]), "rings", module.Config(**base), progress=False)
+    other = backprop.Config() if module is not backprop else es_train.Config()
+    for cfg in (None, {"steps": 1}, other):
+        with pytest.raises(ValueError, match=f"cfg must be a {module.__name__}.Config, got"):
+            module.train(DeepLinear([2, 8, 8, 2]), rings, cfg, progress=False)

@@ -178,7 +178,9 @@ def test_a_model_on_a_gpu_trains_as_on_the_cpu_and_stays_on_the_gpu():
 @pytest.mark.parametrize("changes, match", [
     ({"fitness": "reward"}, "fitness"), ({"pop": 1}, "pop"), ({"steps": 0}, "steps"),
     ({"sigma": -1.0}, "sigma"), ({"init_gain": 0.0}, "init_gain"),
-    ({"batch_size": 10_000}, "batch_size"), ({"seed": -1}, r"seed must be in \[0, 2\*\*32\)"),
+    ({"batch_size": 10_000}, "batch_size"),
+    ({"seed": 2**32}, r"seed must be in \[0, 2\*\*32\) for CMA-ES"),
+    ({"seed": -1}, r"seed must be an integer in \[0, 2\*\*63\), got -1"),
 ])
 def test_bad_config_is_a_clear_error(changes, match):
     with pytest.raises(ValueError, match=match):

@@ -13,11 +13,15 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
-from deeplinear.nets import DeepLinear, Mode
+from deeplinear.nets import DeepLinear, Mode, check_finite
 
 
 def collapse(net: DeepLinear) -> tuple[Tensor, Tensor]:
     """The single affine map ``x @ W + b`` (float64) the network equals without underflow."""
+    if not isinstance(net, DeepLinear):
+        raise ValueError(f"collapse multiplies out a DeepLinear's layers; a "
+                         f"{type(net).__name__} is not one")
+    check_finite(net, "a diverged or damaged net has no collapse to compare; load finite weights")
     w = torch.eye(net.sizes[0], dtype=torch.float64)
     b = torch.zeros(net.sizes[0], dtype=torch.float64)
     for wi, bi in zip(net.weights, net.biases, strict=True):
@@ -42,13 +46,13 @@ def collapse_gap(net: DeepLinear, x: Tensor, mode: Mode = "exact") -> CollapseGa
 
     Both sides see the same float32 inputs (the net rounds ``x`` to float32 before layer 1).
     """
+    w, b = collapse(net)
     x = net.check_input(x)
     if x.numel() == 0:
         raise ValueError("no inputs: the collapse gap needs at least one row of x")
     if not bool(torch.isfinite(x).all()):
         raise ValueError("inputs contain NaN or infinity: the collapse gap needs finite inputs "
                          "(drop or impute those rows)")
-    w, b = collapse(net)
     lin = x.double() @ w + b
     out = net(x, mode=mode).double()
     diff = out - lin

@@ -50,6 +50,38 @@ class Dataset:
     n_classes: int
     shape: tuple[int, ...]  # one sample before flattening, e.g. (28, 28)
 
+    def __post_init__(self) -> None:
+        """Refuse, naming the field and the fix, what would fail deep inside a trainer or score
+        silently wrong: float64 inputs (the nets run float32), labels of shape (N, 1) (they
+        broadcast into an N x N comparison), labels outside the classes, NaN or infinite inputs
+        (a trainer would report them as its own divergence)."""
+        if not isinstance(self.n_classes, int) or self.n_classes < 2:
+            raise DataError(f"{self.name}: n_classes must be an integer >= 2, got "
+                            f"{self.n_classes!r}")
+        width = None
+        for split in ("train", "test"):
+            x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
+            if not isinstance(x, Tensor) or not isinstance(y, Tensor):
+                raise DataError(f"{self.name}: x_{split} and y_{split} must be torch tensors, got "
+                                f"{type(x).__name__} and {type(y).__name__}")
+            if x.dtype != torch.float32 or x.dim() != 2:
+                raise DataError(f"{self.name}: x_{split} must be float32 of shape (N, features), "
+                                f"got {x.dtype} {tuple(x.shape)}; pass x.float().flatten(1)")
+            if y.dtype != torch.int64 or y.shape != (len(x),):
+                raise DataError(f"{self.name}: y_{split} must be int64 of shape ({len(x)},) to "
+                                f"match x_{split}, got {y.dtype} {tuple(y.shape)}; pass "
+                                "y.long().flatten()")
+            if width is not None and x.shape[1] != width:
+                raise DataError(f"{self.name}: x_test has {x.shape[1]} features but x_train has "
+                                f"{width}; both splits need the same features")
+            width = x.shape[1]
+            if len(y) and not 0 <= int(y.min()) <= int(y.max()) < self.n_classes:
+                raise DataError(f"{self.name}: y_{split} spans {int(y.min())}..{int(y.max())}, "
+                                f"outside 0..{self.n_classes - 1}; fix the labels or n_classes")
+            if not bool(torch.isfinite(x).all()):
+                raise DataError(f"{self.name}: x_{split} holds NaN or infinite values; drop or "
+                                "impute those rows")
+
     @property
     def n_features(self) -> int:
         return self.x_train.shape[1]
@@ -617,6 +649,11 @@ def load_dataset(
     built-in sets refuse it rather than ignore it, so a user who passes it learns it has no effect.
     """
     check_data_dir([name], data_dir)
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or \
+            not 0 <= seed < 2**32:
+        raise DataError(f"data seed must be an integer in [0, 2**32) (scikit-learn's range, "
+                        f"which splits digits), got {seed!r}")
+    seed = int(seed)
     if name in SYNTHETIC:
         ds = SYNTHETIC[name](seed=seed)
     elif name == "digits":

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from deeplinear.arithmetic import PRESETS, Semantics, preset_name
 from deeplinear.collapse import collapse
 from deeplinear.data import Dataset
-from deeplinear.nets import DeepLinear, Mode
+from deeplinear.nets import DeepLinear, Mode, check_finite, io_sizes
 
 BATCH = 5000
 
@@ -42,12 +42,38 @@ def logits(model: nn.Module, x: Tensor, mode: Mode = "scaled", batch_size: int =
 
 def accuracy(model: nn.Module, x: Tensor, y: Tensor, mode: Mode = "scaled",
              batch_size: int = BATCH) -> float:
-    """Fraction of rows whose argmax output is the label (``mode`` as in :func:`logits`)."""
+    """Fraction of rows whose argmax output is the label (``mode`` as in :func:`logits`).
+
+    Refuses what would score without complaint but mean nothing (see :func:`check_scored`).
+    """
+    check_scored(model, x, y)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    return float((logits(model, x, mode, batch_size).argmax(1) == y).double().mean())
+
+
+def check_scored(model: nn.Module, x: Tensor, y: Tensor) -> None:
+    """One-line errors for a scoring that would return a number without meaning: no rows, labels
+    of shape (N, 1) (they broadcast to an N x N comparison), NaN weights or inputs (argmax reads
+    a NaN row as class 0)."""
     if len(x) == 0:
         raise ValueError("accuracy of an empty set is undefined; pass at least one sample")
-    if len(y) != len(x):
-        raise ValueError(f"got {len(x)} inputs but {len(y)} labels; pass one label per row")
-    return float((logits(model, x, mode, batch_size).argmax(1) == y).double().mean())
+    if y.shape != (len(x),):
+        raise ValueError(f"got {len(x)} inputs but labels of shape {tuple(y.shape)}; pass one "
+                         f"label per row, shape ({len(x)},)")
+    check_finite(model, "the run diverged or the weights are damaged: train again or load "
+                 "finite weights")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("inputs contain NaN or infinity; drop or impute those rows")
+
+
+def check_fits(model: nn.Module, data: Dataset) -> None:
+    """A one-line error unless ``model`` maps ``data``'s features to its classes: a net with more
+    outputs than classes would still score (its argmax lands on a missing class now and then)."""
+    n_in, n_out = io_sizes(model)
+    if n_in != data.n_features or n_out != data.n_classes:
+        raise ValueError(f"model maps {n_in} -> {n_out} but {data.name} has {data.n_features} "
+                         f"features and {data.n_classes} classes; fix the sizes")
 
 
 def paired(correct_a: Tensor, correct_b: Tensor) -> dict[str, float]:
@@ -83,6 +109,10 @@ def portability(net: DeepLinear, data: Dataset, batch_size: int = BATCH) -> dict
     Returns ``{"own": NAME, "test_acc": {NAME: acc, ..., "collapsed": acc}, "seconds": {...}}``;
     ``collapsed`` is the affine map the layers multiply out to (what a float-blind view sees).
     """
+    if not isinstance(net, DeepLinear):
+        raise ValueError(f"portability runs a DeepLinear under each float semantics; a "
+                         f"{type(net).__name__} has none: score it with evaluate.accuracy")
+    check_fits(net, data)
     own = semantics_name(net)
     acc: dict[str, float] = {}
     seconds: dict[str, float] = {}
@@ -105,6 +135,8 @@ def portability(net: DeepLinear, data: Dataset, batch_size: int = BATCH) -> dict
 def collapsed_accuracy(net: DeepLinear, x: Tensor, y: Tensor) -> float:
     """Accuracy of the affine map the layers multiply out to (in float64): what the net would
     score if depth added nothing, the float-blind view of it."""
+    x = net.check_input(x)
+    check_scored(net, x, y)
     w, b = collapse(net)
     return float(((x.double() @ w + b).argmax(1) == y).double().mean())
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -55,14 +55,24 @@ def staircase(u: Tensor, threshold: float, step: float) -> Tensor:
 def parse_sizes(text: str | Sequence[int]) -> list[int]:
     """``"784,512,512,10"`` -> ``[784, 512, 512, 10]`` with a one-line error for bad input."""
     try:
-        sizes = [int(s) for s in text.split(",")] if isinstance(text, str) else list(text)
+        sizes = [int(s) for s in text.split(",")] if isinstance(text, str) else \
+            [ar.integer(s) for s in text]
     except (ValueError, TypeError):
         raise ValueError(f"bad sizes {text!r}: use integers like 784,512,10") from None
-    if any(isinstance(s, bool) or not isinstance(s, int) for s in sizes):
+    if any(s is None for s in sizes):
         raise ValueError(f"bad sizes {text!r}: use integers like 784,512,10")
-    if len(sizes) < 2 or any(s < 1 for s in sizes):
-        raise ValueError(f"bad sizes {text!r}: need at least two positive layer widths")
-    return sizes
+    if len(sizes) < 2:
+        raise ValueError(f"bad sizes {text!r}: need at least two layer widths (in, out)")
+    if any(s < 1 for s in sizes):  # type: ignore[operator]
+        raise ValueError(f"bad sizes {text!r}: every layer width must be >= 1")
+    return sizes  # type: ignore[return-value]
+
+
+def _exponent(value: object) -> int:
+    k = ar.integer(value)
+    if k is None:
+        raise ValueError(f"scale exponent must be an integer like 125, got {value!r}")
+    return k
 
 
 SCALE_EXP = 125  # the 2017 net's scale 2^125: N(0, 1)-sized values straddle the dead zone |u| < 1/2
@@ -86,47 +96,78 @@ class DeepLinear(nn.Module):
     the regime's own float operations (:meth:`~deeplinear.regimes.Regime.exact`).
     """
 
-    def __init__(self, sizes: Sequence[int], scale_exp: int = SCALE_EXP,
-                 semantics: Semantics | str = TF_GPU, generator: torch.Generator | None = None,
-                 regime: Regime | None = None) -> None:
+    def __init__(self, sizes: Sequence[int], scale_exp: int | None = None,
+                 semantics: Semantics | str | None = None,
+                 generator: torch.Generator | None = None,
+                 regime: Regime | str | None = None) -> None:
+        """``scale_exp`` defaults to :data:`SCALE_EXP` and ``semantics`` to TF_GPU (a preset's
+        name or a :class:`Semantics`); ``regime``, a :class:`~deeplinear.regimes.Regime` or its
+        text (``"absorption:9"``), sets both."""
         super().__init__()
         self.sizes = parse_sizes(sizes)
         if len(self.sizes) < 3:
             raise ValueError("DeepLinear needs at least one hidden layer (sizes like 784,512,10)")
-        semantics = as_semantics(semantics)
-        k = ar.integer(scale_exp)
-        if k is None:
-            raise ValueError("scale exponent must be an integer like 125")
-        scale_exp = k
         if regime is not None:
-            if (scale_exp, semantics) != (SCALE_EXP, TF_GPU):
+            if scale_exp is not None or semantics is not None:
                 raise ValueError("pass a regime or scale_exp/semantics, not both: "
                                  "the regime sets them")
-            scale_exp, semantics = regime.scale_exp, regime.semantics if regime.native else IEEE
+            if isinstance(regime, str):
+                from deeplinear.regimes import Regime
+                regime = Regime.parse(regime)
+            k, semantics = regime.scale_exp, regime.semantics if regime.native else IEEE
+        else:
+            k = SCALE_EXP if scale_exp is None else _exponent(scale_exp)
+            semantics = TF_GPU if semantics is None else as_semantics(semantics)
         self.regime = None if regime is None or regime.native else regime
-        if self.regime is None:
-            # Scaled mode is float32 arithmetic whose only rule is underflow: the format must be
-            # float32 and the scale must push hidden values down (k >= 0; k < 0 scales them up,
-            # where exact mode overflows and scaled mode cannot follow), 2^-k a nonzero float32.
-            if semantics.format != "float32":
-                raise ValueError(f"DeepLinear runs float32 (its scaled mode is float32 "
-                                 f"arithmetic), not {semantics.format}; other formats run as a "
-                                 "regime: DeepLinear(sizes, regime=deeplinear.regimes.Regime(...))")
-            high = round(-math.log2(semantics.fmt.min_subnormal))
-            if not 0 <= scale_exp <= high:
-                what = f"regime {regime.label}" if regime is not None else \
-                    f"scale exponent {scale_exp} (--scale-exp)"
-                raise ValueError(f"{what} is out of range for a net: 0 <= k <= {high} (2^-k must "
-                                 "be a nonzero float32 that moves hidden values toward "
-                                 f"underflow); the 2017 net uses {SCALE_EXP}")
-        self.scale_exp = scale_exp
-        self.semantics = semantics
+        self._check(k, semantics, regime)
+        self._scale_exp, self._semantics = k, semantics
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
         for n_in, n_out in zip(self.sizes[:-1], self.sizes[1:], strict=True):
             w = torch.randn(n_in, n_out, generator=generator) * math.sqrt(2.0 / n_in)  # He-normal
             self.weights.append(nn.Parameter(w))
             self.biases.append(nn.Parameter(torch.zeros(n_out)))
+
+    def _check(self, k: int, semantics: Semantics, regime: Regime | None = None) -> None:
+        """Refuse a scale and semantics scaled mode cannot run (the constructor's arguments, or
+        a later ``net.semantics = ...`` / ``net.scale_exp = ...``, checked alike)."""
+        if self.regime is not None:
+            return
+        # Scaled mode is float32 arithmetic whose only rule is underflow: the format must be
+        # float32 and the scale must push hidden values down (k >= 0; k < 0 scales them up,
+        # where exact mode overflows and scaled mode cannot follow), 2^-k a nonzero float32.
+        if semantics.format != "float32":
+            raise ValueError(f"DeepLinear runs float32 (its scaled mode is float32 "
+                             f"arithmetic), not {semantics.format}; other formats run as a "
+                             "regime: DeepLinear(sizes, regime=deeplinear.regimes.Regime(...))")
+        high = round(-math.log2(semantics.fmt.min_subnormal))
+        if not 0 <= k <= high:
+            what = f"regime {regime.label}" if regime is not None else \
+                f"scale exponent {k} (--scale-exp)"
+            raise ValueError(f"{what} is out of range for a net: 0 <= k <= {high} (2^-k must "
+                             "be a nonzero float32 that moves hidden values toward "
+                             f"underflow); the 2017 net uses {SCALE_EXP}")
+
+    @property
+    def semantics(self) -> Semantics:
+        return self._semantics
+
+    @semantics.setter
+    def semantics(self, value: Semantics | str) -> None:
+        """Another arithmetic for the same weights (a preset's name or a :class:`Semantics`)."""
+        sem = as_semantics(value)
+        self._check(self._scale_exp, sem)
+        self._semantics = sem
+
+    @property
+    def scale_exp(self) -> int:
+        return self._scale_exp
+
+    @scale_exp.setter
+    def scale_exp(self, value: int) -> None:
+        k = _exponent(value)
+        self._check(k, self._semantics)
+        self._scale_exp = k
 
     # -- the underflow rule in scaled units -------------------------------------------------------
     @property
@@ -159,8 +200,15 @@ class DeepLinear(nn.Module):
         autograd function = float-aware training). Exact-mode values are converted to scaled units
         exactly (a power-of-two scale). In exact mode a hidden layer's flush happens inside its bias
         add, so there ``u`` is the add's flushed result; :func:`deeplinear.probes.layer_values`
-        recomputes the pre-flush values when they are needed.
+        recomputes the pre-flush values when they are needed. Exact mode reads the weights
+        detached: no gradient reaches them through it (its ops are not differentiable), so
+        training runs in scaled mode.
         """
+        wrong = {p.dtype for p in self.parameters()} - {torch.float32}
+        if wrong:
+            raise ValueError(f"the net's parameters are {', '.join(map(str, wrong))}; DeepLinear "
+                             "computes in float32 (its semantics are float32 arithmetic): call "
+                             "net.float()")
         if mode == "exact":
             if self.regime is None:
                 return self._trace_exact(self.check_input(x))
@@ -223,6 +271,32 @@ class DeepLinear(nn.Module):
                 h = ar.scale(u, k, sem)
                 out.append((units(u), h))
         return out
+
+
+def io_sizes(model: nn.Module) -> tuple[int, int]:
+    """(input features, outputs) of a DeepLinear, MLP or SoftmaxRegression."""
+    if isinstance(model, DeepLinear):
+        return model.sizes[0], model.sizes[-1]
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"{type(model).__name__} is not a model deeplinear knows: no linear "
+                         "layers found; pass a DeepLinear, MLP or SoftmaxRegression")
+    return linears[0].in_features, linears[-1].out_features
+
+
+def nonfinite(named: Iterable[tuple[str, Tensor]]) -> list[str]:
+    """The names of the floating-point tensors in ``named`` (``model.named_parameters()``, a
+    state dict's items) that hold NaN or infinity."""
+    return [k for k, v in named
+            if torch.is_floating_point(v) and not bool(torch.isfinite(v).all())]
+
+
+def check_finite(model: nn.Module, fix: str) -> None:
+    """A one-line error naming ``model``'s non-finite parameters, then ``fix``: NaN weights
+    would otherwise score as whatever class argmax picks for NaN rows (class 0)."""
+    bad = nonfinite(model.named_parameters())
+    if bad:
+        raise ValueError(f"the model has non-finite weights in {', '.join(bad)}; {fix}")
 
 
 class SoftmaxRegression(nn.Module):

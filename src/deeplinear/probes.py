@@ -54,7 +54,9 @@ def semantics_label(sem: Semantics) -> str:
                                 + ("/saturate" if sem.saturates else ""))
 
 
-def _resolve(semantics: Sequence[str | Semantics]) -> dict[str, Semantics]:
+def _resolve(semantics: Sequence[str | Semantics] | str | Semantics) -> dict[str, Semantics]:
+    if isinstance(semantics, (str, Semantics)):  # one, not a sequence of characters
+        semantics = [semantics]
     out: dict[str, Semantics] = {}
     for s in semantics:
         sem = ar.get_semantics(s) if isinstance(s, str) else s
@@ -211,6 +213,12 @@ def find_counterexamples(law: Law, semantics: Semantics | str, n: int = 100_000,
 Fn = Callable[[Tensor], Tensor]
 
 
+def _rows(*xs: Tensor) -> None:
+    """A defect over no rows is 0 or NaN, which would read as "linear" or pass unnoticed."""
+    if any(len(x) == 0 for x in xs):
+        raise ValueError("no inputs: a probe needs at least one row of x")
+
+
 def _eval(f: Fn, x: Tensor) -> Tensor:
     with torch.no_grad():
         return f(x).detach().double()
@@ -222,6 +230,10 @@ def _rel(diff: Tensor, ref: Tensor) -> float:
 
 def additivity_defect(f: Fn, x: Tensor, y: Tensor) -> float:
     """``||f(x+y) - f(x) - f(y) + f(0)|| / ||f(x) + f(y) - 2 f(0)||``: superposition's error."""
+    _rows(x, y)
+    if x.shape != y.shape:
+        raise ValueError(f"x and y must have one shape, got {tuple(x.shape)} and "
+                         f"{tuple(y.shape)}: superposition adds them row by row")
     f0 = _eval(f, torch.zeros_like(x[:1]))
     fx, fy = _eval(f, x) - f0, _eval(f, y) - f0
     return _rel(_eval(f, x + y) - f0 - fx - fy, fx + fy)
@@ -229,6 +241,7 @@ def additivity_defect(f: Fn, x: Tensor, y: Tensor) -> float:
 
 def homogeneity_defect(f: Fn, x: Tensor, a: float) -> float:
     """``||f(a x) - f(0) - a (f(x) - f(0))|| / ||a (f(x) - f(0))||``."""
+    _rows(x)
     f0 = _eval(f, torch.zeros_like(x[:1]))
     pred = a * (_eval(f, x) - f0)
     return _rel(_eval(f, a * x) - f0 - pred, pred)
@@ -271,6 +284,7 @@ def layer_values(net: DeepLinear, x: Tensor, mode: Mode = "exact") -> list[tuple
 
 def occupancy(net: DeepLinear, x: Tensor, mode: Mode = "exact") -> list[float]:
     """Per layer, the fraction of values underflow zeroed: ``u != 0`` and ``h == 0``."""
+    _rows(x)
     return [float(((u != 0) & (h == 0)).double().mean()) for u, h in layer_values(net, x, mode)]
 
 
@@ -324,7 +338,8 @@ def implicit_activation(net: DeepLinear, x0: Tensor, d: Tensor, t: Tensor, layer
 # --- the report ---------------------------------------------------------------------------------
 
 
-def make_nets(sizes: Sequence[int] | str, semantics: Sequence[str | Semantics], seed: int = 0,
+def make_nets(sizes: Sequence[int] | str,
+              semantics: Sequence[str | Semantics] | str | Semantics, seed: int = 0,
               scale_exp: int = SCALE_EXP) -> dict[str, DeepLinear]:
     """One net per semantics, all with the same seeded He-normal weights (zero biases)."""
     sizes = parse_sizes(sizes)

@@ -33,6 +33,7 @@ from typing import Any, TextIO
 import torch
 
 from deeplinear.arithmetic import get_semantics
+from deeplinear.nets import nonfinite
 
 
 def make_dir(d: Path) -> Path:
@@ -230,8 +231,7 @@ def load_final(path: str | Path) -> dict[str, Any]:
     if malformed:
         raise ValueError(f"{path}: malformed {', '.join(malformed)} entry; pass the final.pt "
                          "that deeplinear train or reproduce wrote")
-    bad = [k for k, v in payload["state_dict"].items()
-           if torch.is_floating_point(v) and not bool(torch.isfinite(v).all())]
+    bad = nonfinite(payload["state_dict"].items())
     if bad:
         raise ValueError(f"{path}: non-finite weights in {', '.join(bad)}; the run diverged, "
                          "retrain with a lower --lr")

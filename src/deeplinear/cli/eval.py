@@ -80,8 +80,7 @@ def load_data(payload: dict[str, Any], dataset: str | None = None, data_dir: str
 def evaluate_payload(payload: dict[str, Any], semantics: str, dataset: str | None = None,
                      data_dir: str | None = None, n_test: int | None = None) -> dict[str, Any]:
     from deeplinear import evaluate
-    from deeplinear.nets import DeepLinear
-    from deeplinear.train.backprop import io_sizes
+    from deeplinear.nets import DeepLinear, io_sizes
 
     data = load_data(payload, dataset, data_dir, n_test)
     model = rebuild(payload)

@@ -3,11 +3,13 @@ them freely:
 
 - ``Config``: a dataclass of hyperparameters, JSON-serialisable via ``dataclasses.asdict``, with at
   least ``seed``, ``steps`` (optimisation steps or generations), ``batch_size``, ``eval_every``,
-  ``checkpoint_every`` and ``eval_n``;
+  ``checkpoint_every``, ``eval_n``, ``init_gain`` and ``threads``, checked when ``train`` starts
+  (``cfg.validate()``); backprop's and ES's also ``device`` (CMA-ES computes on the CPU);
 - ``train(model, data, cfg, run=None, progress=True) -> list[dict]``: trains ``model`` in place and
   returns the metric rows it logged (``step``, ``wall_s``, ``loss``, ``train_acc``, ``test_acc``,
   ...). With ``run.resumed_state`` it continues from that checkpoint and ends bit-identical to an
-  uninterrupted run with the same seed.
+  uninterrupted run with the same seed. ``progress`` prints a line with rate and ETA to stderr;
+  ES's ``train`` also takes ``evaluate`` (the population's scores from elsewhere, e.g. Ray).
 
 The modules are not imported here, so one can be used while another is absent or broken; what
 they share lives here.
@@ -26,9 +28,10 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from deeplinear.arithmetic import integer
 from deeplinear.data import Dataset
-from deeplinear.evaluate import accuracy
-from deeplinear.nets import DeepLinear
+from deeplinear.evaluate import accuracy, check_fits
+from deeplinear.nets import DeepLinear, check_finite
 
 FITNESS = ("loss", "error")  # what an evolution strategy minimises on its minibatch
 
@@ -142,10 +145,14 @@ def check_config(cfg: Any) -> None:
     """The checks every trainer's ``Config.validate`` shares: step counts >= 1 (the error names
     the ones that are not), init gain and threads."""
     counts = ("steps", "batch_size", "eval_every", "checkpoint_every", "eval_n")
-    bad = [f"{name} = {getattr(cfg, name)}" for name in counts if getattr(cfg, name) < 1]
+    bad = [f"{name} = {getattr(cfg, name)!r}" for name in counts
+           if (n := integer(getattr(cfg, name))) is None or n < 1]
     if bad:
-        raise ValueError(f"{', '.join(bad)}: must be >= 1 (flags --steps, --batch-size, "
-                         "--eval-every, --checkpoint-every, --eval-n)")
+        raise ValueError(f"{', '.join(bad)}: must be an integer >= 1 (flags --steps, "
+                         "--batch-size, --eval-every, --checkpoint-every, --eval-n)")
+    seed = integer(cfg.seed)
+    if seed is None or not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be an integer in [0, 2**63), got {cfg.seed!r}")
     if cfg.init_gain is not None and not cfg.init_gain > 0:
         raise ValueError(f"init_gain must be > 0 or None, got {cfg.init_gain}")
     if cfg.threads is not None and cfg.threads < 1:
@@ -166,18 +173,36 @@ def check_evolution_config(cfg: Any) -> None:
         raise ValueError(f"unknown fitness {cfg.fitness!r}; use {', '.join(FITNESS)}")
 
 
-def check_evolvable(model: nn.Module, data: Dataset, cfg: Any, method: str) -> None:
-    """One-line errors for what an evolution strategy cannot train, then :func:`use_threads`."""
-    if not isinstance(model, DeepLinear):
-        raise ValueError(f"{method} trains deep linear nets only, not {type(model).__name__}; "
-                         "use the backprop trainer")
-    if model.sizes[0] != data.n_features or model.sizes[-1] != data.n_classes:
-        raise ValueError(f"model maps {model.sizes[0]} -> {model.sizes[-1]} but {data.name} has "
-                         f"{data.n_features} features and {data.n_classes} classes; fix the sizes")
+def check_arguments(data: Any, cfg: Any, config: type[Any]) -> None:
+    """``train``'s first check: a :class:`Dataset` and its own trainer's ``Config``, named, not
+    an AttributeError from deep inside."""
+    if not isinstance(data, Dataset):
+        raise ValueError(f"data must be a deeplinear.data.Dataset (load_dataset(name)), got "
+                         f"{type(data).__name__}")
+    if not isinstance(cfg, config):
+        raise ValueError(f"cfg must be a {config.__module__}.Config, got "
+                         f"{type(cfg).__module__}.{type(cfg).__name__}")
+    cfg.validate()
+
+
+def check_trainable(model: nn.Module, data: Dataset, cfg: Any) -> None:
+    """One-line errors for a model and data no trainer can use together (another width, a batch
+    larger than the set, non-finite starting weights, which would be reported as the run's own
+    divergence), then :func:`use_threads`."""
+    check_fits(model, data)
     if cfg.batch_size > len(data.x_train):
         raise ValueError(f"batch_size {cfg.batch_size} exceeds the {len(data.x_train)} training "
                          "samples; lower the batch size (--batch-size)")
+    check_finite(model, "initialise the model again or load finite weights")
     use_threads(cfg)
+
+
+def check_evolvable(model: nn.Module, data: Dataset, cfg: Any, method: str) -> None:
+    """:func:`check_trainable` for an evolution strategy, which trains deep linear nets only."""
+    if not isinstance(model, DeepLinear):
+        raise ValueError(f"{method} trains deep linear nets only, not {type(model).__name__}; "
+                         "use the backprop trainer")
+    check_trainable(model, data, cfg)
 
 
 def scores(model: nn.Module, data: Dataset, n: int) -> dict[str, float]:

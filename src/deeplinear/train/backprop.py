@@ -7,7 +7,8 @@ underflow rule forward and differ in the gradient they pass back (:mod:`deepline
 Evaluation during training uses scaled mode with the real rule; the ground truth (exact mode) is
 left to the caller because it is slow on x86.
 
-The float-aware recipe (``surrogate=FLOAT_AWARE`` with the other ``Config`` defaults; the default
+The float-aware recipe (``surrogate="smooth"``, :data:`deeplinear.surrogate.FLOAT_AWARE`, with the
+other ``Config`` defaults; the default
 surrogate is ``blind``, plain backprop), chosen by sweeps of surrogate x init gain x lr x width on
 spirals/rings/checkerboard and Fashion-MNIST 784-512-512-10 (10 epochs, batch 128):
 
@@ -50,19 +51,20 @@ from torch import Tensor, nn
 
 from deeplinear.arithmetic import ftz_is_on, hardware_ftz
 from deeplinear.data import Dataset
-from deeplinear.nets import DeepLinear
+from deeplinear.nets import DeepLinear, nonfinite
 from deeplinear.probes import occupancy
 from deeplinear.runs import Progress, Run, rng_state, set_rng_state
 from deeplinear.surrogate import DEFAULT_TAU, KINDS, make_under
 from deeplinear.train import (
+    check_arguments,
     check_config,
     check_device,
+    check_trainable,
     interrupted,
     keeps_model_device,
     scores,
     stop_asked,
     stops_cleanly,
-    use_threads,
 )
 
 SCHEDULES = ("cosine", "step", "constant")
@@ -124,16 +126,6 @@ def lr_at(cfg: Config, step: int) -> float:
     else:
         factor = 1.0
     return cfg.lr * warm * factor
-
-
-def io_sizes(model: nn.Module) -> tuple[int, int]:
-    """(input features, outputs) of a DeepLinear, MLP or SoftmaxRegression."""
-    if isinstance(model, DeepLinear):
-        return model.sizes[0], model.sizes[-1]
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise ValueError(f"cannot train {type(model).__name__}: no linear layers found")
-    return linears[0].in_features, linears[-1].out_features
 
 
 CALIBRATION_ROWS = 2000  # the rows of x calibrate reads: a std to ~2%, at a bounded cost
@@ -220,10 +212,6 @@ def _step(opt: torch.optim.Optimizer, ftz: bool) -> None:
         opt.step()
 
 
-def _finite(model: nn.Module) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
-
-
 def _flushed_fraction(net: DeepLinear, x: Tensor) -> float:
     """Fraction of hidden pre-activations the real rule sends to zero (0: linear, 1: dead).
 
@@ -252,20 +240,13 @@ def train(model: nn.Module, data: Dataset, cfg: Config, run: Run | None = None,
 
 def _train(model: nn.Module, data: Dataset, cfg: Config, run: Run | None,
            progress: bool) -> list[dict[str, Any]]:
-    cfg.validate()
-    n_in, n_out = io_sizes(model)
-    if n_in != data.n_features or n_out != data.n_classes:
-        raise ValueError(f"model maps {n_in} -> {n_out} but {data.name} has {data.n_features} "
-                         f"features and {data.n_classes} classes; fix the sizes")
-    use_threads(cfg)
+    check_arguments(data, cfg, Config)
+    check_trainable(model, data, cfg)
     net = model if isinstance(model, DeepLinear) else None  # the deep linear net, if it is one
     if net is None and cfg.surrogate != "blind":
         raise ValueError(f"surrogate {cfg.surrogate!r} needs a deep linear model; "
                          f"{type(model).__name__} has no underflow to see")
     n = len(data.x_train)
-    if cfg.batch_size > n:
-        raise ValueError(f"batch_size {cfg.batch_size} exceeds the {n} training samples; lower "
-                         "the batch size (--batch-size)")
     device = check_device(cfg.device)
     model.to(device)
     x, y = data.x_train.to(device), data.y_train.to(device)
@@ -320,7 +301,7 @@ def _train(model: nn.Module, data: Dataset, cfg: Config, run: Run | None,
         is_eval = done % cfg.eval_every == 0 or done == cfg.steps
         stop = stop_asked()
         is_ckpt = done % cfg.checkpoint_every == 0 or done == cfg.steps or stop
-        if (is_eval or is_ckpt) and not _finite(model):
+        if (is_eval or is_ckpt) and nonfinite(model.named_parameters()):
             raise ValueError(f"training diverged at step {done}: non-finite weights; lower --lr "
                              f"({saved(last_ckpt)})")
         if is_eval:

@@ -51,6 +51,7 @@ from deeplinear.engine import (
 from deeplinear.nets import DeepLinear
 from deeplinear.runs import Progress, Run, rng_state, set_rng_state
 from deeplinear.train import (
+    check_arguments,
     check_evolution_config,
     check_evolvable,
     interrupted,
@@ -151,7 +152,7 @@ def train(model: DeepLinear, data: Dataset, cfg: Config, run: Run | None = None,
     gain nothing from a GPU); a model on another device goes back there however the run ends.
     """
     model.cpu()
-    cfg.validate()
+    check_arguments(data, cfg, Config)
     check_evolvable(model, data, cfg, "CMA-ES")
     layout = es.Layout.of(model.sizes)
     if layout.n > MAX_PARAMS:

@@ -34,6 +34,7 @@ from deeplinear.engine import DEFAULT_MAX_BYTES, Engine, member_errors
 from deeplinear.nets import DeepLinear
 from deeplinear.runs import Progress, Run, rng_state, set_rng_state
 from deeplinear.train import (
+    check_arguments,
     check_device,
     check_evolution_config,
     check_evolvable,
@@ -113,7 +114,7 @@ def train(model: DeepLinear, data: Dataset, cfg: Config, run: Run | None = None,
     ``evaluate(pop, idx) -> (loss, acc)`` scores the members on training rows ``idx`` instead of
     the local engine, bit for bit as it would (e.g. :class:`deeplinear.distributed.RayEvaluator`).
     """
-    cfg.validate()
+    check_arguments(data, cfg, Config)
     check_evolvable(model, data, cfg, "ES")
     device = check_device(cfg.device)
     model.to(device)
