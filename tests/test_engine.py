@@ -20,7 +20,7 @@ from deeplinear.engine import (
     member_losses,
     stacked_logits,
 )
-from deeplinear.nets import DeepLinear
+from deeplinear.nets import DeepLinear, dead_zone
 
 SIZES = [24, 40, 32, 5]
 BATCH = 19
@@ -72,6 +72,32 @@ def test_full_rank_is_bit_identical_to_the_net_member_by_member(semantics):
     if semantics.flushes:
         assert (out == 0).any() and (out != 0).any()  # the rule really acted
     assert torch.equal(engine.losses(pop, x, y), member_losses(ref, y))
+
+
+@pytest.mark.parametrize("rank", [0, 3])
+def test_layer1_products_below_the_smallest_normal_are_flushed_as_the_net_does(rank, monkeypatch):
+    """CPU_FTZ_DAZ at a small scale (k = 4): layer 1's products are at true scale, so those
+    below 2^-126 are lost before the bias, in the net (see DeepLinear.pre_activation) and here;
+    full rank bit for bit. One hidden layer with biases at its threshold 2^-122 and no output
+    bias, so a unit the flush kills or spares shows in the logits."""
+    sizes = [24, 40, 5]
+    net = setup(CPU_FTZ_DAZ, sizes=sizes)[0]
+    net.scale_exp = 4
+    with torch.no_grad():
+        net.biases[0].copy_(net.biases[0].sign() * 2.0**-122)
+        net.biases[1].zero_()
+    s = es.Strategy(es.Layout.of(sizes), pop=10, sigma=0.3, rank=rank, table_size=1 << 16,
+                    sigma_blocks="biases.0=0,biases.1=0")  # the biases stay where they are
+    pop = es.ask(s, es.init(s, s.layout.flatten(net)))
+    x = (torch.rand(BATCH, 24, generator=torch.Generator().manual_seed(3)) + 0.5) * 2.0**-125
+    out = Engine(net, s).logits(pop, x)
+    u1 = x @ s.layout.layer(pop.theta, 0)[0]
+    assert ((u1 != 0) & (u1.abs() < 2.0**-126)).any()  # the case exists in this batch
+    if rank == 0:
+        with one_thread():
+            assert torch.equal(out, one_by_one(net, pop, x))
+    monkeypatch.setattr(engine_module, "layer1_flush", lambda net: None)
+    assert not torch.equal(out, Engine(net, s).logits(pop, x))  # the flush decides units here
 
 
 def test_full_rank_2017_shapes_are_bit_identical_to_the_net():
@@ -217,6 +243,8 @@ def test_lowrank_is_exactly_its_claimed_formulation(semantics, rank, sizes):
                 m = h @ w
                 m = m + (h @ a[p]) @ bs[p].T if sign > 0 else m - (h @ a[p]) @ bs[p].T
                 bj = b + db[p] if sign > 0 else b - db[p]
+                if i == 0 and semantics is CPU_FTZ_DAZ:  # the product at true scale
+                    m = dead_zone(m, semantics.fmt.min_normal)
                 u = m + bj if i == 0 else (rule(m) if semantics is CPU_FTZ_DAZ else m) + rule(bj)
                 h = rule(u)
             refs.append(h)

@@ -10,7 +10,8 @@ pin down which one we follow:
   ml_dtypes canonicalises bfloat16 and e5m2 NaNs and keeps float16 NaNs signalling, torch returns
   0xFFFF for every bfloat16 NaN and 0x7F/0xFF for every e5m2 NaN, so against those we check only
   that the result is a NaN of the right sign (torch bfloat16: only that it is a NaN);
-* float64 inputs: torch (every format) and ml_dtypes (bfloat16) round through float32 first,
+* float64 inputs: torch (every format) and ml_dtypes (bfloat16, float8_e4m3fn, float8_e5m2)
+  round through float32 first,
   which double-rounds near ties; we round once and check that against the definition.
 """
 

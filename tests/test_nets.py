@@ -359,3 +359,28 @@ def test_inputs_are_checked_and_converted(mode):
         net(torch.rand(3, 5), mode)
     with pytest.raises(ValueError, match="must be a torch tensor"):
         net(x.numpy(), mode)
+
+
+@pytest.mark.parametrize("sem", [*PRESETS.values(), Semantics("float32", "ftz_daz", "elementwise")],
+                         ids=[*PRESETS, "ftz_daz_elementwise"])
+@pytest.mark.parametrize("k", [0, 3, 10, 24])
+def test_layer1_is_identical_in_both_modes_when_its_product_underflows(sem, k):
+    """Normal inputs, weights and biases whose products land around the smallest normal: where
+    the semantics flush a product (or read it through DAZ) exact mode loses the subnormal ones
+    before the bias, and so must scaled mode, or a small-k unit lives in one mode and is dead
+    in the other (found by an audit: 0 vs 1.2e-35 at k = 10 under CPU_FTZ_DAZ)."""
+    g = torch.Generator().manual_seed(k)
+    net = DeepLinear([16, 64, 8, 3], scale_exp=k, semantics=sem)
+    with torch.no_grad():
+        net.weights[0].copy_(torch.randn(16, 64, generator=g) * 2.0**-66)
+        # normal biases (DAZ would read a subnormal one as zero in exact mode only, a documented
+        # exception) around the rule's threshold t = 2^(k-126), on both sides where k allows
+        low = 1.0 if k == 0 else 0.5
+        sign = torch.randint(0, 2, (64,), generator=g) * 2 - 1
+        net.biases[0].copy_(sign * (low + torch.rand(64, generator=g)) * 2.0**(k - 126))
+    x = (torch.rand(512, 16, generator=g) + 0.5) * 2.0**-63  # sums of products near 2^-127
+    with torch.no_grad():
+        (_, exact), (_, scaled) = net.trace(x, "exact")[0], net.trace(x, "scaled")[0]
+    assert torch.equal(exact, scaled)
+    if sem.flushes:
+        assert 0 < float((scaled == 0).double().mean()) < 1  # the rule acts on some units

@@ -343,7 +343,9 @@ def matmul(a: Tensor, b: Tensor, sem: Semantics | str) -> Tensor:
     reproduce bit for bit (see ``tests/test_arithmetic.py`` for the measured agreement).
 
     Formats narrower than float32 accumulate in float32 and round each output once to the format
-    (what torch's float16 and bfloat16 CPU matmuls do, checked bit for bit), with the format's own
+    (what torch's float16 and bfloat16 CPU matmuls do, checked bit for bit on small products; on
+    larger ones torch's kernels sum otherwise and its result depends on the shape: 3 of 512
+    float16 outputs of a 1x784 @ 784x512 product differ by one ulp), with the format's own
     overflow (NaN for float8_e4m3fn, where torch's float8 matmul saturates) and, for scope
     ``all``, the tiny-after-rounding flush.
     """

@@ -23,8 +23,9 @@ Sections of a report:
 - ``targets``: low-rank vs full-rank generation time on the 2017 net at pop 1000.
 - ``ftz_share``: the share of evaluation time spent emulating the flush (the engine's in-place
   rule replaced by identity vs real).
-- ``exact``: the net's exact-mode forward (true scale, subnormal arithmetic; 11-27x slower on the
-  2-core Xeon VM of ``benchmarks/README.md``) vs scaled mode, one member.
+- ``exact``: the net's exact-mode forward (true scale, subnormal arithmetic; 19-23x slower for the
+  2017 net and 12-15x for the small one on the 2-core Xeon VM of ``benchmarks/README.md``, runs
+  1-7; 11-27x over every CPU measured there) vs scaled mode, one member.
 """
 
 from __future__ import annotations

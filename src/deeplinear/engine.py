@@ -66,14 +66,26 @@ def aligned(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
 
-def inplace_rule(net: DeepLinear):
+def inplace_dead_zone(threshold: float) -> Callable[[Tensor], Tensor]:
+    """``dead_zone(u, threshold)`` in place: ``|u| < threshold -> 0`` as one ``hardshrink``."""
+    lambd = float(np.nextafter(np.float32(threshold), np.float32(0)))
+    return lambda u: torch.hardshrink(u, lambd, out=u)
+
+
+def inplace_rule(net: DeepLinear) -> Callable[[Tensor], Tensor]:
     """The net's underflow rule (``net.under()``) as an in-place function of a float32 tensor."""
-    sem = net.semantics
-    if sem.flushes:
-        lambd = float(np.nextafter(np.float32(net.threshold), np.float32(0)))
-        return lambda u: torch.hardshrink(u, lambd, out=u)
+    if net.semantics.flushes:
+        return inplace_dead_zone(net.threshold)
     rule = net.under()
     return lambda u: u.copy_(rule(u))
+
+
+def layer1_flush(net: DeepLinear) -> Callable[[Tensor], Tensor] | None:
+    """Where the semantics flush a product (scope ``all``) or read it through DAZ, layer 1's
+    product (at true scale, before the bias) loses values below the format's smallest normal, as
+    in the net's scaled mode; None where nothing is flushed there."""
+    sem = net.semantics
+    return inplace_dead_zone(sem.fmt.min_normal) if sem.matmul_flush else None
 
 
 def member_losses(logits: Tensor, y: Tensor) -> Tensor:
@@ -139,6 +151,7 @@ def stacked_logits(net: DeepLinear, layout: Layout, members: Tensor, x: Tensor,
     out, as ``bench`` does to time the flush, reaches this path too).
     """
     rule, flush_matmul = rule or inplace_rule(net), net.semantics.matmul_flush
+    flush1 = layer1_flush(net)
     m, b = len(members), len(x)
     h = x.expand(m, *x.shape)
     for i in range(len(layout.weights)):
@@ -146,6 +159,8 @@ def stacked_logits(net: DeepLinear, layout: Layout, members: Tensor, x: Tensor,
         out = buf(f"u{i}", m, b, w.shape[2]) if buf is not None else None
         u = member_products(h, w, out)
         if i == 0:
+            if flush1 is not None:
+                flush1(u)
             u += bias[:, None]
         else:
             if flush_matmul:
@@ -172,6 +187,7 @@ class Engine:
         self.net, self.strategy, self.device = net, strategy, torch.device(strategy.device)
         self.max_bytes, self.chunk = max_bytes, chunk
         self.rule, self.flush_matmul = inplace_rule(net), net.semantics.matmul_flush
+        self.flush1 = layer1_flush(net)
         self._bufs: dict[str, Tensor] = {}
 
     # -- buffers ---------------------------------------------------------------------------------
@@ -273,6 +289,8 @@ class Engine:
                 delta = torch.bmm(xa, bs.transpose(1, 2), out=self._buf("delta", k, b, n_out))
                 torch.add(base, delta, out=u[:, 0])
                 torch.sub(base, delta, out=u[:, 1])
+                if self.flush1 is not None:
+                    self.flush1(u)
             elif n_out == 1:
                 # mm with one output column rounds a row by its position in the matrix, which
                 # would tie a member's result to its chunk: every product member by member (a

@@ -8,18 +8,27 @@ Mathematically this is one affine map (see :mod:`deeplinear.collapse`). In float
 values live near 1e-38, where the semantics' underflow rule acts as a hidden activation.
 
 ``exact`` mode executes exactly that, every op through :mod:`deeplinear.arithmetic`: the ground
-truth, but on x86 subnormal products make it slow (11-27x for whole nets here). ``scaled`` mode runs
-the same network in units of 2**-scale_exp, where every value is normal and each underflow becomes
-an explicit elementwise function of the float32 value (``dead_zone`` for FTZ, ``staircase`` for IEEE
+truth, but on x86 subnormal products make it slow (19-23x for the 2017 net on the 2-core VM of
+``benchmarks/README.md``, 11-27x over the CPUs measured there). ``scaled`` mode runs the same
+network in units of 2**-scale_exp, where every value is normal and each underflow becomes an
+explicit elementwise function of the float32 value (``dead_zone`` for FTZ, ``staircase`` for IEEE
 gradual underflow). Layer 1 and every bias are identical by construction: multiplying a float32 by a
 power of two commutes with rounding to 24 bits with unbounded exponent, which is exactly when x86
-decides "tiny". The modes can differ only inside hidden matmuls, whose exact-mode partial sums are
-rounded on the subnormal grid (absolute spacing 2**-149) instead of to 24 relative bits. (Under DAZ,
-a subnormal *input*, weight or layer-1 bias is read as zero by exact mode only; data and trained
-weights are not that small.) That difference is negligible while the hidden values are many grid
-steps wide, as for the dead zone at 2**125; it is not where the grid step is the point (the float32
-subnormal staircase at 2**149: there a hidden product's partial sums are themselves on the coarse
-grid, and the two modes compute different functions, measured argmax agreement 16%).
+decides "tiny" (where the semantics flush a product, layer 1's product, at true scale in both
+modes, loses its subnormal values in both: :meth:`DeepLinear.pre_activation`). The modes can differ
+only inside hidden matmuls, whose exact-mode partial sums are rounded on the subnormal grid
+(absolute spacing 2**-149) instead of to 24 relative bits. (Under DAZ, a subnormal *input*, weight
+or layer-1 bias is read as zero by exact mode only; data and trained weights are not that small.
+And scaled values are 2**k times the exact ones, so a hidden value above float32's max in scaled
+units, 2**(128 - k) at true scale, overflows in scaled mode only; trained nets are nowhere near.)
+That difference is negligible while the hidden values are many grid steps wide, as for the dead
+zone at 2**125; it is not where the grid step is the point (the float32 subnormal staircase at
+2**149: there a hidden product's partial sums are themselves on the coarse grid, and the two modes
+compute different functions, measured argmax agreement 16%).
+
+Both modes multiply with torch's float32 matmul, whose last bits may change with the thread count
+(MKL splits some products' sums across threads): results are bit-reproducible for a fixed thread
+count (the trainers' ``threads``, ``--threads``).
 """
 
 from __future__ import annotations
@@ -218,20 +227,23 @@ class DeepLinear(nn.Module):
             raise ValueError(f"unknown mode {mode!r}; use exact or scaled")
         x = self.check_input(x)
         f = under or self.under()
-        flush_matmul = self.semantics.matmul_flush
         out = []
         h = x
         for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
-            m = h @ w
-            if i == 0:
-                u = m + b
-            else:
-                if flush_matmul:
-                    m = f(m)
-                u = m + f(b)
+            u = self.pre_activation(i, h @ w, b, f)
             h = f(u)
             out.append((u, h))
         return out
+
+    def pre_activation(self, i: int, m: Tensor, b: Tensor, f: Under) -> Tensor:
+        """Layer ``i``'s value before the rule ``f``, in scaled units, from its product ``m = h @
+        W``. Where the semantics flush a product (or read it through DAZ) it loses its small
+        values first: layer 1's product is at true scale, so below the format's smallest normal
+        (not ``f``'s threshold); a hidden bias is ``b / s``, which underflows like a value."""
+        flush_matmul = self.semantics.matmul_flush
+        if i == 0:
+            return (dead_zone(m, self.semantics.fmt.min_normal) if flush_matmul else m) + b
+        return (f(m) if flush_matmul else m) + f(b)
 
     def check_input(self, x: Tensor) -> Tensor:
         """``x`` as float32 ``(..., sizes[0])``, or a one-line error naming what is wrong."""

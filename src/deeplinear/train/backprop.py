@@ -152,9 +152,6 @@ def calibrate(net: DeepLinear, x: Tensor, gain: float, center: bool = True,
     target, f = gain * net.threshold, net.under()
     flush_matmul = net.semantics.matmul_flush
 
-    def pre(i: int, m: Tensor, b: Tensor) -> Tensor:  # as DeepLinear.trace, from m = h @ w
-        return m + b if i == 0 else (f(m) if flush_matmul else m) + f(b)
-
     def spread(u: Tensor) -> float:
         std = float(u.std())
         if not (math.isfinite(std) and std > 0):
@@ -184,7 +181,7 @@ def calibrate(net: DeepLinear, x: Tensor, gain: float, center: bool = True,
         w.mul_(factor)
         b.mul_(factor)
         scale *= factor
-        h = f(pre(i, h @ w, b))
+        h = f(net.pre_activation(i, h @ w, b, f))
 
 
 def _bisect_scale(spread: Callable[[float], float], target: float, start: float) -> float:
