@@ -753,6 +753,7 @@ def test_a_data_seed_outside_what_every_set_takes_is_refused(seed):
         data.load_dataset("spirals", seed=seed)
 
 
-def test_a_numpy_seed_is_a_seed():
+def test_a_numpy_seed_is_a_seed_and_the_range_ends_at_scikit_learn_s():
     a, b = data.load_dataset("digits", seed=np.int64(3)), data.load_dataset("digits", seed=3)
     assert torch.equal(a.x_test, b.x_test)
+    assert len(data.load_dataset("digits", seed=2**32 - 1).y_test) == len(b.y_test)

@@ -74,25 +74,43 @@ def test_full_rank_is_bit_identical_to_the_net_member_by_member(semantics):
     assert torch.equal(engine.losses(pop, x, y), member_losses(ref, y))
 
 
-@pytest.mark.parametrize("rank", [0, 3])
-def test_layer1_products_below_the_smallest_normal_are_flushed_as_the_net_does(rank, monkeypatch):
-    """CPU_FTZ_DAZ at a small scale (k = 4): layer 1's products are at true scale, so those
-    below 2^-126 are lost before the bias, in the net (see DeepLinear.pre_activation) and here;
-    full rank bit for bit. One hidden layer with biases at its threshold 2^-122 and no output
-    bias, so a unit the flush kills or spares shows in the logits."""
+def tiny_layer1(semantics, rank=0):
+    """At k = 4, layer-1 products around 2^-126 and biases at the threshold 2^-122, one hidden
+    layer and no output bias, so whether a product is flushed decides units and shows in the
+    logits; the biases are not perturbed (their sigma factor is 0)."""
     sizes = [24, 40, 5]
-    net = setup(CPU_FTZ_DAZ, sizes=sizes)[0]
+    net = setup(semantics, sizes=sizes)[0]
     net.scale_exp = 4
     with torch.no_grad():
         net.biases[0].copy_(net.biases[0].sign() * 2.0**-122)
         net.biases[1].zero_()
     s = es.Strategy(es.Layout.of(sizes), pop=10, sigma=0.3, rank=rank, table_size=1 << 16,
-                    sigma_blocks="biases.0=0,biases.1=0")  # the biases stay where they are
+                    sigma_blocks="biases.0=0,biases.1=0")
     pop = es.ask(s, es.init(s, s.layout.flatten(net)))
     x = (torch.rand(BATCH, 24, generator=torch.Generator().manual_seed(3)) + 0.5) * 2.0**-125
-    out = Engine(net, s).logits(pop, x)
     u1 = x @ s.layout.layer(pop.theta, 0)[0]
     assert ((u1 != 0) & (u1.abs() < 2.0**-126)).any()  # the case exists in this batch
+    return net, s, pop, x
+
+
+def test_layer1_products_below_the_smallest_normal_are_kept_where_products_are_kept(monkeypatch):
+    """TF_GPU flushes results but not products (cuBLAS keeps subnormals): layer 1's subnormal
+    products reach the bias, in the engine as in the net, and flushing them changes units."""
+    net, s, pop, x = tiny_layer1(TF_GPU)
+    out = Engine(net, s).logits(pop, x)
+    with one_thread():
+        assert torch.equal(out, one_by_one(net, pop, x))
+    flush = engine_module.inplace_dead_zone(2.0**-126)
+    monkeypatch.setattr(engine_module, "layer1_flush", lambda net: flush)
+    assert not torch.equal(out, Engine(net, s).logits(pop, x))
+
+
+@pytest.mark.parametrize("rank", [0, 3])
+def test_layer1_products_below_the_smallest_normal_are_flushed_as_the_net_does(rank, monkeypatch):
+    """CPU_FTZ_DAZ: layer 1's products are at true scale, so those below 2^-126 are lost before
+    the bias, in the net (see DeepLinear.pre_activation) and here; full rank bit for bit."""
+    net, s, pop, x = tiny_layer1(CPU_FTZ_DAZ, rank)
+    out = Engine(net, s).logits(pop, x)
     if rank == 0:
         with one_thread():
             assert torch.equal(out, one_by_one(net, pop, x))

@@ -28,9 +28,21 @@ def test_fresh_run_layout_and_refuses_overwrite(tmp_path):
     with pytest.raises(FileExistsError, match=re.escape(
             "other settings (lr (run: 0.1, now: 0.2)); pass another --out")):
         Run.open(tmp_path / "r", {"lr": 0.2})
-    (tmp_path / "r" / "config.json").unlink()  # no readable settings: the plain refusal
+    for damaged in ("{", "[1, 2]"):  # settings that do not parse, or are not a run's
+        (tmp_path / "r" / "config.json").write_text(damaged)
+        with pytest.raises(FileExistsError, match="already holds a run; use --resume or another"):
+            Run.open(tmp_path / "r", {"lr": 0.2})
+    (tmp_path / "r" / "config.json").unlink()  # none at all: the plain refusal too
     with pytest.raises(FileExistsError, match="already holds a run; use --resume or another"):
         Run.open(tmp_path / "r", {"lr": 0.2})
+
+
+def test_a_config_with_tuples_compares_as_it_was_saved(tmp_path):
+    """JSON keeps a tuple as a list: the same settings given as tuples are still the same run."""
+    Run.open(tmp_path, {"sizes": (4, 8, 2)}).checkpoint({"step": 1})
+    with pytest.raises(FileExistsError, match="already holds this run"):
+        Run.open(tmp_path, {"sizes": (4, 8, 2)})
+    assert Run.open(tmp_path, {"sizes": (4, 8, 2)}, resume=True).resumed_state["step"] == 1
 
 
 def test_resume_truncates_metrics_after_checkpoint_and_checks_config(tmp_path):

@@ -181,6 +181,7 @@ TRAINERS = [(backprop, {}), (es_train, {"pop": 4}), (cmaes, {})]
     ({"batch_size": True}, "batch_size = True: must be an integer >= 1"),
     ({"seed": 1.5}, "seed must be an integer in [0, 2**63), got 1.5"),
     ({"seed": -1}, "seed must be an integer in [0, 2**63), got -1"),
+    ({"seed": 2**63}, "seed must be an integer in [0, 2**63), got 9223372036854775808"),
 ])
 def test_every_trainer_refuses_counts_and_seeds_that_are_not_integers(module, base, changes,
                                                                        message, rings):
@@ -208,3 +209,8 @@ def test_wrong_argument_types_are_named(module, base, rings):
     for cfg in (None, {"steps": 1}, other):
         with pytest.raises(ValueError, match=f"cfg must be a {module.__name__}.Config, got"):
             module.train(DeepLinear([2, 8, 8, 2]), rings, cfg, progress=False)
+
+
+def test_the_largest_seed_is_accepted(rings):
+    cfg = backprop.Config(steps=1, batch_size=8, seed=2**63 - 1)
+    assert len(backprop.train(DeepLinear([2, 8, 8, 2]), rings, cfg, progress=False)) == 1
