@@ -429,17 +429,26 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown runner(s) {', '.join(unknown)}; choose from {', '.join(RUNNERS)}")
     cfg = Config(net=args.net, pop=args.pop, batch=args.batch, gens=args.gens,
                  threads=args.threads, data_dir=args.data_dir)
+    from deeplinear.bench import load_avg, machine_info
+
+    machine = machine_info("cpu")  # with the load average: "quiet" is a measurement, not a word
+    del machine["threads"]  # this process's; each runner uses cfg.threads
     results = []
     for name in names:
         r = spawn(name, cfg)
         results.append(r)
         print(f"  {name}: {r.get('s_per_gen', r.get('error'))}", file=sys.stderr, flush=True)
+    machine["load_avg_1m_end"] = load_avg()
     print(table(results, cfg))
+    loads = " / ".join("-" if v is None else f"{v:.2f}"
+                       for v in (machine["load_avg_1m"], machine["load_avg_1m_end"]))
+    print(f"machine: {machine['cpu']}, {machine['cores']} cores; load average (1 min) at start / "
+          f"end: {loads}")
     print("versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"config": asdict(cfg), "versions": versions(), "results": results}, f,
-                      indent=2)
+            json.dump({"config": asdict(cfg), "machine": machine, "versions": versions(),
+                       "results": results}, f, indent=2)
     return 0
 
 

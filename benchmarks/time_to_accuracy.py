@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from deeplinear.bench import load_avg, machine_info
 from deeplinear.data import load_dataset
 from deeplinear.nets import DeepLinear
 from deeplinear.train.es import Config, train
@@ -69,9 +70,15 @@ def table(results: list[dict[str, Any]]) -> str:
         for t, hit in res["reached"].items():
             wall, gen = ("-", "-") if hit is None else (f"{hit['wall_s']:.1f}", hit["generation"])
             lines.append(f"{res['task']:14s} {res['perturbation']:8s} {t:>6s} {wall:>8s} {gen:>6}")
+        m = res["machine"]
         lines.append(f"{res['task']:14s} {res['perturbation']:8s} best {res['best_test_acc']:.3f} "
-                     f"in {res['total_s']:.0f} s")
+                     f"in {res['total_s']:.0f} s (load average {_load(m['load_avg_1m'])} -> "
+                     f"{_load(m['load_avg_1m_end'])})")
     return "\n".join(lines)
+
+
+def _load(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,7 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.tasks:
         for pert in args.perturbations:
             print(f"time_to_accuracy: {name} {pert}", file=sys.stderr, flush=True)
+            machine = machine_info("cpu")  # the load average at its start and end, recorded
             results.append(run_task(name, pert, args.threads, args.seed))
+            machine["load_avg_1m_end"] = load_avg()
+            results[-1]["machine"] = machine
     print(table(results))
     if args.json:
         with open(args.json, "w") as f:

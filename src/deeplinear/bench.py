@@ -235,11 +235,16 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def load_avg() -> float | None:
+    """The 1-minute load average (None where the OS has none): how busy the cores were."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
 def machine_info(device: str) -> dict[str, Any]:
     info: dict[str, Any] = {
         "cpu": cpu_model(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
         "torch": torch.__version__, "python": platform.python_version(),
-        "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "load_avg_1m": load_avg(),
     }
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
@@ -428,7 +433,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda _: None) -> 
         log(f"exact vs scaled {net_name}")
         report["exact"].append(exact_vs_scaled(net_name, cfg.exact_batch, cfg))
     report["peak_after"] = sgemm_peak(cfg.device, n=cfg.peak_n)
-    report["machine"]["load_avg_1m_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    report["machine"]["load_avg_1m_end"] = load_avg()
     report["warnings"] = report_warnings(report)  # in the JSON too, and on the log as they arise
     for w in report["warnings"]:
         plain(f"warning: {w}")
