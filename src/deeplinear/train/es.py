@@ -16,6 +16,11 @@ never changed: OpenMP pools and hardware FTZ state are per thread (see
 :mod:`deeplinear.arithmetic`), and a multi-threaded ``mm`` may split its reduction differently
 for another thread count. Resuming is bit-identical with the same thread count: all randomness
 is the batch generator (checkpointed) and noise that is a pure function of (seed, generation).
+Both start from ``cfg.seed``: the table is one ``randn`` from a generator seeded with it, the
+batches are ``randint`` draws from a second generator seeded alike, so the table's first values
+and the first batch come from the same random bits. Pairs read the table at hashed offsets, so
+no pair's noise is tied to its batch in a way the update could exploit; the shared start is kept
+because deriving a second seed would change every recorded ES result.
 """
 
 from __future__ import annotations
