@@ -33,6 +33,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from deeplinear.arithmetic import integer
+
 
 class DataError(ValueError):
     """A dataset is missing, corrupt or misnamed; the message says which file and what to do."""
@@ -89,7 +91,10 @@ class Dataset:
     def subset(
         self, n_train: int | None = None, n_test: int | None = None, seed: int = 0
     ) -> Dataset:
-        """A seeded random subset, so quick runs see all classes, not just the file's first rows."""
+        """A seeded random subset, so quick runs see all classes, not just the file's first rows.
+        Asked for neither, the set itself (no second copy to check: 164 ms for Fashion-MNIST)."""
+        if n_train is None and n_test is None:
+            return self
         g = torch.Generator().manual_seed(seed)
         x_train, y_train = _take(self, "train", self.x_train, self.y_train, n_train, g)
         x_test, y_test = _take(self, "test", self.x_test, self.y_test, n_test, g)
@@ -649,11 +654,11 @@ def load_dataset(
     built-in sets refuse it rather than ignore it, so a user who passes it learns it has no effect.
     """
     check_data_dir([name], data_dir)
-    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or \
-            not 0 <= seed < 2**32:
+    k = integer(seed)
+    if k is None or not 0 <= k < 2**32:
         raise DataError(f"data seed must be an integer in [0, 2**32) (scikit-learn's range, "
                         f"which splits digits), got {seed!r}")
-    seed = int(seed)
+    seed = k
     if name in SYNTHETIC:
         ds = SYNTHETIC[name](seed=seed)
     elif name == "digits":

@@ -10,7 +10,7 @@ from deeplinear.arithmetic import PRESETS, get_semantics
 from deeplinear.cli import absolute_path, preset, seed, summary
 from deeplinear.data import DATASETS, check_data_dir, data_dir_for
 from deeplinear.reproduce import BUDGETS, DEFAULT_DATASETS, command, default_out, reproduce
-from deeplinear.train import Interrupted
+from deeplinear.train import stopped_prefix
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
                   semantics, args.threads)
     except KeyboardInterrupt as e:
         # a trainer's own message names its run's --resume, which is not how a reproduction goes on
-        stopped = f"stopped after step {e.step}; " if isinstance(e, Interrupted) else ""
+        stopped = stopped_prefix(e)
         again = command(datasets, args.budget, args.seed, semantics, args.data_dir, args.threads,
                         resume=True)
         raise KeyboardInterrupt(f"{stopped}finished methods and checkpoints are kept in "

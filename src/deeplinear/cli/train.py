@@ -364,7 +364,7 @@ def fill_from_run(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     from deeplinear.data import load_dataset
     from deeplinear.runs import Run
-    from deeplinear.train import Interrupted
+    from deeplinear.train import stopped_prefix
 
     if args.resume:
         fill_from_run(args)
@@ -419,7 +419,7 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt as e:
         # the trainer's Interrupted knows its step; a second Ctrl-C, or one during the final
         # evaluation, knows none: either way, name the command that goes on
-        stopped = f"stopped after step {e.step}; " if isinstance(e, Interrupted) else ""
+        stopped = stopped_prefix(e)
         raise KeyboardInterrupt(
             f"{stopped}latest checkpoint in {out}: continue with deeplinear train --out {out} "
             "--resume" if (out / "checkpoint.pt").exists() else

@@ -85,6 +85,12 @@ class Interrupted(KeyboardInterrupt):
         self.step = step
 
 
+def stopped_prefix(e: BaseException) -> str:
+    """``stopped after step N; `` for an :class:`Interrupted`, empty for a Ctrl-C that knows no
+    step (a second one, or one outside a trainer): how a CLI starts the message it builds."""
+    return f"stopped after step {e.step}; " if isinstance(e, Interrupted) else ""
+
+
 _stop = threading.Event()
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C; `kill PID`, a scheduler's time limit
 
