@@ -9,6 +9,10 @@ generations/s and fraction of each run's own sgemm peak of both sides and their 
 
     python benchmarks/ab.py --base HEAD~1 --rounds 3 -- --nets 2017 --modes full --pops 500 \\
         --batches 100 --min-time 1 --threads 2
+
+On a machine without the project's git history (a lent GPU machine gets the working tree only),
+``--base`` takes a ``src/`` folder made beforehand: ``git archive REV src | tar -x -C DIR`` and
+``--base DIR/src``.
 """
 
 from __future__ import annotations
@@ -39,6 +43,17 @@ def extract_src(rev: str, dest: Path) -> Path:
     return dest / "src"
 
 
+def base_src(base: str, dest: Path) -> Path:
+    """The base side's ``src/``: a folder holding ``deeplinear/`` as given, else a git revision."""
+    folder = Path(base)
+    if folder.is_dir():
+        if not (folder / "deeplinear" / "__init__.py").is_file():
+            raise SystemExit(f"ab: {base} holds no deeplinear/ package; pass a src/ folder "
+                             "(git archive REV src | tar -x -C DIR) or a git revision")
+        return folder
+    return extract_src(base, dest)
+
+
 def bench(src: Path, args: list[str]) -> dict:
     """One ``deeplinear bench --json`` run with ``src`` first on the path."""
     env = dict(os.environ, PYTHONPATH=str(src))
@@ -59,7 +74,8 @@ def key(row: dict) -> tuple:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--base", required=True, help="git revision to compare against (e.g. HEAD~1)")
+    p.add_argument("--base", required=True,
+                   help="git revision to compare against (e.g. HEAD~1), or a src/ folder")
     p.add_argument("--rounds", type=int, default=3, help="bench runs per side (default 3)")
     p.add_argument("bench_args", nargs=argparse.REMAINDER,
                    help="after --: arguments for deeplinear bench")
@@ -68,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--rounds must be >= 1")
     args = a.bench_args[1:] if a.bench_args[:1] == ["--"] else a.bench_args
     with tempfile.TemporaryDirectory() as tmp:
-        sides = {"base": extract_src(a.base, Path(tmp)), "head": ROOT / "src"}
+        sides = {"base": base_src(a.base, Path(tmp)), "head": ROOT / "src"}
         runs: dict[str, list[dict]] = {"base": [], "head": []}
         for r in range(a.rounds):
             for side in (("base", "head") if r % 2 == 0 else ("head", "base")):

@@ -8,6 +8,7 @@ it. Long: minutes per task on 2 cores; run it in the background with a log.
 
     python benchmarks/time_to_accuracy.py                       # spirals and fashion-mnist
     python benchmarks/time_to_accuracy.py --tasks spirals --json out.json
+    python benchmarks/time_to_accuracy.py --device cuda             # on a GPU (TF32 off)
 """
 
 from __future__ import annotations
@@ -48,14 +49,15 @@ def reach(rows: list[dict[str, Any]], target: float) -> dict[str, Any] | None:
     return next((r for r in rows if r["test_acc"] >= target), None)
 
 
-def run_task(name: str, perturbation: str, threads: int, seed: int) -> dict[str, Any]:
+def run_task(name: str, perturbation: str, threads: int, seed: int,
+             device: str = "cpu") -> dict[str, Any]:
     task = TASKS[name]
     data = load_dataset(task.dataset, seed=seed)
     sizes = [data.n_features, *task.hidden, data.n_classes]
     model = DeepLinear(sizes, generator=torch.Generator().manual_seed(seed))
     cfg = Config(seed=seed, steps=task.steps, pop=task.pop, batch_size=task.batch,
                  perturbation=perturbation, threads=threads, eval_every=task.eval_every,
-                 eval_n=2000)
+                 eval_n=2000, device=device)
     rows = train(model, data, cfg, progress=False)
     hits = {f"{t:.2f}": reach(rows, t) for t in task.targets}
     return {"task": name, "perturbation": perturbation, "sizes": sizes, "config": asdict(cfg),
@@ -88,14 +90,15 @@ def main(argv: list[str] | None = None) -> int:
                    default=["full", "lowrank"])
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--json", help="also write the results to this JSON file")
     args = p.parse_args(argv)
     results = []
     for name in args.tasks:
         for pert in args.perturbations:
             print(f"time_to_accuracy: {name} {pert}", file=sys.stderr, flush=True)
-            machine = machine_info("cpu")  # the load average at its start and end, recorded
-            results.append(run_task(name, pert, args.threads, args.seed))
+            machine = machine_info(args.device)  # the load average at its start and end, recorded
+            results.append(run_task(name, pert, args.threads, args.seed, args.device))
             machine["load_avg_1m_end"] = load_avg()
             results[-1]["machine"] = machine
     print(table(results))

@@ -74,3 +74,12 @@ def test_a_failing_bench_names_its_source_and_error(ab):
 def test_bench_arguments_that_print_no_report_are_a_clear_error(ab):
     with pytest.raises(SystemExit, match="printed no report"):
         ab.bench(ROOT / "src", ["--help"])
+
+
+def test_the_base_may_be_a_src_folder_from_elsewhere(ab, tmp_path):
+    """A lent GPU machine has the working tree but no git history: the base comes as a folder."""
+    src = ab.extract_src("HEAD", tmp_path)
+    assert ab.base_src(str(src), tmp_path / "unused") == src
+    assert not (tmp_path / "unused").exists()
+    with pytest.raises(SystemExit, match="holds no deeplinear/ package"):
+        ab.base_src(str(tmp_path), tmp_path / "unused")

@@ -165,6 +165,16 @@ def test_cuda_without_a_gpu_names_the_fix():
         train(net(), rings(), Config(**FAST, device="cuda"), progress=False)
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_reduced_precision_float32_matmuls_are_refused(device, monkeypatch):
+    """TF32 (or oneDNN's bfloat16 passes) would round every product's inputs: no float32
+    semantics then, on a GPU or a CPU, so training refuses to start and says how to fix it."""
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(ValueError, match=r"precision is 'high'.*set_float32_matmul_precision"):
+        train(net(), rings(), Config(**FAST, device=device), progress=False)
+
+
 TINY_ES = {"pop": 8, "batch_size": 64, "sigma": 0.03, "lr": 0.03, "table_size": 1 << 14}
 
 

@@ -53,6 +53,8 @@ DEFAULT_MAX_BYTES = 256 << 20
 # threads) ran 1.25x faster with 8-12 members per chunk (21-32 MiB) than with 60 (160 MiB) at
 # batch 100, 1.08x at batch 1000; low rank (pop 300, 1 thread) 1.19x with 32 members (20 MiB)
 # than with 300 at batch 100, 1.24x with 4 (25 MiB) than with 32 at batch 1000.
+# On a GPU there is no such cache to fit and every op of a chunk is a kernel launch (~5-10 us):
+# there only ``max_bytes`` bounds a chunk (measured on an H100, see benchmarks/README.md).
 CHUNK_CACHE_BYTES = 32 << 20
 ALIGN = 16
 # Each member's weights start on a 64-byte boundary (16 float32, a cache line and an AVX-512
@@ -206,7 +208,8 @@ class Engine:
         activations = batch * sum(s.layout.sizes[1:]) * (1.5 if s.rank else 1.0)
         weights = 0 if s.rank else s.layout.n
         c = int(self.max_bytes // (4 * (activations + weights)))
-        c = min(c, int(CHUNK_CACHE_BYTES // (4 * (weights or activations))))
+        if self.device.type == "cpu":
+            c = min(c, int(CHUNK_CACHE_BYTES // (4 * (weights or activations))))
         return max(2, min(c // 2 * 2, s.pop))
 
     # -- evaluation ------------------------------------------------------------------------------

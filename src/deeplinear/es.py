@@ -425,8 +425,10 @@ class Population:
     def deltas(self, pairs: Sequence[int] | range, out: Tensor | None = None) -> Tensor:
         """Full-rank perturbations ``noise * sigma_vec`` of ``pairs``, ``(len(pairs), n)``.
 
-        Each pair's table slice is multiplied straight into its row (no gathered copy of the
-        noise first): one memory pass instead of two, the same float products.
+        On the CPU each pair's table slice is multiplied straight into its row (no gathered
+        copy of the noise first): one memory pass instead of two. On a GPU, where each of those
+        per-pair products would be a kernel launch, the slices are gathered in one kernel and
+        multiplied in another. The same float products either way.
         """
         s = self.strategy
         if s.rank:
@@ -437,6 +439,8 @@ class Population:
         elif out.shape != (len(pairs), n):
             raise ValueError(f"out has shape {tuple(out.shape)}; deltas of {len(pairs)} pairs "
                              f"need ({len(pairs)}, {n})")
+        if out.device.type != "cpu":
+            return self.noise(pairs, out=out).mul_(self.sigma_vec)
         for row, p in zip(out, pairs, strict=True):
             torch.mul(s.table[self.offsets[p]:self.offsets[p] + n], self.sigma_vec, out=row)
         return out

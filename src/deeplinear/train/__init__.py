@@ -49,7 +49,19 @@ def check_device(name: str) -> torch.device:
         raise ValueError(f"unknown device {name!r}; use cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name}: torch sees no CUDA device here; use --device cpu")
+    check_float32_matmul()
     return device
+
+
+def check_float32_matmul() -> None:
+    """Refuse reduced-precision float32 matmuls (TF32 on a GPU; bfloat16 passes in oneDNN on a
+    CPU): with them a product's inputs are rounded to fewer bits, and no float32 semantics holds.
+    ``torch.backends.cuda.matmul.allow_tf32 = True`` sets this precision to 'high' too."""
+    precision = torch.get_float32_matmul_precision()
+    if precision != "highest":
+        raise ValueError(f"float32 matmul precision is {precision!r} (TF32 or bfloat16 products),"
+                         " so float32 semantics do not hold; call "
+                         "torch.set_float32_matmul_precision('highest') first")
 
 
 def model_device(model: nn.Module) -> torch.device:
