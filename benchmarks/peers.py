@@ -29,6 +29,9 @@ Run inside the peers venv (``bash benchmarks/setup_peers.sh`` creates it)::
 
     benchmarks/.venv-peers/bin/python benchmarks/peers.py                 # 2017 net, pop 500
     benchmarks/.venv-peers/bin/python benchmarks/peers.py --net small --pop 200 --batch 256
+
+``--device cuda`` runs every runner on a GPU (JAX on its CUDA platform, matmul precision
+'highest'; torch with TF32 off, its default), with the check still against the CPU reference.
 """
 
 from __future__ import annotations
@@ -68,6 +71,7 @@ class Config:
     seed: int = 0
     n_data: int = 10_000
     data_dir: str | None = None  # MNIST-format files; None: deeplinear's usual search
+    device: str = "cpu"  # cpu | cuda: where every runner computes
 
 
 # --- shared set-up: every runner sees the same weights and minibatches --------------------------
@@ -192,7 +196,8 @@ def run_evotorch(cfg: Config, variant: str) -> dict[str, Any]:
     from deeplinear.arithmetic import run_with_hardware_ftz
 
     env = setup(cfg)
-    sizes, net, batches = env["sizes"], env["net"], env["batches"]
+    sizes, net = env["sizes"], env["net"]
+    batches = [(x.to(cfg.device), y.to(cfg.device)) for x, y in env["batches"]]
     under = net.under()
     current = {"g": 0}
 
@@ -206,7 +211,7 @@ def run_evotorch(cfg: Config, variant: str) -> dict[str, Any]:
         def __init__(self) -> None:
             super().__init__(objective_sense="min", solution_length=sum(
                 i * o + o for i, o in itertools.pairwise(sizes)),
-                initial_bounds=(-1.0, 1.0), dtype=torch.float32, device="cpu")
+                initial_bounds=(-1.0, 1.0), dtype=torch.float32, device=cfg.device)
 
         def _evaluate_batch(self, solutions: Any) -> None:
             x, y = batches[current["g"]]
@@ -218,13 +223,16 @@ def run_evotorch(cfg: Config, variant: str) -> dict[str, Any]:
         problem = NetProblem()
         searcher = PGPE(problem, popsize=cfg.pop, center_learning_rate=cfg.lr,
                         stdev_learning_rate=0.0, stdev_init=cfg.sigma, optimizer="adam",
-                        ranking_method="centered", center_init=flatten(net), symmetric=True)
+                        ranking_method="centered", center_init=flatten(net).to(cfg.device),
+                        symmetric=True)
         with torch.no_grad():
-            init_logits = logits_of(flatten(net)[None], batches[0][0])[0]
+            init_logits = logits_of(flatten(net).to(cfg.device)[None], batches[0][0])[0].cpu()
 
         def step(g: int) -> None:
             current["g"] = g
             searcher.step()
+            if cfg.device != "cpu":
+                torch.cuda.synchronize()
 
         return {"times": time_generations(step, cfg.gens), "check": check(init_logits, env)}
 
@@ -242,6 +250,8 @@ def run_evosax(cfg: Config, variant: str) -> dict[str, Any]:
     import optax
     from evosax.algorithms import Open_ES
 
+    if cfg.device != "cpu":  # XLA may run float32 GPU matmuls in TF32 unless told otherwise
+        jax.config.update("jax_default_matmul_precision", "highest")
     env = setup(cfg)
     net, batches = env["net"], env["batches"]
     threshold = net.threshold
@@ -310,11 +320,12 @@ def run_deeplinear(cfg: Config, low_rank: bool) -> dict[str, Any]:
     from deeplinear.engine import Engine
 
     env = setup(cfg)
-    net, batches = env["net"], env["batches"]
+    net = copy.deepcopy(env["net"]).to(cfg.device)
+    batches = [(x.to(cfg.device), y.to(cfg.device)) for x, y in env["batches"]]
     layout = es.Layout.of(net.sizes)
     # sigma_scale "none": the same isotropic search distribution as the peers' runners
     strategy = es.Strategy(layout, pop=cfg.pop, sigma=cfg.sigma, sigma_scale="none", lr=cfg.lr,
-                           rank=cfg.rank if low_rank else 0, seed=cfg.seed)
+                           rank=cfg.rank if low_rank else 0, seed=cfg.seed, device=cfg.device)
     state = es.init(strategy, layout.flatten(net))
     engine = Engine(net, strategy)
     strategy.table  # noqa: B018  (the shared noise table is drawn once per run, before timing)
@@ -322,6 +333,8 @@ def run_deeplinear(cfg: Config, low_rank: bool) -> dict[str, Any]:
     def step(g: int) -> None:
         pop = es.ask(strategy, state)
         es.tell(strategy, state, pop, engine.losses(pop, *batches[g]))
+        if cfg.device != "cpu":
+            torch.cuda.synchronize()  # tell's Adam step runs on after it returns
 
     # the engine must compute the net's scaled mode: compare a pair against materialised members
     x, y = batches[0]
@@ -334,7 +347,7 @@ def run_deeplinear(cfg: Config, low_rank: bool) -> dict[str, Any]:
         with torch.no_grad():
             want.append(torch.nn.functional.cross_entropy(member_net(x), y))
     with torch.no_grad():
-        result = check(net(x, mode="scaled"), env)
+        result = check(net(x, mode="scaled").cpu(), env)
     result["engine_vs_net_loss_diff"] = float((got - torch.stack(want)).abs().max())
     return {"times": time_generations(step, cfg.gens), "check": result}
 
@@ -358,7 +371,8 @@ def spawn(name: str, cfg: Config) -> dict[str, Any]:
     """Run one runner in a fresh interpreter; add its peak RSS from ``wait4``."""
     cmd = [sys.executable, os.path.abspath(__file__), "--child", name, "--config",
            json.dumps(asdict(cfg))]
-    env = dict(os.environ, OMP_NUM_THREADS=str(cfg.threads))
+    env = dict(os.environ, OMP_NUM_THREADS=str(cfg.threads),
+               JAX_PLATFORMS="cpu" if cfg.device == "cpu" else "cuda")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env, text=True)
     out = proc.stdout.read() if proc.stdout else ""
     _, status, usage = os.wait4(proc.pid, 0)
@@ -399,7 +413,8 @@ def table(results: list[dict[str, Any]], cfg: Config) -> str:
             f"{'yes' if c['constant_output'] else 'no':>5s} "
             f"{c['argmax_agree']:7.1%} {c['max_abs_logit_diff']:11.3g}")
     head = (f"net {NETS[cfg.net]} (scale 2^{cfg.scale_exp}, TF_GPU), pop {cfg.pop}, batch "
-            f"{cfg.batch}, float32, {cfg.threads} threads, median of {cfg.gens} generations")
+            f"{cfg.batch}, float32, {cfg.threads} threads, on {cfg.device}, median of {cfg.gens} "
+            "generations")
     foot = ("/deeplinear: s/gen over deeplinear's (full-rank) s/gen, i.e. how many times slower. "
             "check columns: loss and logits at\nthe initial weights vs deeplinear's exact mode "
             "(true scale, TF_GPU): const = every example gets the same logits.")
@@ -416,6 +431,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runners", default=",".join(RUNNERS),
                    help=f"comma-separated subset of {','.join(RUNNERS)}")
     p.add_argument("--data-dir", help="directory of the Fashion-MNIST .gz files (2017 net)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where every runner computes (default cpu)")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--config", help=argparse.SUPPRESS)
@@ -428,10 +445,10 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown runner(s) {', '.join(unknown)}; choose from {', '.join(RUNNERS)}")
     cfg = Config(net=args.net, pop=args.pop, batch=args.batch, gens=args.gens,
-                 threads=args.threads, data_dir=args.data_dir)
+                 threads=args.threads, data_dir=args.data_dir, device=args.device)
     from deeplinear.bench import load_avg, machine_info
 
-    machine = machine_info("cpu")  # with the load average: "quiet" is a measurement, not a word
+    machine = machine_info(args.device)  # the load average: "quiet" is a measurement, not a word
     del machine["threads"]  # this process's; each runner uses cfg.threads
     results = []
     for name in names:
@@ -442,8 +459,9 @@ def main(argv: list[str] | None = None) -> int:
     print(table(results, cfg))
     loads = " / ".join("-" if v is None else f"{v:.2f}"
                        for v in (machine["load_avg_1m"], machine["load_avg_1m_end"]))
-    print(f"machine: {machine['cpu']}, {machine['cores']} cores; load average (1 min) at start / "
-          f"end: {loads}")
+    gpu = f", GPU {machine['gpu']}" if "gpu" in machine else ""
+    print(f"machine: {machine['cpu']}, {machine['cores']} cores{gpu}; load average (1 min) at "
+          f"start / end: {loads}")
     print("versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()))
     if args.json:
         with open(args.json, "w") as f:

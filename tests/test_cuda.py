@@ -145,6 +145,21 @@ def test_the_noise_and_the_perturbations_on_the_gpu_are_the_cpus():
     assert torch.equal(gpu.deltas(range(5)).cpu(), cpu.deltas(range(5)))
 
 
+@pytest.mark.parametrize("rank", [0, 1], ids=["full", "lowrank"])
+def test_the_gradient_on_the_gpu_is_the_cpus_up_to_rounding(rank, monkeypatch):
+    """The GPU sums the pairs' noise in gathered chunks (several here), the CPU pair by pair."""
+    monkeypatch.setattr(es, "GRADIENT_CHUNK_BYTES", 3 * 4 * es.Layout.of(SIZES).n)
+    layout = es.Layout.of(SIZES)
+    theta = torch.randn(layout.n, generator=torch.Generator().manual_seed(0))
+    losses = torch.rand(20, generator=torch.Generator().manual_seed(1))
+    grads = []
+    for d in ("cpu", "cuda"):
+        s = es.Strategy(layout, pop=20, sigma=0.3, rank=rank, table_size=1 << 16, device=d)
+        grads.append(es.gradient(es.ask(s, es.init(s, theta)), losses.to(d)).cpu())
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)
+    assert grads[0].abs().max() > 0
+
+
 FAST = {"pop": 40, "batch_size": 256, "sigma": 0.03, "lr": 0.03, "table_size": 1 << 16}
 
 

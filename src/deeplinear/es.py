@@ -511,6 +511,9 @@ def shaped_fitness(losses: Tensor, generation: int = 0) -> Tensor:
     return centered_ranks(torch.where(finite, losses, torch.inf))
 
 
+GRADIENT_CHUNK_BYTES = 256 << 20  # noise gathered at once for the full-rank gradient on a GPU
+
+
 def gradient(pop: Population, losses: Tensor) -> Tensor:
     """The ES estimate of the loss gradient in normalised coordinates, ``(n,)``.
 
@@ -526,8 +529,17 @@ def gradient(pop: Population, losses: Tensor) -> Tensor:
     g = torch.zeros(s.layout.n, device=pop.theta.device)
     if not s.rank:
         n = s.layout.n
-        for p, o in enumerate(pop.offsets):  # axpy per pair: elementwise, thread-independent
-            g.add_(s.table[o:o + n], alpha=float(w[p]))
+        if g.device.type == "cpu":
+            for p, o in enumerate(pop.offsets):  # axpy per pair: elementwise, thread-independent
+                g.add_(s.table[o:o + n], alpha=float(w[p]))
+            return g.mul_(norm)
+        # on a GPU a launch per pair dominated tell (18 ms of a 46 ms generation of the 2017 net
+        # at pop 2000 on an H100): gathered chunks of pairs, one matrix-vector product each
+        w = w.to(g.device)
+        step = max(1, GRADIENT_CHUNK_BYTES // (4 * n))
+        for start in range(0, len(pop.offsets), step):
+            pairs = range(start, min(start + step, len(pop.offsets)))
+            g.addmv_(pop.noise(pairs).T, w[start:pairs.stop])
         return g.mul_(norm)
     noise = pop.noise(range(len(pop.offsets)))
     k, w = len(noise), w.to(noise.device)
