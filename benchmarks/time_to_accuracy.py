@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
                    default=["full", "lowrank"])
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where ES computes (default cpu)")
     p.add_argument("--json", help="also write the results to this JSON file")
     args = p.parse_args(argv)
     results = []

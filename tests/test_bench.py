@@ -140,6 +140,17 @@ def test_cli_bad_input_exits_2(capsys):
     assert "even" in capsys.readouterr().err
 
 
+def test_bench_refuses_tf32_products(capsys):
+    """With TF32 on, the GPU's sgemm 'peak' and the engine would both run reduced-precision
+    products: not the float32 work the benchmark names, so it refuses before measuring."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        assert main(["bench", "--quick", "--nets", "6,8,4", "--min-time", "0"]) == 2
+    finally:
+        torch.set_float32_matmul_precision("highest")
+    assert "precision is 'high'" in capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def tiny_report():
     return run_bench(TINY)

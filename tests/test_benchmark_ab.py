@@ -83,3 +83,8 @@ def test_the_base_may_be_a_src_folder_from_elsewhere(ab, tmp_path):
     assert not (tmp_path / "unused").exists()
     with pytest.raises(SystemExit, match="holds no deeplinear/ package"):
         ab.base_src(str(tmp_path), tmp_path / "unused")
+    seen = []
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(ab, "bench", lambda src, args: seen.append(src) or report(1.0))
+        assert ab.main(["--base", str(src), "--rounds", "1", "--", "--quick"]) == 0
+    assert seen == [src, ROOT / "src"]

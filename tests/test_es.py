@@ -114,6 +114,11 @@ def test_deltas_are_the_noise_times_sigma_bit_for_bit():
     short = torch.zeros(3, 2, s.layout.n + 4)[:, 1, :-6]  # two values too few per row
     with pytest.raises(ValueError, match=f"out has shape \\(3, {s.layout.n - 2}\\)"):
         pop.deltas(pairs, out=short)
+    # the GPU's way (all pairs gathered, then one product), here on the CPU, into a strided
+    # slot as the engine passes it: the same bits
+    slot = torch.full((3, 2, s.layout.n + 4), torch.nan)[:, 1, :s.layout.n]
+    assert pop.deltas(pairs, out=slot, gather=True) is slot and torch.equal(slot, expected)
+    assert torch.equal(pop.deltas(pairs, gather=True), expected)
 
 
 def test_lowrank_perturbation_is_a_scaled_outer_product():
@@ -139,6 +144,12 @@ def test_gradient_is_the_rank_weighted_sum_of_the_perturbations(rank):
     expected = sum((r[2 * p] - r[2 * p + 1]) * pop.delta(p) for p in range(s.pairs))
     expected = expected / (s.scale * pop.sigma) / (pop.size * pop.sigma)
     torch.testing.assert_close(es.gradient(pop, losses), expected, rtol=1e-4, atol=1e-5)
+    if not rank:  # the GPU's way: chunks of gathered pairs (here of 5, 5 and 2), same sum
+        chunk = 5 * 4 * s.layout.n
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(es, "GRADIENT_CHUNK_BYTES", chunk)
+            torch.testing.assert_close(es.gradient(pop, losses, gather=True),
+                                       es.gradient(pop, losses), rtol=1e-5, atol=1e-6)
     swapped = losses.view(-1, 2).flip(1).reshape(-1)  # antithetic symmetry: the sign flips
     torch.testing.assert_close(es.gradient(pop, swapped), -es.gradient(pop, losses))
     assert torch.equal(es.gradient(pop, torch.ones(pop.size)), torch.zeros(s.layout.n))

@@ -165,13 +165,32 @@ def test_cuda_without_a_gpu_names_the_fix():
         train(net(), rings(), Config(**FAST, device="cuda"), progress=False)
 
 
+@pytest.fixture
+def restore_matmul_precision():
+    yield
+    torch.backends.cuda.matmul.fp32_precision = "none"
+    torch.backends.mkldnn.matmul.fp32_precision = "none"
+    torch.set_float32_matmul_precision("highest")
+
+
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
-def test_reduced_precision_float32_matmuls_are_refused(device, monkeypatch):
+@pytest.mark.parametrize("reduce, says", [
+    (lambda: torch.set_float32_matmul_precision("high"), r"precision is 'high'.*'highest'"),
+    (lambda: setattr(torch.backends.cuda.matmul, "allow_tf32", True), r"precision is 'high'"),
+    (lambda: setattr(torch.backends.cuda.matmul, "fp32_precision", "tf32"),
+     r"torch.backends.cuda.matmul.fp32_precision is 'tf32'.*'ieee'"),
+    (lambda: setattr(torch.backends.mkldnn.matmul, "fp32_precision", "bf16"),
+     r"torch.backends.mkldnn.matmul.fp32_precision is 'bf16'"),
+], ids=["precision_high", "allow_tf32", "cuda_fp32_precision", "mkldnn_bf16"])
+def test_reduced_precision_float32_matmuls_are_refused(device, reduce, says, monkeypatch,
+                                                        restore_matmul_precision):
     """TF32 (or oneDNN's bfloat16 passes) would round every product's inputs: no float32
-    semantics then, on a GPU or a CPU, so training refuses to start and says how to fix it."""
-    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    with pytest.raises(ValueError, match=r"precision is 'high'.*set_float32_matmul_precision"):
+    semantics then, on a GPU or a CPU, so training refuses to start and says how to fix it,
+    whichever of torch's APIs asked for less."""
+    if device == "cuda":
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    reduce()
+    with pytest.raises(ValueError, match=says):
         train(net(), rings(), Config(**FAST, device=device), progress=False)
 
 

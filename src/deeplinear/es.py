@@ -388,6 +388,12 @@ def init(strategy: Strategy, theta: Tensor) -> State:
     return State(theta, torch.zeros_like(theta), torch.zeros_like(theta))
 
 
+def gathers(device: torch.device, gather: bool | None) -> bool:
+    """Whether full-rank noise is gathered for many pairs at once rather than read pair by pair:
+    as asked, else on any device but the CPU (where each per-pair op is a kernel launch)."""
+    return device.type != "cpu" if gather is None else gather
+
+
 @dataclass(frozen=True)
 class Population:
     """One generation's members, described (not materialised): member ``2p`` is
@@ -422,13 +428,15 @@ class Population:
             return windows.index_select(0, idx)
         return torch.index_select(windows, 0, idx, out=out)
 
-    def deltas(self, pairs: Sequence[int] | range, out: Tensor | None = None) -> Tensor:
+    def deltas(self, pairs: Sequence[int] | range, out: Tensor | None = None,
+               gather: bool | None = None) -> Tensor:
         """Full-rank perturbations ``noise * sigma_vec`` of ``pairs``, ``(len(pairs), n)``.
 
         On the CPU each pair's table slice is multiplied straight into its row (no gathered
         copy of the noise first): one memory pass instead of two. On a GPU, where each of those
         per-pair products would be a kernel launch, the slices are gathered in one kernel and
-        multiplied in another. The same float products either way.
+        multiplied in another (``gather``; None: on any device but the CPU). The same float
+        products either way.
         """
         s = self.strategy
         if s.rank:
@@ -439,7 +447,7 @@ class Population:
         elif out.shape != (len(pairs), n):
             raise ValueError(f"out has shape {tuple(out.shape)}; deltas of {len(pairs)} pairs "
                              f"need ({len(pairs)}, {n})")
-        if out.device.type != "cpu":
+        if gathers(out.device, gather):
             return self.noise(pairs, out=out).mul_(self.sigma_vec)
         for row, p in zip(out, pairs, strict=True):
             torch.mul(s.table[self.offsets[p]:self.offsets[p] + n], self.sigma_vec, out=row)
@@ -514,11 +522,13 @@ def shaped_fitness(losses: Tensor, generation: int = 0) -> Tensor:
 GRADIENT_CHUNK_BYTES = 256 << 20  # noise gathered at once for the full-rank gradient on a GPU
 
 
-def gradient(pop: Population, losses: Tensor) -> Tensor:
+def gradient(pop: Population, losses: Tensor, gather: bool | None = None) -> Tensor:
     """The ES estimate of the loss gradient in normalised coordinates, ``(n,)``.
 
     ``1/(pop * sigma) * sum_j r_j eps_j`` with ``r`` the shaped fitness, i.e. per pair
-    ``(r_2p - r_2p+1) * eps_p``.
+    ``(r_2p - r_2p+1) * eps_p``. Full rank sums pair by pair on the CPU and, on a GPU
+    (``gather``; None: on any device but the CPU), chunk by chunk of gathered pairs, which
+    rounds otherwise.
     """
     s = pop.strategy
     if losses.numel() != pop.size:
@@ -529,7 +539,7 @@ def gradient(pop: Population, losses: Tensor) -> Tensor:
     g = torch.zeros(s.layout.n, device=pop.theta.device)
     if not s.rank:
         n = s.layout.n
-        if g.device.type == "cpu":
+        if not gathers(g.device, gather):
             for p, o in enumerate(pop.offsets):  # axpy per pair: elementwise, thread-independent
                 g.add_(s.table[o:o + n], alpha=float(w[p]))
             return g.mul_(norm)

@@ -56,12 +56,26 @@ def check_device(name: str) -> torch.device:
 def check_float32_matmul() -> None:
     """Refuse reduced-precision float32 matmuls (TF32 on a GPU; bfloat16 passes in oneDNN on a
     CPU): with them a product's inputs are rounded to fewer bits, and no float32 semantics holds.
-    ``torch.backends.cuda.matmul.allow_tf32 = True`` sets this precision to 'high' too."""
-    precision = torch.get_float32_matmul_precision()
-    if precision != "highest":
+    ``torch.backends.cuda.matmul.allow_tf32 = True`` sets this precision to 'high' too; torch's
+    per-backend API (``torch.backends.<backend>.matmul.fp32_precision``) is read where used."""
+    try:
+        precision = torch.get_float32_matmul_precision()
+    except RuntimeError:  # torch refuses to answer once the per-backend API asked for less
+        precision = None
+    if precision == "highest":
+        return
+    if precision is not None:
         raise ValueError(f"float32 matmul precision is {precision!r} (TF32 or bfloat16 products),"
                          " so float32 semantics do not hold; call "
                          "torch.set_float32_matmul_precision('highest') first")
+    for name in ("cuda", "mkldnn"):
+        matmul = getattr(getattr(torch.backends, name, None), "matmul", None)
+        setting = getattr(matmul, "fp32_precision", "none")
+        if setting not in ("ieee", "none"):
+            raise ValueError(f"torch.backends.{name}.matmul.fp32_precision is {setting!r}, so "
+                             "float32 semantics do not hold; set it to 'ieee' first")
+    raise ValueError("torch reports a reduced float32 matmul precision; set "
+                     "torch.backends.fp32_precision = 'ieee' first")
 
 
 def model_device(model: nn.Module) -> torch.device:
