@@ -29,7 +29,9 @@ real forward pass.
 
 Device: the engine computes on ``strategy.device`` (buffers, inputs and losses there). On CUDA the
 bit-identity above is not promised: cuBLAS may choose another algorithm for a batched product
-than for a single one.
+than for a single one (tested there to rounding, ``tests/test_cuda.py``). There every op is a
+kernel launch, so a chunk is as large as ``max_bytes`` allows and the pairs' noise is gathered in
+one op (see :data:`CHUNK_CACHE_BYTES`, :meth:`Population.deltas`).
 """
 
 from __future__ import annotations
