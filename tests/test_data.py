@@ -702,6 +702,34 @@ def test_another_sets_files_are_known_by_their_test_label_counts(tmp_path: Path,
     assert len(data.load_mnist_like(other, data_dir=tmp_path).y_test) == sum(counts)
 
 
+def test_another_sets_very_test_labels_are_refused(tmp_path: Path, monkeypatch) -> None:
+    """Fashion-MNIST and KMNIST both have 1000 test images a class: Fashion-MNIST's own labels
+    (their MD5, which no re-gzipping changes) tell its files passed as KMNIST."""
+    arrays = make_arrays(n_test=20, side=2)
+    arrays[3] = np.repeat(np.arange(10, dtype=np.uint8), 2)
+    make_idx_dir(tmp_path, arrays)
+    entry = dataclasses.replace(data.MNIST_LIKE["fashion-mnist"], test_counts=(2,) * 10,
+                                test_labels_md5=md5(arrays[3].tobytes()))
+    monkeypatch.setitem(data.MNIST_LIKE, "fashion-mnist", entry)
+    monkeypatch.setitem(data.MNIST_LIKE, "kmnist",
+                        dataclasses.replace(data.MNIST_LIKE["kmnist"], test_counts=(2,) * 10))
+    with pytest.raises(DataError) as e:
+        data.load_mnist_like("kmnist", data_dir=tmp_path)
+    assert assert_one_line_naming(e, str(tmp_path)).endswith(
+        "its test labels are those as in fashion-mnist, not as in kmnist; pass --dataset "
+        "fashion-mnist, or a --data-dir holding kmnist's files")
+    assert len(data.load_mnist_like("fashion-mnist", data_dir=tmp_path).y_test) == 20
+    shuffled = make_idx_dir(tmp_path / "own", [*arrays[:3], arrays[3][::-1].copy()])
+    assert len(data.load_mnist_like("kmnist", data_dir=shuffled).y_test) == 20  # other labels
+
+
+@pytest.mark.skipif(not DEBIAN_FASHION.is_dir(), reason="needs Debian's dataset-fashion-mnist")
+def test_debians_fashion_mnist_passed_as_kmnist_is_refused() -> None:
+    """The MD5 in MNIST_LIKE is Fashion-MNIST's real labels' (read from Debian's copy)."""
+    with pytest.raises(DataError, match="labels are those as in fashion-mnist, not as in kmnist"):
+        data.load_mnist_like("kmnist", data_dir=DEBIAN_FASHION)
+
+
 def test_a_users_own_set_with_other_counts_loads_under_any_name(tmp_path: Path) -> None:
     make_idx_dir(tmp_path, make_arrays(n_test=30))
     assert len(data.load_mnist_like("mnist", data_dir=tmp_path).y_test) == 30

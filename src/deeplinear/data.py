@@ -370,6 +370,9 @@ class MnistLike:
     # How many test images each class has in the published set: re-gzipped copies (Debian's)
     # escape the MD5s, but not their labels' counts.
     test_counts: tuple[int, ...] = (1000,) * 10
+    # MD5 of the test labels themselves (the label bytes after the IDX header), which no
+    # re-gzipping changes: tells apart sets whose counts are alike (Fashion-MNIST and KMNIST).
+    test_labels_md5: str | None = None
 
 
 def _md5s(*checksums: str) -> tuple[tuple[str, str], ...]:
@@ -400,6 +403,7 @@ MNIST_LIKE: dict[str, MnistLike] = {
             "bb300cfdad3c16e7a12e480ee83cd310",
         ),
         system_dir="/usr/share/datasets/fashion-mnist",  # Debian's dataset-fashion-mnist
+        test_labels_md5="8dea97a4e78c1bd1b5a6e8efbb870b6e",  # read from Debian's copy
     ),
     "kmnist": MnistLike(
         mirrors=("http://codh.rois.ac.jp/kmnist/dataset/kmnist/",),
@@ -557,9 +561,11 @@ def _refuse_another_set(name: str, directory: Path, loaded: Dataset) -> None:
     """Refuse a user's files (loaded as ``loaded``) that are another known set's: a file byte for
     byte another set's published .gz (the MD5s), or test labels that count per class as another
     set's do and not as ``name``'s (MNIST's are uneven, 980 zeros, 1135 ones, ...; Fashion-MNIST's
-    and KMNIST's 1000 a class), which catches re-gzipped copies such as Debian's. Same 28x28
-    shape, so nothing else would notice: Fashion-MNIST passed as MNIST trained and scored. A
-    user's own set (other MD5s, other counts) is left alone."""
+    and KMNIST's 1000 a class), or that are another set's very labels (their MD5, known for
+    Fashion-MNIST), which catches re-gzipped copies such as Debian's. Same 28x28 shape, so nothing
+    else would notice: Fashion-MNIST passed as MNIST or KMNIST trained and scored. A user's own
+    set (other MD5s, other labels) is left alone; so is KMNIST passed as Fashion-MNIST once
+    re-gzipped (its labels' MD5 is not known here)."""
     for path in _find_idx_files(directory)[0]:
         if path.suffix != ".gz":
             continue
@@ -569,11 +575,15 @@ def _refuse_another_set(name: str, directory: Path, loaded: Dataset) -> None:
             raise DataError(f"{path}: this is {other}'s published file, not {name}'s; pass "
                             f"--dataset {other}, or a --data-dir holding {name}'s files")
     counts = tuple(torch.bincount(loaded.y_test, minlength=10).tolist())
-    others = [n for n, s in MNIST_LIKE.items() if s.test_counts == counts]
-    if others and name not in others:
-        raise DataError(f"{directory}: its test labels per class count as in "
-                        f"{' and '.join(others)}, not as in {name}; pass --dataset "
-                        f"{' or --dataset '.join(others)}, or a --data-dir holding {name}'s files")
+    labels = hashlib.md5(loaded.y_test.to(torch.uint8).numpy().tobytes()).hexdigest()
+    sets = MNIST_LIKE.items()
+    for what, others in (
+            ("labels per class count", [n for n, s in sets if s.test_counts == counts]),
+            ("labels are those", [n for n, s in sets if s.test_labels_md5 == labels])):
+        if others and name not in others:
+            raise DataError(f"{directory}: its test {what} as in {' and '.join(others)}, not as "
+                            f"in {name}; pass --dataset {' or --dataset '.join(others)}, or a "
+                            f"--data-dir holding {name}'s files")
 
 
 def load_mnist_like(
