@@ -165,6 +165,14 @@ def test_cuda_without_a_gpu_names_the_fix():
         train(net(), rings(), Config(**FAST, device="cuda"), progress=False)
 
 
+def test_a_cuda_device_this_machine_lacks_names_the_ones_it_has(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError, match=r"device cuda:2: torch sees 2 CUDA device\(s\) here; "
+                                         r"use cuda or cuda:N with N below 2"):
+        train(net(), rings(), Config(**FAST, device="cuda:2"), progress=False)
+
+
 @pytest.fixture
 def restore_matmul_precision():
     yield
@@ -189,6 +197,7 @@ def test_reduced_precision_float32_matmuls_are_refused(device, reduce, says, mon
     whichever of torch's APIs asked for less."""
     if device == "cuda":
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     reduce()
     with pytest.raises(ValueError, match=says):
         train(net(), rings(), Config(**FAST, device=device), progress=False)
