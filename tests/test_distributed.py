@@ -348,5 +348,6 @@ def test_a_population_from_another_strategy_is_refused(ev2):
 
 def test_the_ray_backend_refuses_a_gpu_device(data, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU machine
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(ValueError, match="workers' CPUs, not on cuda; drop --device"):
         dist.RayEvaluator(make_model(), data, make_cfg(device="cuda"))
