@@ -3,6 +3,10 @@ import copy
 
 import pytest
 import torch
+from helpers import ENGINE_BATCH as BATCH
+from helpers import ENGINE_SIZES as SIZES
+from helpers import engine_setup as setup
+from helpers import one_by_one
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -22,9 +26,6 @@ from deeplinear.engine import (
 )
 from deeplinear.nets import DeepLinear, dead_zone
 
-SIZES = [24, 40, 32, 5]
-BATCH = 19
-
 
 @contextlib.contextmanager
 def one_thread():
@@ -35,30 +36,6 @@ def one_thread():
         yield
     finally:
         torch.set_num_threads(n)
-
-
-def setup(semantics=TF_GPU, rank=0, pop=10, sigma=0.3, sizes=SIZES, table_size=1 << 16):
-    net = DeepLinear(sizes, semantics=semantics, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():  # biases large enough that hidden ones survive their own flush
-        for b in net.biases:
-            b.normal_(0, 0.8, generator=torch.Generator().manual_seed(1))
-    layout = es.Layout.of(sizes)
-    s = es.Strategy(layout, pop=pop, sigma=sigma, rank=rank, table_size=table_size)
-    pop_ = es.ask(s, es.init(s, layout.flatten(net)))
-    g = torch.Generator().manual_seed(2)
-    x = torch.rand(BATCH, sizes[0], generator=g) * 2
-    y = torch.randint(0, sizes[-1], (BATCH,), generator=g)
-    return net, s, pop_, x, y
-
-
-def one_by_one(net, pop, x):
-    """Reference: load each member into a copy of the net and run its scaled forward pass."""
-    m = copy.deepcopy(net)
-    outs = []
-    for j in range(pop.size):
-        pop.strategy.layout.load(pop.member(j), m)
-        outs.append(m(x, mode="scaled"))
-    return torch.stack(outs)
 
 
 @pytest.mark.parametrize("semantics", [TF_GPU, IEEE, CPU_FTZ_DAZ], ids=["tf_gpu", "ieee", "daz"])

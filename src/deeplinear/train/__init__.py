@@ -47,11 +47,12 @@ def check_device(name: str) -> torch.device:
         device = None
     if device is None or device.type not in DEVICES:
         raise ValueError(f"unknown device {name!r}; use cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name}: torch sees no CUDA device here; use --device cpu")
-    if device.type == "cuda" and (device.index or 0) >= (count := torch.cuda.device_count()):
-        raise ValueError(f"device {name}: torch sees {count} CUDA device(s) here; use cuda or "
-                         f"cuda:N with N below {count}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name}: torch sees no CUDA device here; use --device cpu")
+        if (device.index or 0) >= (count := torch.cuda.device_count()):
+            raise ValueError(f"device {name}: torch sees {count} CUDA device(s) here; use cuda "
+                             f"or cuda:N with N below {count}")
     check_float32_matmul()
     return device
 

@@ -244,7 +244,7 @@ def _train(model: nn.Module, data: Dataset, cfg: Config, run: Run | None,
         raise ValueError(f"surrogate {cfg.surrogate!r} needs a deep linear model; "
                          f"{type(model).__name__} has no underflow to see")
     n = len(data.x_train)
-    device = check_device(cfg.device)
+    device = torch.device(cfg.device)  # checked by cfg.validate()
     model.to(device)
     x, y = data.x_train.to(device), data.y_train.to(device)
     per_epoch = n // cfg.batch_size

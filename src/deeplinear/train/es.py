@@ -121,7 +121,7 @@ def train(model: DeepLinear, data: Dataset, cfg: Config, run: Run | None = None,
     """
     check_arguments(data, cfg, Config)
     check_evolvable(model, data, cfg, "ES")
-    device = check_device(cfg.device)
+    device = torch.device(cfg.device)  # checked by cfg.validate()
     model.to(device)
     x, y = data.x_train.to(device), data.y_train.to(device)
 
