@@ -92,7 +92,8 @@ class Dataset:
         self, n_train: int | None = None, n_test: int | None = None, seed: int = 0
     ) -> Dataset:
         """A seeded random subset, so quick runs see all classes, not just the file's first rows.
-        Asked for neither, the set itself (no second copy to check: 164 ms for Fashion-MNIST)."""
+        Asked for neither, the set itself (no second copy to check: 237 ms for Fashion-MNIST,
+        benchmarks/source_figures.py)."""
         if n_train is None and n_test is None:
             return self
         g = torch.Generator().manual_seed(seed)

@@ -3,8 +3,9 @@
 Why a separate engine: a generation of the 2017 net (784-512-512-10, pop 500, batch 100) is 67
 GFLOP, and a naive loop over members spends more time allocating, drawing noise and dispatching
 than multiplying. Here the population is cut into chunks of members that fit a memory budget;
-every chunk runs through preallocated buffers (a fresh large tensor costs ~10 ms of page faults
-here, reusing buffers made a prototype 4.5x faster), each layer is one ``torch.bmm`` over the
+every chunk runs through preallocated buffers (writing a fresh 32 MiB tensor took 7.6 ms here,
+a reused one 2.0 ms: the rest is page faults; figures in this module's comments are from
+``benchmarks/source_figures.py``), each layer is one ``torch.bmm`` over the
 stacked member weights (or one shared GEMM plus thin low-rank corrections) and the underflow
 rule is applied in place.
 
@@ -52,17 +53,18 @@ DEFAULT_MAX_BYTES = 256 << 20
 # A chunk's working set (full rank: the members' weights; low rank: their activations) stays
 # within this many bytes, so it is still in cache when the next op reads it. Measured on the
 # 2-core Xeon VM, 2017 net, results bit-identical for every chunk size: full rank (pop 500, 2
-# threads) ran 1.25x faster with 8-12 members per chunk (21-32 MiB) than with 60 (160 MiB) at
-# batch 100, 1.08x at batch 1000; low rank (pop 300, 1 thread) 1.19x with 32 members (20 MiB)
-# than with 300 at batch 100, 1.24x with 4 (25 MiB) than with 32 at batch 1000.
+# threads) ran 1.18x faster with 12 members per chunk (31 MiB) than with 60 (153 MiB) at batch
+# 100, 1.02x at batch 1000; low rank (pop 300, 1 thread) 1.18x with 32 members (19 MiB) than
+# with 300 at batch 100, 1.21x with 4 (24 MiB) than with 32 at batch 1000.
 # On a GPU there is no such cache to fit and every op of a chunk is a kernel launch (~5-10 us):
 # there only ``max_bytes`` bounds a chunk (measured on an H100, see benchmarks/README.md).
 CHUNK_CACHE_BYTES = 32 << 20
 ALIGN = 16
 # Each member's weights start on a 64-byte boundary (16 float32, a cache line and an AVX-512
 # vector): the 2017 net has 669,706 parameters, so back to back every member but the first starts
-# misaligned, and MKL's batched sgemm ran its layers 1-2 ~12% slower on such matrices (2 threads,
-# 12 members, batch 100: 371 -> 412 and 363 -> 414 GFLOP/s padded).
+# misaligned, and MKL's batched sgemm ran its layers 1-2 slower on such matrices (2 threads, 12
+# members, batch 100: 299 -> 310 and 296 -> 306 GFLOP/s padded; ~11% in a profile of the engine,
+# 1.08-1.11x generations/s in benchmarks/results/ab_aligned_members_b100.txt).
 
 
 def aligned(n: int) -> int:

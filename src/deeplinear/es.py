@@ -21,8 +21,9 @@ Noise is never stored per member: it comes from one shared table of N(0, 1) floa
 ``seed`` (as in evolution-strategies-starter), and antithetic pair ``p`` of generation ``g`` reads
 the slice at an offset that is a counter-based hash of ``(seed, g, p)``. Why a table rather than a
 generator per pair: a slice costs nothing, while drawing 250 pairs x 670k normals per generation
-with torch's CPU generator takes longer than the generation's GEMMs (measured ~90-300 M normals/s
-against 67 GFLOP at 50-390 GFLOP/s). Both members of a pair read the same slice.
+with torch's CPU generator takes longer than the generation's GEMMs (264 M normals/s on 2 cores:
+0.63 s, against 0.20 s for its 67 GFLOP at the same run's sgemm peak;
+``benchmarks/source_figures.py``). Both members of a pair read the same slice.
 
 Low-rank noise (EGGROLL, Sarkar et al. 2025, ``rank=r >= 1``): a pair's noise vector holds, per
 layer, ``A`` (in x r), ``B`` (out x r) and a full bias perturbation; the matrix perturbation is
