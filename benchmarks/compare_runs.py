@@ -18,11 +18,11 @@ from typing import Any
 import torch
 
 from deeplinear.arithmetic import get_semantics
-from deeplinear.cli.eval import load_data, rebuild
+from deeplinear.cli.eval import load_data
 from deeplinear.data import Dataset
 from deeplinear.evaluate import logits, paired
 from deeplinear.nets import DeepLinear
-from deeplinear.runs import load_final
+from deeplinear.runs import load_final, rebuild
 
 
 def correct(payload: dict[str, Any], semantics: str, data: Dataset) -> torch.Tensor:

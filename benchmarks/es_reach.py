@@ -32,8 +32,9 @@ from torch.func import functional_call
 from deeplinear import evaluate
 from deeplinear.arithmetic import get_semantics
 from deeplinear.bench import cpu_model
-from deeplinear.cli.train import build_model, load_weights
+from deeplinear.cli.train import load_weights
 from deeplinear.data import Dataset, load_dataset
+from deeplinear.nets import build_model
 from deeplinear.surrogate import make_under
 from deeplinear.train.backprop import Config, calibrate, lr_at
 

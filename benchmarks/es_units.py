@@ -49,10 +49,10 @@ from torch.func import functional_call
 from deeplinear import es, evaluate
 from deeplinear.arithmetic import get_semantics
 from deeplinear.bench import cpu_model
-from deeplinear.cli.train import build_model, load_weights
+from deeplinear.cli.train import load_weights
 from deeplinear.data import load_dataset
 from deeplinear.engine import inplace_rule, member_losses
-from deeplinear.nets import DeepLinear
+from deeplinear.nets import DeepLinear, build_model
 from deeplinear.runs import Progress, atomic_save, load_final
 from deeplinear.surrogate import make_under
 from deeplinear.train.backprop import Config, calibrate, lr_at

@@ -17,9 +17,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from deeplinear.cli.train import build_model, load_weights
+from deeplinear.cli.train import load_weights
 from deeplinear.data import load_dataset
-from deeplinear.nets import DeepLinear
+from deeplinear.nets import DeepLinear, build_model
 from deeplinear.train.backprop import calibrate
 
 SIZES = [784, 512, 512, 10]

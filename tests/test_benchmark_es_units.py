@@ -11,9 +11,8 @@ from helpers import load_benchmark
 from test_data import make_arrays, make_idx_dir
 
 from deeplinear.cli import main as cli
-from deeplinear.cli.eval import rebuild
 from deeplinear.data import load_dataset
-from deeplinear.runs import load_final
+from deeplinear.runs import load_final, load_model
 from deeplinear.train.backprop import calibrate
 
 HIDDEN = ("weights.0", "biases.0", "weights.1", "biases.1")
@@ -47,7 +46,7 @@ def run_script(es_units, blind, out, *args):
 def start_net(blind):
     """The script's start: the blind net rescaled to one threshold (its --gain default)."""
     run, data_dir = blind
-    net = rebuild(load_final(run))
+    net = load_model(run)
     data = load_dataset("fashion-mnist", data_dir=str(data_dir))
     calibrate(net, data.x_train, 1.0, center=False, output=False)
     return net, data

@@ -13,7 +13,11 @@ import torch
 from deeplinear.arithmetic import PRESETS
 from deeplinear.cli import main
 from deeplinear.collapse import collapse
+from deeplinear.data import load_dataset
+from deeplinear.evaluate import accuracy
 from deeplinear.nets import DeepLinear
+from deeplinear.runs import Run, load_model
+from deeplinear.train import backprop
 
 TINY = ["--dataset", "rings", "--sizes", "2,16,16,2", "--lr", "0.01", "--quiet"]
 
@@ -52,6 +56,30 @@ def test_train_writes_a_complete_run_directory(float_aware_run, capsys):
     assert final["model"] == {"kind": "deeplinear", "sizes": [2, 16, 16, 2], "scale_exp": 125}
     assert final["semantics"]["underflow"] == "ftz" and final["method"] == "float-aware"
     assert set(final["results"]["test_acc"]) == {*PRESETS, "collapsed"}
+
+
+def test_load_model_gives_the_trained_net_from_python(float_aware_run):
+    """``runs.load_model``: the run's net with its weights, scale and semantics, scoring what
+    the run recorded (the Python side of ``deeplinear eval``)."""
+    final = torch.load(float_aware_run / "final.pt", weights_only=False)
+    net = load_model(float_aware_run)
+    assert isinstance(net, DeepLinear) and (net.sizes, net.scale_exp) == ([2, 16, 16, 2], 125)
+    assert net.semantics == PRESETS["TF_GPU"]
+    assert all(torch.equal(v, final["state_dict"][k]) for k, v in net.state_dict().items())
+    data = load_dataset("rings", n_test=final["data"]["n_test"])
+    assert accuracy(net, data.x_test, data.y_test, "exact") == final["results"]["test_acc"][
+        "TF_GPU"]
+
+
+def test_a_run_driven_from_python_is_named_not_a_keyerror(tmp_path):
+    """A run that ``train(..., run=Run.open(...))`` wrote has a checkpoint and the caller's own
+    config.json, which does not say how to rebuild the model."""
+    run = Run.open(tmp_path, {"lr": 1e-3})
+    backprop.train(DeepLinear([2, 8, 8, 2]), load_dataset("rings"),
+                   backprop.Config(steps=2, batch_size=8), run=run, progress=False)
+    with pytest.raises(ValueError, match=r"config\.json has no 'model' entry: the run was not "
+                                         r"written by deeplinear train .*torch\.save\(net"):
+        load_model(tmp_path)
 
 
 def test_eval_reproduces_the_final_accuracies(float_aware_run, capsys):

@@ -761,6 +761,9 @@ def _toy(**changes: object) -> data.Dataset:
     ({"x_train": torch.tensor([[0.0, math.nan, 0.0]] * 6)}, "x_train holds NaN or infinite"),
     ({"x_test": torch.full((4, 3), math.inf)}, "x_test holds NaN or infinite"),
     ({"n_classes": 1}, "n_classes must be an integer >= 2, got 1"),
+    ({"n_classes": 2.0}, "n_classes must be an integer >= 2, got 2.0"),
+    ({"x_test": torch.empty(0, 3), "y_test": torch.empty(0, dtype=torch.long)},
+     "x_test is empty; every split needs samples"),
     ({"x_train": np.zeros((6, 3), np.float32)}, "must be torch tensors, got ndarray and Tensor"),
 ])
 def test_a_dataset_refuses_what_would_fail_or_score_wrong_later(changes, message):
@@ -771,6 +774,7 @@ def test_a_dataset_refuses_what_would_fail_or_score_wrong_later(changes, message
 def test_a_well_formed_dataset_and_its_subsets_are_accepted():
     ds = _toy()
     assert ds.n_features == 3 and len(ds.subset(2, 2).y_test) == 2
+    assert type(_toy(n_classes=np.int64(3)).n_classes) is int  # numpy's integers are integers
 
 
 @pytest.mark.parametrize("seed", [-1, 2**32, 1.5, None, True])

@@ -298,6 +298,13 @@ def test_engine_refuses_mismatched_inputs():
         Engine(net, s).losses(pop, x[:, :3], y)
     with pytest.raises(ValueError, match="even"):
         Engine(net, s, chunk=3)
+    with pytest.raises(ValueError, match="the minibatch is empty"):
+        Engine(net, s).losses(pop, x[:0], y[:0])
+    with pytest.raises(ValueError, match=r"labels span .* but the model has 5 outputs"):
+        Engine(net, s).losses(pop, x, y + 5)
+    with pytest.raises(ValueError, match=r"labels are torch\.float32"):
+        Engine(net, s).losses(pop, x, y.float())
+    assert torch.equal(Engine(net, s).losses(pop, x, y.int()), Engine(net, s).losses(pop, x, y))
 
 
 @pytest.mark.parametrize("rank", [0, 1])

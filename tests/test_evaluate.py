@@ -52,6 +52,18 @@ def test_accuracy_of_nothing_is_an_error():
 def test_accuracy_refuses_what_would_score_without_meaning():
     data, model = toy_data(), net()
     x, y = data.x_test, data.y_test
+    n_out = model.sizes[-1]
+    for labels, message in ((y + n_out, rf"labels span {n_out}\.\.\d+ but the model has {n_out} "
+                                        rf"outputs \(classes 0\.\.{n_out - 1}\)"),
+                            (y - 1, r"labels span -1\.\."),  # would count as wrong, silently
+                            (y.float(), r"labels are torch\.float32; pass integer class"),
+                            (y.bool(), r"labels are torch\.bool"),
+                            (y.tolist(), r"labels must be a torch tensor, got list")):
+        with pytest.raises(ValueError, match=message):
+            evaluate.accuracy(model, x, labels)
+    with pytest.raises(ValueError, match="inputs must be a torch tensor, got ndarray"):
+        evaluate.accuracy(model, x.numpy(), y)
+    assert evaluate.accuracy(model, x, y.int()) == evaluate.accuracy(model, x, y)
     with pytest.raises(ValueError, match=re.escape(f"labels of shape ({len(y)}, 1)")):
         evaluate.accuracy(model, x, y[:, None])  # would broadcast to an N x N comparison
     with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):

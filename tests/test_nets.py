@@ -186,6 +186,21 @@ def test_a_regime_by_name_and_never_beside_scale_or_semantics():
             DeepLinear([4, 8, 3], regime="absorption:9", **extra)
 
 
+def test_a_regime_nets_arithmetic_cannot_be_set_after():
+    """A regime's own float ops run the net whatever ``semantics`` says: setting it (or the
+    scale) used to be accepted and ignored, the outputs bit-identical."""
+    net = DeepLinear([4, 8, 3], regime="absorption:9")
+    sem, k = net.semantics, net.scale_exp
+    for attr, value in (("semantics", "IEEE"), ("semantics", TF_GPU), ("scale_exp", 120)):
+        with pytest.raises(ValueError, match=r"runs regime absorption:9 \(float32\), which "
+                                             rf"fixes its {attr}; .*DeepLinear\(4,8,3, semantics="):
+            setattr(net, attr, value)
+    assert (net.semantics, net.scale_exp) == (sem, k)
+    native = DeepLinear([4, 8, 3], regime="ftz-deadzone:125")  # the 2017 layout: no regime kept
+    native.semantics = "IEEE"
+    assert native.semantics == IEEE
+
+
 def test_a_net_cast_to_another_dtype_is_refused_not_run_half_in_float32():
     net = DeepLinear([4, 8, 3]).double()
     for mode in ("scaled", "exact"):

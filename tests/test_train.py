@@ -1,6 +1,7 @@
 """What the trainers share (``deeplinear.train``): the model comes back on its own device, and
 Ctrl-C stops a run after a finished step with a checkpoint to resume from."""
 
+import dataclasses
 import math
 import os
 import re
@@ -214,3 +215,58 @@ def test_wrong_argument_types_are_named(module, base, rings):
 def test_the_largest_seed_is_accepted(rings):
     cfg = backprop.Config(steps=1, batch_size=8, seed=2**63 - 1)
     assert len(backprop.train(DeepLinear([2, 8, 8, 2]), rings, cfg, progress=False)) == 1
+
+
+@pytest.mark.parametrize("module", [backprop, es_train, cmaes], ids=["backprop", "es", "cmaes"])
+def test_a_trained_net_is_not_calibrated_again(module, rings):
+    """A second ``train`` with ``init_gain`` set used to rescale every layer and reset the first
+    bias of the trained net: it is refused, the weights untouched, and ``init_gain=None``
+    continues from them."""
+    net = DeepLinear([2, 8, 8, 2], generator=torch.Generator().manual_seed(0))
+    cfg = module.Config(**CONFIGS[module])
+    assert cfg.init_gain is not None
+    module.train(net, rings, cfg, progress=False)
+    trained = weights(net)
+    with pytest.raises(ValueError, match=r"this net was trained already, and init_gain=.*; pass "
+                                         "init_gain=None to continue from its weights"):
+        module.train(net, rings, cfg, progress=False)
+    assert all(torch.equal(trained[k], v) for k, v in net.state_dict().items())
+    module.train(net, rings, dataclasses.replace(cfg, init_gain=None), progress=False)
+    assert not all(torch.equal(trained[k], v) for k, v in net.state_dict().items())
+
+
+@pytest.mark.parametrize("module", [backprop, es_train, cmaes], ids=["backprop", "es", "cmaes"])
+def test_the_callers_thread_count_comes_back(module, rings):
+    before = torch.get_num_threads()
+    other = 1 if before > 1 else 2
+    cfg = module.Config(**CONFIGS[module], threads=other)
+    module.train(DeepLinear([2, 8, 8, 2]), rings, cfg, progress=False)
+    assert torch.get_num_threads() == before
+
+
+def test_the_thread_count_comes_back_after_a_divergence(rings):
+    before = torch.get_num_threads()
+
+    def diverged(pop, idx):
+        assert torch.get_num_threads() != before  # the run's own count applied
+        return torch.full((pop.size,), math.nan), torch.zeros(pop.size)
+
+    with pytest.raises(es.DivergedError):
+        es_train.train(DeepLinear([2, 8, 8, 2]), rings, es_train.Config(
+            steps=3, pop=4, threads=1 if before > 1 else 2), progress=False, evaluate=diverged)
+    assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("module, base", TRAINERS)
+def test_number_fields_of_another_type_are_named(module, base, rings):
+    cfg = module.Config(**{**base, "steps": 1, "batch_size": 8, "init_gain": "2", "threads": 1.5})
+    with pytest.raises(ValueError, match=re.escape(
+            "init_gain = '2' must be a number; threads = 1.5 must be an integer")):
+        module.train(DeepLinear([2, 8, 8, 2]), rings, cfg, progress=False)
+
+
+@pytest.mark.parametrize("module, base", TRAINERS)
+def test_a_net_cast_to_float64_is_named_before_anything_runs(module, base, rings):
+    with pytest.raises(ValueError, match=r"parameters are torch\.float64; .*call net\.float\(\)"):
+        module.train(DeepLinear([2, 8, 8, 2]).double(), rings,
+                     module.Config(**{**base, "steps": 1, "batch_size": 8}), progress=False)

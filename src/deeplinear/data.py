@@ -56,16 +56,21 @@ class Dataset:
         """Refuse, naming the field and the fix, what would fail deep inside a trainer or score
         silently wrong: float64 inputs (the nets run float32), labels of shape (N, 1) (they
         broadcast into an N x N comparison), labels outside the classes, NaN or infinite inputs
-        (a trainer would report them as its own divergence)."""
-        if not isinstance(self.n_classes, int) or self.n_classes < 2:
+        (a trainer would report them as its own divergence), an empty split (a run would fail
+        only at its first evaluation)."""
+        n_classes = integer(self.n_classes)
+        if n_classes is None or n_classes < 2:
             raise DataError(f"{self.name}: n_classes must be an integer >= 2, got "
                             f"{self.n_classes!r}")
+        self.n_classes = n_classes
         width = None
         for split in ("train", "test"):
             x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
             if not isinstance(x, Tensor) or not isinstance(y, Tensor):
                 raise DataError(f"{self.name}: x_{split} and y_{split} must be torch tensors, got "
                                 f"{type(x).__name__} and {type(y).__name__}")
+            if len(x) == 0:
+                raise DataError(f"{self.name}: x_{split} is empty; every split needs samples")
             if x.dtype != torch.float32 or x.dim() != 2:
                 raise DataError(f"{self.name}: x_{split} must be float32 of shape (N, features), "
                                 f"got {x.dtype} {tuple(x.shape)}; pass x.float().flatten(1)")

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from deeplinear.es import Layout, Population, Strategy
-from deeplinear.nets import DeepLinear
+from deeplinear.nets import DeepLinear, check_labels
 
 DEFAULT_MAX_BYTES = 256 << 20
 # A chunk's working set (full rank: the members' weights; low rank: their activations) stays
@@ -235,7 +235,10 @@ class Engine:
         """
         if len(y) != len(x):
             raise ValueError(f"got {len(x)} inputs but {len(y)} labels; pass one label per row")
-        y = y.to(self.device)
+        if len(x) == 0:
+            raise ValueError("the minibatch is empty: every loss would be NaN; pass rows")
+        check_labels(y, self.net.sizes[-1])
+        y = y.to(self.device, torch.long)
         loss, acc = (torch.empty(pop.size, device=self.device) for _ in range(2))
         for start, logits in self._chunks(pop, x):
             loss[start:start + len(logits)] = member_losses(logits, y)

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from deeplinear.arithmetic import PRESETS, Semantics, preset_name
 from deeplinear.collapse import collapse
 from deeplinear.data import Dataset
-from deeplinear.nets import DeepLinear, Mode, check_finite, io_sizes
+from deeplinear.nets import DeepLinear, Mode, check_finite, check_labels, io_sizes
 
 BATCH = 5000
 
@@ -55,7 +55,11 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor, mode: Mode = "scaled",
 def check_scored(model: nn.Module, x: Tensor, y: Tensor) -> None:
     """One-line errors for a scoring that would return a number without meaning: no rows, labels
     of shape (N, 1) (they broadcast to an N x N comparison), NaN weights or inputs (argmax reads
-    a NaN row as class 0)."""
+    a NaN row as class 0), labels that are no class of the model (:func:`check_labels`)."""
+    if not isinstance(x, Tensor):
+        raise ValueError(f"inputs must be a torch tensor, got {type(x).__name__}; pass "
+                         "torch.as_tensor(x, dtype=torch.float32)")
+    check_labels(y, io_sizes(model)[1])
     if len(x) == 0:
         raise ValueError("accuracy of an empty set is undefined; pass at least one sample")
     if y.shape != (len(x),):

@@ -157,6 +157,15 @@ class DeepLinear(nn.Module):
                              "be a nonzero float32 that moves hidden values toward "
                              f"underflow); the 2017 net uses {SCALE_EXP}")
 
+    def _refuse_under_regime(self, what: str) -> None:
+        """A regime's own float operations run this net, whatever ``semantics`` and ``scale_exp``
+        say: setting either would be ignored, so it is refused."""
+        if self.regime is not None:
+            raise ValueError(f"this net runs regime {self.regime.label}, which fixes its {what}; "
+                             "to run its weights otherwise, load its state_dict into a "
+                             f"DeepLinear({','.join(map(str, self.sizes))}, semantics=..., "
+                             "scale_exp=...)")
+
     @property
     def semantics(self) -> Semantics:
         return self._semantics
@@ -164,6 +173,7 @@ class DeepLinear(nn.Module):
     @semantics.setter
     def semantics(self, value: Semantics | str) -> None:
         """Another arithmetic for the same weights (a preset's name or a :class:`Semantics`)."""
+        self._refuse_under_regime("semantics")
         sem = as_semantics(value)
         self._check(self._scale_exp, sem)
         self._semantics = sem
@@ -174,6 +184,7 @@ class DeepLinear(nn.Module):
 
     @scale_exp.setter
     def scale_exp(self, value: int) -> None:
+        self._refuse_under_regime("scale_exp")
         k = _exponent(value)
         self._check(k, self._semantics)
         self._scale_exp = k
@@ -213,11 +224,7 @@ class DeepLinear(nn.Module):
         detached: no gradient reaches them through it (its ops are not differentiable), so
         training runs in scaled mode.
         """
-        wrong = {p.dtype for p in self.parameters()} - {torch.float32}
-        if wrong:
-            raise ValueError(f"the net's parameters are {', '.join(map(str, wrong))}; DeepLinear "
-                             "computes in float32 (its semantics are float32 arithmetic): call "
-                             "net.float()")
+        self.check_float32()
         if mode == "exact":
             if self.regime is None:
                 return self._trace_exact(self.check_input(x))
@@ -244,6 +251,15 @@ class DeepLinear(nn.Module):
         if i == 0:
             return (dead_zone(m, self.semantics.fmt.min_normal) if flush_matmul else m) + b
         return (f(m) if flush_matmul else m) + f(b)
+
+    def check_float32(self) -> None:
+        """A one-line error for a net cast to another dtype (``net.double()``), which no float32
+        semantics describes."""
+        wrong = {p.dtype for p in self.parameters()} - {torch.float32}
+        if wrong:
+            raise ValueError(f"the net's parameters are {', '.join(map(str, wrong))}; DeepLinear "
+                             "computes in float32 (its semantics are float32 arithmetic): call "
+                             "net.float()")
 
     def check_input(self, x: Tensor) -> Tensor:
         """``x`` as float32 ``(..., sizes[0])``, or a one-line error naming what is wrong."""
@@ -296,6 +312,20 @@ def io_sizes(model: nn.Module) -> tuple[int, int]:
     return linears[0].in_features, linears[-1].out_features
 
 
+def check_labels(y: Tensor, n_out: int) -> None:
+    """One-line errors for labels no loss or accuracy can use: not integer class indices (float
+    labels compare to an argmax and score a number without meaning) or a class beyond the
+    model's ``n_out`` outputs (an accuracy counts it wrong forever, a loss fails deep inside)."""
+    if not isinstance(y, Tensor):
+        raise ValueError(f"labels must be a torch tensor, got {type(y).__name__}; pass "
+                         "torch.as_tensor(y)")
+    if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+        raise ValueError(f"labels are {y.dtype}; pass integer class indices (y.long())")
+    if len(y) and not 0 <= int(y.min()) <= int(y.max()) < n_out:
+        raise ValueError(f"labels span {int(y.min())}..{int(y.max())} but the model has {n_out} "
+                         f"outputs (classes 0..{n_out - 1}); pass the labels of its dataset")
+
+
 def nonfinite(named: Iterable[tuple[str, Tensor]]) -> list[str]:
     """The names of the floating-point tensors in ``named`` (``model.named_parameters()``, a
     state dict's items) that hold NaN or infinity."""
@@ -344,3 +374,20 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
+
+
+MODELS = ("deeplinear", "mlp", "softmax")  # the kinds a run records (``model.kind``)
+
+
+def build_model(kind: str, sizes: Sequence[int], scale_exp: int = SCALE_EXP,
+                semantics: Semantics | str | None = None, seed: int = 0) -> nn.Module:
+    """A fresh model of ``kind`` whose initial weights depend only on ``seed``."""
+    torch.manual_seed(seed)  # nn.Linear's init draws from the global generator
+    if kind == "deeplinear":
+        return DeepLinear(sizes, scale_exp, semantics or TF_GPU,
+                          generator=torch.Generator().manual_seed(seed))
+    if kind == "mlp":
+        return MLP(sizes)
+    if kind == "softmax":
+        return SoftmaxRegression(sizes[0], sizes[-1])
+    raise ValueError(f"unknown model {kind!r}; use {', '.join(MODELS)}")

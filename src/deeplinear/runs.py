@@ -32,8 +32,8 @@ from typing import Any, TextIO
 
 import torch
 
-from deeplinear.arithmetic import get_semantics
-from deeplinear.nets import nonfinite
+from deeplinear.arithmetic import Semantics, get_semantics
+from deeplinear.nets import SCALE_EXP, build_model, nonfinite
 
 
 def make_dir(d: Path) -> Path:
@@ -238,6 +238,31 @@ def load_final(path: str | Path) -> dict[str, Any]:
     return payload
 
 
+def rebuild(payload: dict[str, Any]) -> torch.nn.Module:
+    """The trained model a :func:`load_final` payload describes: its kind, sizes, scale and
+    semantics, with its weights."""
+    spec = payload["model"]
+    try:
+        sem = Semantics(**payload["semantics"]) if payload.get("semantics") else None
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"the weights' semantics entry is not valid ({e}); pass the final.pt "
+                         "that deeplinear train or reproduce wrote") from None
+    model = build_model(spec["kind"], spec["sizes"], spec.get("scale_exp", SCALE_EXP), sem)
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except RuntimeError as e:  # "Error(s) in loading state_dict for X:" then one line per problem
+        detail = " ".join(line.strip() for line in str(e).splitlines()[1:3])
+        raise ValueError(f"weights do not fit a {spec['kind']} {spec['sizes']}: {detail}; "
+                         "pass the final.pt of a run of this model") from None
+    return model
+
+
+def load_model(path: str | Path) -> torch.nn.Module:
+    """A trained model from a run: ``path`` a ``final.pt``, a checkpoint or the run directory
+    (as :func:`load_final`), rebuilt with the arithmetic it trained under."""
+    return rebuild(load_final(path))
+
+
 def from_checkpoint(ckpt: dict[str, Any], path: Path) -> dict[str, Any]:
     """The parts of a final.pt that a checkpoint and its run's ``config.json`` hold.
 
@@ -250,7 +275,12 @@ def from_checkpoint(ckpt: dict[str, Any], path: Path) -> dict[str, Any]:
             semantics = dataclasses.asdict(get_semantics(semantics))
         return {"state_dict": ckpt["model"], "model": config["model"], "data": config["data"],
                 "semantics": semantics, "method": config["method"], "step": ckpt["step"]}
-    except (OSError, KeyError, TypeError, AttributeError, json.JSONDecodeError) as e:
+    except KeyError as e:
+        raise ValueError(f"{path.parent / 'config.json'} has no {e} entry: the run was not "
+                         "written by deeplinear train or reproduce, and only those record how "
+                         "to rebuild its model; a run driven from Python keeps its model in "
+                         "memory (torch.save(net.state_dict(), ...) it)") from None
+    except (OSError, TypeError, AttributeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: a checkpoint needs its run's config.json beside it "
                          f"({type(e).__name__}: {e}); pass the run directory") from None
 

@@ -11,14 +11,11 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
-from deeplinear.arithmetic import PRESETS, Semantics, get_semantics
+from deeplinear.arithmetic import PRESETS, get_semantics
 from deeplinear.cli import semantics_names, summary
-from deeplinear.cli.train import build_model, format_results
+from deeplinear.cli.train import format_results
 from deeplinear.evaluate import COLLAPSED
-from deeplinear.nets import SCALE_EXP
-from deeplinear.runs import load_final
+from deeplinear.runs import load_final, rebuild
 
 if TYPE_CHECKING:
     from deeplinear.data import Dataset
@@ -38,23 +35,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="random subset of the test split (default: as trained, else all)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=run)
-
-
-def rebuild(payload: dict[str, Any]) -> torch.nn.Module:
-    spec = payload["model"]
-    try:
-        sem = Semantics(**payload["semantics"]) if payload.get("semantics") else None
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"the weights' semantics entry is not valid ({e}); pass the final.pt "
-                         "that deeplinear train or reproduce wrote") from None
-    model = build_model(spec["kind"], spec["sizes"], spec.get("scale_exp", SCALE_EXP), sem)
-    try:
-        model.load_state_dict(payload["state_dict"])
-    except RuntimeError as e:  # "Error(s) in loading state_dict for X:" then one line per problem
-        detail = " ".join(line.strip() for line in str(e).splitlines()[1:3])
-        raise ValueError(f"weights do not fit a {spec['kind']} {spec['sizes']}: {detail}; "
-                         "pass the final.pt of a run of this model") from None
-    return model
 
 
 def load_data(payload: dict[str, Any], dataset: str | None = None, data_dir: str | None = None,

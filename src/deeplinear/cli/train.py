@@ -28,10 +28,9 @@ from torch import nn
 from deeplinear.arithmetic import PRESETS, get_semantics
 from deeplinear.cli import absolute_path, preset, seed, summary
 from deeplinear.es import SIGMA_SCALES
-from deeplinear.nets import SCALE_EXP
+from deeplinear.nets import MODELS, SCALE_EXP, build_model
 from deeplinear.surrogate import FLOAT_AWARE, KINDS
 
-MODELS = ("deeplinear", "mlp", "softmax")
 METHODS = ("backprop", "float-aware", "es", "cma-es")
 TRAINERS = {"es": "es", "cma-es": "cmaes"}  # method -> module in deeplinear.train; else backprop
 SURROGATES = tuple(k for k in KINDS if k != "blind")  # "blind" is --method backprop
@@ -250,24 +249,6 @@ def note_lowrank(cfg: Any, sizes: list[int]) -> None:
         print(f"note: --rank {cfg.rank} draws {low:,} noise values per pair, not fewer than the "
               f"net's {layout.n:,} parameters: low rank saves nothing here; lower --rank or use "
               "--perturbation full", file=sys.stderr)
-
-
-def build_model(kind: str, sizes: list[int], scale_exp: int = SCALE_EXP, semantics: Any = None,
-                seed: int = 0) -> nn.Module:
-    """A fresh model whose initial weights depend only on ``seed``."""
-    import torch
-
-    from deeplinear.nets import MLP, DeepLinear, SoftmaxRegression
-
-    torch.manual_seed(seed)  # nn.Linear's init draws from the global generator
-    if kind == "deeplinear":
-        return DeepLinear(sizes, scale_exp, semantics or PRESETS["TF_GPU"],
-                          generator=torch.Generator().manual_seed(seed))
-    if kind == "mlp":
-        return MLP(sizes)
-    if kind == "softmax":
-        return SoftmaxRegression(sizes[0], sizes[-1])
-    raise ValueError(f"unknown model {kind!r}; use {', '.join(MODELS)}")
 
 
 def load_weights(model: nn.Module, source: str, kind: str, sizes: list[int],

@@ -11,18 +11,21 @@ them freely:
   uninterrupted run with the same seed. ``progress`` prints a line with rate and ETA to stderr;
   ES's ``train`` also takes ``evaluate`` (the population's scores from elsewhere, e.g. Ray).
 
-The modules are not imported here, so one can be used while another is absent or broken; what
-they share lives here.
+The modules are imported on first use (``deeplinear.train.es`` after ``import deeplinear.train``),
+not here, so one can be used while another is absent or broken; what they share lives here.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import importlib
 import inspect
 import signal
 import sys
 import threading
 from collections.abc import Callable
+from numbers import Real
 from typing import Any, TypeVar
 
 import torch
@@ -32,6 +35,15 @@ from deeplinear.arithmetic import integer
 from deeplinear.data import Dataset
 from deeplinear.evaluate import accuracy, check_fits
 from deeplinear.nets import DeepLinear, check_finite
+
+TRAINER_MODULES = ("backprop", "es", "cmaes")
+
+
+def __getattr__(name: str) -> Any:
+    if name in TRAINER_MODULES:
+        return importlib.import_module(f"deeplinear.train.{name}")
+    raise AttributeError(f"module 'deeplinear.train' has no attribute {name!r}")
+
 
 FITNESS = ("loss", "error")  # what an evolution strategy minimises on its minibatch
 
@@ -90,20 +102,32 @@ def model_device(model: nn.Module) -> torch.device:
 Train = TypeVar("Train", bound=Callable[..., Any])
 
 
-def keeps_model_device(train: Train) -> Train:
-    """``train(model, ...)`` that gives the model back on its own device however the run ends.
+def restores_caller_state(train: Train) -> Train:
+    """``train(model, ...)`` that gives the model back on its own device, and torch its thread
+    count, however the run ends.
 
-    Why: a trainer moves the model where it computes (``cfg.device``; CMA-ES the CPU), and a run
-    that diverges or is refused midway must not leave the caller's model there.
+    Why: a trainer moves the model where it computes (``cfg.device``; CMA-ES the CPU) and sets
+    ``cfg.threads``; a notebook that trains, diverges or is refused midway must not find its
+    model elsewhere or its own work on another number of threads.
     """
     @functools.wraps(train)
     def wrapper(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        home = model_device(model)
+        home, threads = model_device(model), torch.get_num_threads()
         try:
             return train(model, *args, **kwargs)
         finally:
             model.to(home)
+            torch.set_num_threads(threads)
     return wrapper  # type: ignore[return-value]
+
+
+TRAINED = "deeplinear_trained"  # set on a model a trainer here has started: its weights are no init
+
+
+def mark_trained(model: nn.Module) -> None:
+    """Note on ``model`` that a run has begun changing its weights (see
+    :func:`deeplinear.train.backprop.calibrate_fresh`)."""
+    setattr(model, TRAINED, True)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -179,7 +203,8 @@ def interrupted(step: int, run: Any) -> Interrupted:
 
 def check_config(cfg: Any) -> None:
     """The checks every trainer's ``Config.validate`` shares: step counts >= 1 (the error names
-    the ones that are not), init gain and threads."""
+    the ones that are not), every number field of the type it declares (``lr="1e-3"`` would fail
+    inside a comparison), init gain and threads."""
     counts = ("steps", "batch_size", "eval_every", "checkpoint_every", "eval_n")
     bad = [f"{name} = {getattr(cfg, name)!r}" for name in counts
            if (n := integer(getattr(cfg, name))) is None or n < 1]
@@ -189,6 +214,17 @@ def check_config(cfg: Any) -> None:
     seed = integer(cfg.seed)
     if seed is None or not 0 <= seed < 2**63:
         raise ValueError(f"seed must be an integer in [0, 2**63), got {cfg.seed!r}")
+    mistyped = []  # fields declared float or int (or None) holding something else, e.g. "1e-3"
+    for f in dataclasses.fields(cfg):
+        v, kind = getattr(cfg, f.name), str(f.type)
+        if v is None or not kind.startswith(("float", "int")):
+            continue
+        if kind.startswith("float") and (isinstance(v, bool) or not isinstance(v, Real)):
+            mistyped.append(f"{f.name} = {v!r} must be a number")
+        elif kind.startswith("int") and integer(v) is None:
+            mistyped.append(f"{f.name} = {v!r} must be an integer")
+    if mistyped:
+        raise ValueError("; ".join(mistyped))
     if cfg.init_gain is not None and not cfg.init_gain > 0:
         raise ValueError(f"init_gain must be > 0 or None, got {cfg.init_gain}")
     if cfg.threads is not None and cfg.threads < 1:
@@ -226,6 +262,8 @@ def check_trainable(model: nn.Module, data: Dataset, cfg: Any) -> None:
     larger than the set, non-finite starting weights, which would be reported as the run's own
     divergence), then :func:`use_threads`."""
     check_fits(model, data)
+    if isinstance(model, DeepLinear):
+        model.check_float32()
     if cfg.batch_size > len(data.x_train):
         raise ValueError(f"batch_size {cfg.batch_size} exceeds the {len(data.x_train)} training "
                          "samples; lower the batch size (--batch-size)")

@@ -56,12 +56,14 @@ from deeplinear.probes import occupancy
 from deeplinear.runs import Progress, Run, rng_state, set_rng_state
 from deeplinear.surrogate import DEFAULT_TAU, KINDS, make_under
 from deeplinear.train import (
+    TRAINED,
     check_arguments,
     check_config,
     check_device,
     check_trainable,
     interrupted,
-    keeps_model_device,
+    mark_trained,
+    restores_caller_state,
     scores,
     stop_asked,
     stops_cleanly,
@@ -79,7 +81,7 @@ SCHEDULES = ("cosine", "step", "constant")
 
 @dataclass
 class Config:
-    seed: int = 0
+    seed: int = 0  # minibatch order; the model's init is the caller's (DeepLinear(generator=))
     steps: int = 3000
     batch_size: int = 128
     lr: float = 1e-3
@@ -185,6 +187,20 @@ def calibrate(net: DeepLinear, x: Tensor, gain: float, center: bool = True,
         h = f(net.pre_activation(i, h @ w, b, f))
 
 
+def calibrate_fresh(net: DeepLinear, x: Tensor, cfg: Any) -> None:
+    """A new run's start: ``cfg.init_gain``'s :func:`calibrate` (``None``: keep the weights as
+    they are), refused on a net a trainer here has already trained. Why: calibration rescales
+    every layer and resets the first bias, which undoes much of what a net learned; weights
+    loaded from a file carry no such mark, so pass ``init_gain=None`` to train those further."""
+    if cfg.init_gain is None:
+        return
+    if getattr(net, TRAINED, False):
+        raise ValueError(f"this net was trained already, and init_gain={cfg.init_gain} would "
+                         "calibrate it again (rescale every layer, reset the first bias); pass "
+                         "init_gain=None to continue from its weights, or train a new net")
+    calibrate(net, x, cfg.init_gain, cfg.center)
+
+
 def _bisect_scale(spread: Callable[[float], float], target: float, start: float) -> float:
     """The scale ``a`` with ``spread(a) = target`` (to 0.1%), for a ``spread`` that grows with
     ``a`` at least proportionally: from ``start`` (where ``spread(start) <= target``) up."""
@@ -220,7 +236,7 @@ def _flushed_fraction(net: DeepLinear, x: Tensor) -> float:
     return sum(hidden) / len(hidden)
 
 
-@keeps_model_device
+@restores_caller_state
 @stops_cleanly
 def train(model: nn.Module, data: Dataset, cfg: Config, run: Run | None = None,
           progress: bool = True) -> list[dict[str, Any]]:
@@ -271,9 +287,10 @@ def _train(model: nn.Module, data: Dataset, cfg: Config, run: Run | None,
         loss_sum, loss_n = state["loss_sum"], state["loss_n"]
         rows = run.metrics()
     else:
-        if net is not None and cfg.init_gain is not None:
-            calibrate(net, x, cfg.init_gain, cfg.center)
+        if net is not None:
+            calibrate_fresh(net, x, cfg)
         start, perm, wall0, loss_sum, loss_n = 0, torch.empty(0, dtype=torch.long), 0.0, 0.0, 0
+    mark_trained(model)
     n_eval = min(cfg.eval_n, n, len(data.x_test))
     bar = Progress(total=cfg.steps, desc="backprop") if progress else None
     t0 = time.perf_counter()

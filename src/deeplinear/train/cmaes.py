@@ -12,11 +12,12 @@ candidates stacked, one bmm per layer as in the ES engine), one ``tell``. A non-
 ranks worst and does not derail the run. The model ends at the distribution's mean, CMA-ES's
 estimate of the optimum under a noisy fitness.
 
-Defaults measured on spirals 2-16-16-2 (TF_GPU, exact-mode test accuracy; linear <= 58%):
-cma's own population (21), sigma 0.1, batch 256: 68.2% after 3000 generations (14 s), the step
-size down to 5e-5 by generation 1000 (a local search stalls on the dead zone's plateaus); pop 200,
-sigma 0.3, batch 1000: 84.2% after 1000 generations (30 s on one core); 2-32-32-2 with the same
-settings 89.2% (232 s, most of it ``cma``'s own update). OpenAI-ES reaches 95% on the wider
+Defaults measured on spirals 2-16-16-2 (TF_GPU, exact-mode test accuracy; linear <= 58%; runs
+kept in ``benchmarks/results/cmaes_spirals/``): cma's own population (21), sigma 0.1, batch 256:
+68.2% after 3000 generations (18 s), the step size down to 5e-5 by generation 1000 (a local
+search stalls on the dead zone's plateaus); pop 200, sigma 0.3, batch 1000: 84.2% after 1000
+generations (38 s on one core); 2-32-32-2 with the same settings 89.2% (269 s, most of it
+``cma``'s own update). OpenAI-ES reaches 95% on the wider
 2-64-64-2 (4,482 parameters: a full covariance there costs far more per generation).
 
 Reproducible and resumable bit for bit: the candidates come from a ``numpy.random.RandomState``
@@ -55,19 +56,20 @@ from deeplinear.train import (
     check_evolution_config,
     check_evolvable,
     interrupted,
-    keeps_model_device,
+    mark_trained,
+    restores_caller_state,
     scores,
     stop_asked,
     stops_cleanly,
 )
-from deeplinear.train.backprop import calibrate
+from deeplinear.train.backprop import calibrate_fresh
 
 MAX_PARAMS = 5000  # full covariance: 200 MB of float64 and an O(n^3) eigendecomposition
 
 
 @dataclass
 class Config:
-    seed: int = 0
+    seed: int = 0  # minibatches and candidates; the net's init is the caller's (generator=)
     steps: int = 1000  # generations
     pop: int | None = 200  # candidates per generation; None: cma's 4 + 3 ln(n)
     batch_size: int = 1000  # the common minibatch every candidate is scored on
@@ -141,7 +143,7 @@ def fitness(model: DeepLinear, layout: es.Layout, candidates: list[np.ndarray], 
     return [v if math.isfinite(v) else worst for v in values], sum(finite) / len(finite)
 
 
-@keeps_model_device
+@restores_caller_state
 @stops_cleanly
 @threadpool_limits.wrap(limits=1, user_api="blas")  # numpy's, for cma: see the module docstring
 def train(model: DeepLinear, data: Dataset, cfg: Config, run: Run | None = None,
@@ -170,10 +172,10 @@ def train(model: DeepLinear, data: Dataset, cfg: Config, run: Run | None = None,
             saved["loss_n"]
         rows = run.metrics()
     else:
-        if cfg.init_gain is not None:
-            calibrate(model, x, cfg.init_gain, cfg.center)
+        calibrate_fresh(model, x, cfg)
         opt = strategy(layout.flatten(model).double().numpy(), cfg)
         start, wall0, loss_sum, loss_n = 0, 0.0, 0.0, 0
+    mark_trained(model)
     n_eval = min(cfg.eval_n, len(x), len(data.x_test))
 
     def centre() -> None:

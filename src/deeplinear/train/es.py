@@ -44,12 +44,13 @@ from deeplinear.train import (
     check_evolution_config,
     check_evolvable,
     interrupted,
-    keeps_model_device,
+    mark_trained,
+    restores_caller_state,
     scores,
     stop_asked,
     stops_cleanly,
 )
-from deeplinear.train.backprop import calibrate
+from deeplinear.train.backprop import calibrate_fresh
 
 PERTURBATIONS = ("full", "lowrank")
 Evaluate = Callable[[es.Population, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -57,7 +58,7 @@ Evaluate = Callable[[es.Population, torch.Tensor], tuple[torch.Tensor, torch.Ten
 
 @dataclass
 class Config:
-    seed: int = 0
+    seed: int = 0  # minibatches and noise; the net's init is the caller's (generator=)
     steps: int = 1000  # generations
     pop: int = 200  # members per generation (even: antithetic pairs)
     batch_size: int = 100  # the common minibatch every member is scored on
@@ -110,7 +111,7 @@ class Config:
             seed=self.seed, table_size=self.table_size, device=self.device)
 
 
-@keeps_model_device
+@restores_caller_state
 @stops_cleanly
 def train(model: DeepLinear, data: Dataset, cfg: Config, run: Run | None = None,
           progress: bool = True, evaluate: Evaluate | None = None) -> list[dict[str, Any]]:
@@ -137,10 +138,10 @@ def train(model: DeepLinear, data: Dataset, cfg: Config, run: Run | None = None,
         wall0, loss_sum, loss_n = saved["wall_s"], saved["loss_sum"], saved["loss_n"]
         rows = run.metrics()
     else:
-        if cfg.init_gain is not None:
-            calibrate(model, x, cfg.init_gain, cfg.center)
+        calibrate_fresh(model, x, cfg)
         state = es.init(strategy, layout.flatten(model))
         wall0, loss_sum, loss_n = 0.0, 0.0, 0
+    mark_trained(model)
     start = state.generation
     n_eval = min(cfg.eval_n, len(x), len(data.x_test))
     bar = Progress(total=cfg.steps, desc="es") if progress else None

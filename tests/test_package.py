@@ -1,0 +1,34 @@
+"""``import deeplinear``: the top-level names and modules, imported on first use."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import deeplinear as dl
+
+SRC = Path(dl.__file__).parent
+
+
+def test_every_module_is_reachable_and_every_top_level_name_is_its_modules_own():
+    modules = {p.stem for p in SRC.glob("*.py") if not p.stem.startswith("_")}
+    assert set(dl._MODULES) == modules | {"train"}  # train/ is a package; cli/ is the CLI's
+    for name, module in dl._NAMES.items():
+        assert getattr(dl, name) is getattr(getattr(dl, module), name)
+    assert set(dl.__all__) <= set(dir(dl))
+    with pytest.raises(AttributeError, match="has no attribute 'DeepLinea'"):
+        dl.DeepLinea  # noqa: B018
+
+
+def test_importing_the_package_does_not_import_torch():
+    code = "import sys, deeplinear; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_the_trainers_are_reached_from_the_package_without_importing_them_first():
+    code = ("import deeplinear as dl; print(dl.train.backprop.Config.__module__, "
+            "dl.train.es.Config.__module__, dl.train.cmaes.Config.__module__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == [f"deeplinear.train.{m}" for m in ("backprop", "es", "cmaes")]
