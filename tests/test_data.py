@@ -316,6 +316,19 @@ def test_parity_all_vectors() -> None:
     assert torch.equal(y, x.sum(1).long() % 2)
 
 
+@pytest.mark.parametrize("make, message", [
+    (lambda: data.spirals(n=100.0), "spirals: n=100.0 must be an integer >= 2"),
+    (lambda: data.rings(n=1), "rings: n=1 must be an integer >= 2"),
+    (lambda: data.checkerboard(cells=0), "checkerboard: cells=0 must be an integer >= 1"),
+    (lambda: data.parity(bits=2.5), "parity: bits=2.5 must be an integer >= 1"),
+    (lambda: data.parity(bits=8, n="9"), "parity: n='9' must be an integer >= 1"),
+])
+def test_generator_arguments_of_the_wrong_type_are_named(make, message) -> None:
+    with pytest.raises(DataError, match=re.escape(message)):
+        make()
+    assert len(data.spirals(n=np.int64(100)).y_train) == 75  # numpy's integers are integers
+
+
 def test_parity_sampled_vectors_are_distinct() -> None:
     ds = data.parity(bits=40, n=400)
     x, _ = all_xy(ds)

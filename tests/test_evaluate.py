@@ -165,3 +165,8 @@ def test_portability_and_the_collapse_name_a_model_that_is_not_a_deep_linear_net
         collapse(mlp)
     with pytest.raises(ValueError, match="a MLP is not one"):
         collapse_gap(mlp, torch.rand(4, 6))
+
+
+def test_logits_of_no_rows_are_no_rows():
+    model = net()
+    assert evaluate.logits(model, torch.empty(0, 6)).shape == (0, model.sizes[-1])

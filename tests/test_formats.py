@@ -302,6 +302,8 @@ def test_quantize_reads_the_semantics() -> None:
     sem = Semantics("float16", "ftz", overflow="saturate")
     assert torch.equal(fm.quantize(x, sem), fm.round_to(x, "float16", ftz=True, saturate=True))
     assert fm.quantize(x, sem).tolist() == [0.0, 65504.0, -65504.0, 3.30078125]
+    tiny = torch.tensor([2.0**-130])  # a float32 subnormal: the preset's name reads as its rule
+    assert fm.quantize(tiny, "TF_GPU").item() == 0 and fm.quantize(tiny, "IEEE").item() > 0
 
 
 # --- arithmetic in the new formats ---------------------------------------------------------------

@@ -107,6 +107,14 @@ def test_defects_of_known_functions():
     assert affine_fit_residual(lambda z: torch.sin(6 * z).double(), fit_x) > 0.3
     with pytest.raises(ValueError, match="n_fit"):
         affine_fit_residual(affine, x[:10])
+    with pytest.raises(ValueError, match=r"shape \(inputs, features\), got \(200,\)"):
+        affine_fit_residual(affine, fit_x[:, 0])
+
+
+def test_algebra_table_takes_names_as_the_other_probes_do():
+    named = algebra_table({"TF_GPU": TF_GPU, "IEEE": IEEE})
+    assert algebra_table(["TF_GPU", IEEE]) == named
+    assert algebra_table("IEEE") == [r for r in named if r["semantics"] == "IEEE"]
 
 
 def test_blog_net_is_nonlinear_under_ftz_and_linear_under_ieee(blog):

@@ -28,6 +28,7 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -138,6 +139,14 @@ def _split(
     return Dataset(name, x[train], y[train], x[test], y[test], n_classes, tuple(x.shape[1:]))
 
 
+def _count(name: str, what: str, value: Any, low: int) -> int:
+    """``value`` as an int >= ``low``, or a one-line error naming the generator's argument."""
+    k = integer(value)
+    if k is None or k < low:
+        raise DataError(f"{name}: {what}={value!r} must be an integer >= {low}")
+    return k
+
+
 def _balanced_labels(n: int) -> Tensor:
     """Labels 0,1,0,1,...: both classes get n // 2 samples (the first one more when n is odd)."""
     return torch.arange(n) % 2
@@ -152,6 +161,7 @@ def spirals(
     test_frac: float = 0.25,
 ) -> Dataset:
     """Two interleaved spirals in [-1, 1]^2: the classic task a linear classifier cannot do."""
+    n = _count("spirals", "n", n, 2)
     g = torch.Generator().manual_seed(seed)
     y = _balanced_labels(n)
     # radius uniform (not area-uniform): dense, tightly wound centre, and outer arm tips that a line
@@ -165,6 +175,7 @@ def spirals(
 
 def rings(n: int = 2000, seed: int = 0, *, noise: float = 0.05, test_frac: float = 0.25) -> Dataset:
     """Two concentric rings (radii 0.7 and 1.0): the best half-plane gets ~61% right."""
+    n = _count("rings", "n", n, 2)
     g = torch.Generator().manual_seed(seed)
     y = _balanced_labels(n)
     radius = 0.7 + 0.3 * y
@@ -178,6 +189,7 @@ def checkerboard(
     n: int = 2000, seed: int = 0, *, cells: int = 4, test_frac: float = 0.25
 ) -> Dataset:
     """A ``cells`` x ``cells`` checkerboard on [-1, 1]^2 (cells=2 is XOR: a line gets 67% of it)."""
+    n, cells = _count("checkerboard", "n", n, 2), _count("checkerboard", "cells", cells, 1)
     g = torch.Generator().manual_seed(seed)
     x = torch.rand(n, 2, generator=g) * 2 - 1
     cell = ((x + 1) / 2 * cells).floor().clamp(max=cells - 1).long()
@@ -193,7 +205,9 @@ def parity(
     ``n=None`` takes all 2**bits vectors; otherwise ``n`` distinct ones are drawn, so no test vector
     also appears in the training set.
     """
-    if not 1 <= bits <= 62:
+    bits = _count("parity", "bits", bits, 1)
+    n = None if n is None else _count("parity", "n", n, 1)
+    if bits > 62:
         raise DataError(f"parity: bits={bits} is out of range; use 1..62")
     g = torch.Generator().manual_seed(seed)
     if n is None:

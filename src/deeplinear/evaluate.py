@@ -31,8 +31,11 @@ BATCH = 5000
 def logits(model: nn.Module, x: Tensor, mode: Mode = "scaled", batch_size: int = BATCH) -> Tensor:
     """Model outputs for ``x`` in batches; ``mode`` matters only for a :class:`DeepLinear`.
 
-    Each batch runs on the model's device; the outputs come back on ``x``'s."""
+    Each batch runs on the model's device; the outputs come back on ``x``'s (no rows: no
+    outputs, shape ``(0, classes)``)."""
     device, outs = next(model.parameters()).device, []
+    if len(x) == 0:
+        return torch.empty(0, io_sizes(model)[1], device=x.device)
     for i in range(0, len(x), batch_size):
         xb = x[i:i + batch_size].to(device)
         out = model(xb, mode=mode) if isinstance(model, DeepLinear) else model(xb)

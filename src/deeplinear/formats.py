@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from deeplinear.arithmetic import Format, Semantics, get_format
+from deeplinear.arithmetic import Format, Semantics, as_semantics, get_format
 
 _F64_MANTISSA = 52
 _VIEW = {8: torch.uint8, 16: torch.int16, 32: torch.int32}  # same-width integer dtypes
@@ -85,10 +85,11 @@ def round_to(x: Tensor, fmt: Format | str, *, ftz: bool = False,
     return r if x.dtype == torch.float64 else r.float()
 
 
-def quantize(x: Tensor, sem: Semantics) -> Tensor:
-    """:func:`round_to` under a :class:`~deeplinear.arithmetic.Semantics`: its format, its
-    underflow (any flushing mode flushes; DAZ cannot matter for a cast to a format no wider than
-    the input) and its overflow."""
+def quantize(x: Tensor, sem: Semantics | str) -> Tensor:
+    """:func:`round_to` under a :class:`~deeplinear.arithmetic.Semantics` (or a preset's name):
+    its format, its underflow (any flushing mode flushes; DAZ cannot matter for a cast to a
+    format no wider than the input) and its overflow."""
+    sem = as_semantics(sem)
     return round_to(x, sem.fmt, ftz=sem.flushes, saturate=sem.saturates)
 
 

@@ -110,8 +110,12 @@ BLOG_EXAMPLES: tuple[BlogExample, ...] = (
 )
 
 
-def algebra_table(semantics: Mapping[str, Semantics]) -> list[dict[str, Any]]:
-    """The blog's examples under each semantics: one row per (law, semantics), sides in ``unit``."""
+def algebra_table(semantics: Mapping[str, Semantics] | Sequence[str | Semantics] | str | Semantics
+                  ) -> list[dict[str, Any]]:
+    """The blog's examples under each semantics (named, or a preset name or list as elsewhere):
+    one row per (law, semantics), sides in ``unit``."""
+    if not isinstance(semantics, Mapping):
+        semantics = _resolve(semantics)
     rows = []
     for ex in BLOG_EXAMPLES:
         lhs_expr, rhs_expr = (("(a+b)*c", "a*c+b*c") if ex.law == "distributivity"
@@ -260,6 +264,10 @@ def affine_fit_residual(f: Fn, x: Tensor) -> float:
     In-sample least squares in float64. It needs many more rows than ``x`` has columns (+1);
     with n rows and d+1 parameters a pure-noise residual is underestimated by ~sqrt(1-(d+1)/n).
     """
+    if not isinstance(x, Tensor) or x.dim() != 2:
+        raise ValueError(f"x must be a tensor of shape (inputs, features), got "
+                         f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}; "
+                         "pass x.reshape(len(x), -1)")
     n, d = x.shape
     check_fit_size(n, d)
     y = _eval(f, x)
