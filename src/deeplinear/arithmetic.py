@@ -30,6 +30,26 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+# torch's CPU sqrt, exp, log, ... call MKL's vector math (VML) on tensors above 2,048 elements,
+# and VML picks a function's kernel on its first call; when that first call runs on two threads
+# at once, one thread can keep a less accurate kernel for its half of the tensor (oneMKL 2024.2,
+# bundled with torch 2.13: pytorch/pytorch#188792, fixed from oneMKL 2025.0). Seen here: a bare
+# first sqrt of 3,466 values differed from the second in 4 of 20 fresh processes, and ES's first
+# Adam step (``sqrt`` of the second moment) in 5 of 24 fresh processes that started Ray beside
+# it (0 of 40 without), so a seeded run did not always end where it should.
+# One serial one-element call per function when deeplinear is imported picks the kernels first.
+VECTOR_MATH = ("sqrt", "rsqrt", "exp", "expm1", "log", "log1p", "log2", "log10", "sin", "cos",
+               "tan", "tanh", "sinh", "cosh", "asin", "acos", "atan", "erf", "erfc", "erfinv")
+
+
+def _pick_vector_math_kernels() -> None:
+    for name in VECTOR_MATH:
+        for dtype in (torch.float32, torch.float64):
+            getattr(torch, name)(torch.full((1,), 0.5, dtype=dtype))
+
+
+_pick_vector_math_kernels()
+
 Underflow = Literal["ieee", "ftz", "ftz_daz"]
 Scope = Literal["elementwise", "all"]
 Overflow = Literal["ieee", "saturate"]
