@@ -7,7 +7,7 @@ comment quotes the kept output, ``benchmarks/results/source_figures_cpu2.txt``:
 
     python benchmarks/source_figures.py | tee benchmarks/results/source_figures_cpu2.txt
 
-About two minutes on 2 cores; ``--quick`` shrinks every size (a smoke run, figures meaningless).
+About 70 s on 2 cores; ``--quick`` shrinks every size (a smoke run, figures meaningless).
 """
 
 from __future__ import annotations
@@ -57,15 +57,17 @@ def fresh_tensor(mib: int, rounds: int) -> dict[str, float]:
 
 def chunk_sizes(sizes: tuple[int, ...], pop: int, batch: int, rank: int, chunks: tuple[int, int],
                 threads: int, rounds: int) -> dict[str, float]:
-    """engine.py CHUNK_CACHE_BYTES: one evaluation of the population with two chunk sizes."""
+    """engine.py CHUNK_CACHE_BYTES: one evaluation of the population with two chunk sizes (and,
+    under ``"member MiB"``, a member's share of the working set that constant bounds)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         s = make_setup(sizes, pop, batch, rank, BenchConfig(nets=("2017",)))
         engines = {c: Engine(s.net, s.strategy, chunk=c) for c in chunks}
         pop_ = es.ask(s.strategy, s.state)
-        return side_by_side({f"chunk {c}": (lambda e=e: e.losses(pop_, s.x, s.y))
-                             for c, e in engines.items()}, rounds)
+        t = side_by_side({f"chunk {c}": (lambda e=e: e.losses(pop_, s.x, s.y))
+                          for c, e in engines.items()}, rounds)
+        return t | {"member MiB": s.engine.member_bytes(batch)[1] / 2**20}
     finally:
         torch.set_num_threads(previous)
 
@@ -184,9 +186,8 @@ def main(argv: list[str] | None = None) -> None:
         if q:
             pop, batch, chunks = 8, 10, (2, 8)
         t = chunk_sizes(net, pop, batch, rank, chunks, threads, a.rounds)
-        (c1, t1), (c2, t2) = t.items()
-        per_member = es.Layout.of(net).n if not rank else batch * sum(net[1:]) * 1.5
-        mib = [c * 4 * per_member / 2**20 for c in chunks]
+        (c1, t1), (c2, t2) = ((k, v) for k, v in t.items() if k.startswith("chunk"))
+        mib = [c * t["member MiB"] for c in chunks]
         print(f"  {'low' if rank else 'full'} rank, pop {pop}, batch {batch}, {threads} thread(s): "
               f"{c1} ({mib[0]:.0f} MiB) {t1 * 1e3:.1f} ms, {c2} ({mib[1]:.0f} MiB) "
               f"{t2 * 1e3:.1f} ms: {t2 / t1:.2f}x")

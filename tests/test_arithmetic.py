@@ -779,10 +779,10 @@ print(torch.equal(f(v), f(v)))
 @pytest.mark.slow  # ~45 s: 30 fresh interpreters, one at a time
 def test_the_first_vector_math_call_rounds_as_every_later_one():
     """oneMKL 2024.2 (torch 2.13's wheel) picks a VML kernel on a function's first call, and a
-    first call on two threads left one thread's half less accurate now and then (measured
-    without the import-time pick: 4 of 20 processes for sqrt). Only a process's first call can
-    show it, so each try is a fresh process; side by side, or forked from one process, they
-    never raced here, so they run one at a time."""
+    first call on two threads left one thread's half less accurate now and then (how often:
+    ``benchmarks/vml_first_call.py``). Only a process's first call can show it, so each try is
+    a fresh process; side by side, or forked from one process, they never raced here, so they
+    run one at a time. The race is rare, so without the pick this test fails only sometimes."""
     ops = ["sqrt", "exp", "log"] * 10
     outs = [subprocess.run([sys.executable, "-c", VML_RACE, op], capture_output=True, text=True,
                            timeout=300, env={**os.environ, "OMP_NUM_THREADS": "2"}).stdout.strip()

@@ -642,3 +642,18 @@ def test_workers_or_ray_address_without_the_ray_backend_is_one_line(tmp_path, ca
                       name="w" + flags[0])
         assert rc == 2
         assert "--workers and --ray-address need --backend ray" in capsys.readouterr().err
+
+
+def test_threads_hold_for_the_whole_command_final_evaluation_included(tmp_path, monkeypatch):
+    """A trainer gives back the thread count it found; the CLI sets --threads before it, so the
+    final (exact-mode, slow) evaluation runs on them too."""
+    import deeplinear.cli.train as cli_train
+
+    seen, real = [], cli_train.final_results
+    monkeypatch.setattr(cli_train, "final_results",
+                        lambda *a: seen.append(torch.get_num_threads()) or real(*a))
+    try:  # the module runs on 1 thread (its fixture); the command asks for another count
+        assert train(tmp_path, "--steps", "2", "--threads", "2")[0] == 0
+    finally:
+        torch.set_num_threads(1)
+    assert seen == [2]

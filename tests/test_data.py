@@ -777,6 +777,8 @@ def _toy(**changes: object) -> data.Dataset:
     ({"n_classes": 2.0}, "n_classes must be an integer >= 2, got 2.0"),
     ({"x_test": torch.empty(0, 3), "y_test": torch.empty(0, dtype=torch.long)},
      "x_test is empty; every split needs samples"),
+    ({"x_train": torch.tensor(1.0)}, "x_train must be float32 of shape (N, features), got "
+     "torch.float32 ()"),
     ({"x_train": np.zeros((6, 3), np.float32)}, "must be torch tensors, got ndarray and Tensor"),
 ])
 def test_a_dataset_refuses_what_would_fail_or_score_wrong_later(changes, message):

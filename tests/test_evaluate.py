@@ -61,6 +61,8 @@ def test_accuracy_refuses_what_would_score_without_meaning():
                             (y.tolist(), r"labels must be a torch tensor, got list")):
         with pytest.raises(ValueError, match=message):
             evaluate.accuracy(model, x, labels)
+    with pytest.raises(ValueError, match=re.escape("labels of shape ()")):  # 0-d: no len()
+        evaluate.accuracy(model, x, y[0])
     with pytest.raises(ValueError, match="inputs must be a torch tensor, got ndarray"):
         evaluate.accuracy(model, x.numpy(), y)
     assert evaluate.accuracy(model, x, y.int()) == evaluate.accuracy(model, x, y)

@@ -1,5 +1,6 @@
 """``import deeplinear``: the top-level names and modules, imported on first use."""
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -16,9 +17,21 @@ def test_every_module_is_reachable_and_every_top_level_name_is_its_modules_own()
     assert set(dl._MODULES) == modules | {"train"}  # train/ is a package; cli/ is the CLI's
     for name, module in dl._NAMES.items():
         assert getattr(dl, name) is getattr(getattr(dl, module), name)
-    assert set(dl.__all__) <= set(dir(dl))
     with pytest.raises(AttributeError, match="has no attribute 'DeepLinea'"):
         dl.DeepLinea  # noqa: B018
+
+
+def test_what_type_checkers_see_is_what_runs():
+    """The TYPE_CHECKING imports (for mypy and editors) name the same things as the lazy table."""
+    tree = ast.parse((SRC / "__init__.py").read_text())
+    block = next(n for n in tree.body if isinstance(n, ast.If)
+                 and getattr(n.test, "id", None) == "TYPE_CHECKING")
+    seen = {}
+    for node in block.body:
+        assert isinstance(node, ast.ImportFrom)
+        for alias in node.names:
+            seen[alias.name] = node.module.removeprefix("deeplinear").lstrip(".")
+    assert seen == {**dl._NAMES, **dict.fromkeys(dl._MODULES, "")}
 
 
 def test_importing_the_package_does_not_import_torch():

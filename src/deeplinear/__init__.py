@@ -2,11 +2,38 @@
 
 The names a notebook reaches for first are here (``dl.DeepLinear``, ``dl.load_dataset``, ...),
 and every module (``dl.probes``, ``dl.train``, ...); each is imported on first use, so
-``import deeplinear`` and the CLI's start do not pay for torch until something needs it.
+``import deeplinear`` alone does not import torch.
 """
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # what type checkers and editors see; at run time __getattr__ imports them
+    from deeplinear import (
+        arithmetic,
+        bench,
+        collapse,
+        data,
+        distributed,
+        engine,
+        es,
+        evaluate,
+        formats,
+        nets,
+        probes,
+        regimes,
+        report,
+        reproduce,
+        runs,
+        surrogate,
+        train,
+    )
+    from deeplinear.arithmetic import CPU_FTZ_DAZ, IEEE, TF_GPU, Semantics, get_semantics
+    from deeplinear.collapse import collapse_gap
+    from deeplinear.data import Dataset, load_dataset
+    from deeplinear.evaluate import accuracy, portability
+    from deeplinear.nets import MLP, DeepLinear, SoftmaxRegression, build_model
+    from deeplinear.runs import load_model
 
 __version__ = "0.1.0"
 

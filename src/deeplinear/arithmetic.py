@@ -33,10 +33,9 @@ from torch import Tensor
 # torch's CPU sqrt, exp, log, ... call MKL's vector math (VML) on tensors above 2,048 elements,
 # and VML picks a function's kernel on its first call; when that first call runs on two threads
 # at once, one thread can keep a less accurate kernel for its half of the tensor (oneMKL 2024.2,
-# bundled with torch 2.13: pytorch/pytorch#188792, fixed from oneMKL 2025.0). Seen here: a bare
-# first sqrt of 3,466 values differed from the second in 4 of 20 fresh processes, and ES's first
-# Adam step (``sqrt`` of the second moment) in 5 of 24 fresh processes that started Ray beside
-# it (0 of 40 without), so a seeded run did not always end where it should.
+# bundled with torch 2.13: pytorch/pytorch#188792, fixed from oneMKL 2025.0). Seen here in ES's
+# first Adam step (``sqrt`` of the second moment): a seeded run now and then ended elsewhere
+# (how often a first call differs, with and without this: benchmarks/vml_first_call.py).
 # One serial one-element call per function when deeplinear is imported picks the kernels first.
 VECTOR_MATH = ("sqrt", "rsqrt", "exp", "expm1", "log", "log1p", "log2", "log10", "sin", "cos",
                "tan", "tanh", "sinh", "cosh", "asin", "acos", "atan", "erf", "erfc", "erfinv")

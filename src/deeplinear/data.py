@@ -41,6 +41,15 @@ class DataError(ValueError):
     """A dataset is missing, corrupt or misnamed; the message says which file and what to do."""
 
 
+def labels_outside(y: Tensor, n_classes: int) -> tuple[int, int] | None:
+    """``(min, max)`` of the labels ``y`` when one is no class in ``0..n_classes - 1``, else None
+    (no labels: None)."""
+    if y.numel() == 0:
+        return None
+    lo, hi = int(y.min()), int(y.max())
+    return (lo, hi) if lo < 0 or hi >= n_classes else None
+
+
 @dataclass
 class Dataset:
     """A train/test split: ``x`` is float32 (N, D), ``y`` int64 class indices in [0, n_classes)."""
@@ -70,11 +79,11 @@ class Dataset:
             if not isinstance(x, Tensor) or not isinstance(y, Tensor):
                 raise DataError(f"{self.name}: x_{split} and y_{split} must be torch tensors, got "
                                 f"{type(x).__name__} and {type(y).__name__}")
-            if len(x) == 0:
-                raise DataError(f"{self.name}: x_{split} is empty; every split needs samples")
             if x.dtype != torch.float32 or x.dim() != 2:
                 raise DataError(f"{self.name}: x_{split} must be float32 of shape (N, features), "
                                 f"got {x.dtype} {tuple(x.shape)}; pass x.float().flatten(1)")
+            if len(x) == 0:
+                raise DataError(f"{self.name}: x_{split} is empty; every split needs samples")
             if y.dtype != torch.int64 or y.shape != (len(x),):
                 raise DataError(f"{self.name}: y_{split} must be int64 of shape ({len(x)},) to "
                                 f"match x_{split}, got {y.dtype} {tuple(y.shape)}; pass "
@@ -83,8 +92,8 @@ class Dataset:
                 raise DataError(f"{self.name}: x_test has {x.shape[1]} features but x_train has "
                                 f"{width}; both splits need the same features")
             width = x.shape[1]
-            if len(y) and not 0 <= int(y.min()) <= int(y.max()) < self.n_classes:
-                raise DataError(f"{self.name}: y_{split} spans {int(y.min())}..{int(y.max())}, "
+            if (span := labels_outside(y, self.n_classes)) is not None:
+                raise DataError(f"{self.name}: y_{split} spans {span[0]}..{span[1]}, "
                                 f"outside 0..{self.n_classes - 1}; fix the labels or n_classes")
             if not bool(torch.isfinite(x).all()):
                 raise DataError(f"{self.name}: x_{split} holds NaN or infinite values; drop or "

@@ -4,8 +4,8 @@ Why a separate engine: a generation of the 2017 net (784-512-512-10, pop 500, ba
 GFLOP, and a naive loop over members spends more time allocating, drawing noise and dispatching
 than multiplying. Here the population is cut into chunks of members that fit a memory budget;
 every chunk runs through preallocated buffers (writing a fresh 32 MiB tensor took 7.6 ms here,
-a reused one 2.0 ms: the rest is page faults; figures in this module's comments are from
-``benchmarks/source_figures.py``), each layer is one ``torch.bmm`` over the
+a reused one 2.0 ms: the rest is page faults; the CPU timings in this module's comments come
+from ``benchmarks/source_figures.py``), each layer is one ``torch.bmm`` over the
 stacked member weights (or one shared GEMM plus thin low-rank corrections) and the underflow
 rule is applied in place.
 
@@ -63,8 +63,7 @@ ALIGN = 16
 # Each member's weights start on a 64-byte boundary (16 float32, a cache line and an AVX-512
 # vector): the 2017 net has 669,706 parameters, so back to back every member but the first starts
 # misaligned, and MKL's batched sgemm ran its layers 1-2 slower on such matrices (2 threads, 12
-# members, batch 100: 299 -> 310 and 296 -> 306 GFLOP/s padded; ~11% in a profile of the engine,
-# 1.08-1.11x generations/s in benchmarks/results/ab_aligned_members_b100.txt).
+# members, batch 100: 299 -> 310 and 296 -> 306 GFLOP/s padded).
 
 
 def aligned(n: int) -> int:
@@ -205,15 +204,22 @@ class Engine:
             flat = self._bufs[name] = torch.empty(numel, device=self.device)
         return flat[:numel].view(shape)
 
+    def member_bytes(self, batch: int) -> tuple[float, float]:
+        """A member's bytes in a chunk's buffers, and in its working set (what
+        :data:`CHUNK_CACHE_BYTES` bounds): its weights (full rank) or activations (low rank)."""
+        s = self.strategy
+        activations = 4 * batch * sum(s.layout.sizes[1:]) * (1.5 if s.rank else 1.0)
+        weights = 0 if s.rank else 4 * s.layout.n
+        return activations + weights, weights or activations
+
     def members_per_chunk(self, batch: int) -> int:
         s = self.strategy
         if self.chunk is not None:
             return min(self.chunk, s.pop)
-        activations = batch * sum(s.layout.sizes[1:]) * (1.5 if s.rank else 1.0)
-        weights = 0 if s.rank else s.layout.n
-        c = int(self.max_bytes // (4 * (activations + weights)))
+        buffers, working = self.member_bytes(batch)
+        c = int(self.max_bytes // buffers)
         if self.device.type == "cpu":
-            c = min(c, int(CHUNK_CACHE_BYTES // (4 * (weights or activations))))
+            c = min(c, int(CHUNK_CACHE_BYTES // working))
         return max(2, min(c // 2 * 2, s.pop))
 
     # -- evaluation ------------------------------------------------------------------------------
@@ -237,7 +243,7 @@ class Engine:
             raise ValueError(f"got {len(x)} inputs but {len(y)} labels; pass one label per row")
         if len(x) == 0:
             raise ValueError("the minibatch is empty: every loss would be NaN; pass rows")
-        check_labels(y, self.net.sizes[-1])
+        check_labels(y, self.net.sizes[-1], values=y.device.type == "cpu")
         y = y.to(self.device, torch.long)
         loss, acc = (torch.empty(pop.size, device=self.device) for _ in range(2))
         for start, logits in self._chunks(pop, x):

@@ -673,6 +673,7 @@ def study(dataset: str = "spirals", regimes: Sequence[Regime] = STUDY_REGIMES,
         raise ValueError(f"unknown methods {unknown or '(none)'}; use {', '.join(STUDY_METHODS)}")
     b = BUDGETS[budget]
     es_settings = {**STUDY_ES, "steps": b.es["steps"], "pop": b.es["pop"], **(es_overrides or {})}
+    threads = torch.get_num_threads()  # backprop's; ES's own count, if any, is in es_settings
     data = load_dataset(dataset, data_dir=data_dir, seed=seed, n_train=n_train, n_test=n_test)
     es_settings["batch_size"] = min(es_settings["batch_size"], len(data.y_train))  # small sets
     sizes = list(sizes) if sizes else default_sizes(data.n_features, data.n_classes)
@@ -727,7 +728,7 @@ def study(dataset: str = "spirals", regimes: Sequence[Regime] = STUDY_REGIMES,
                 "es": {**es_settings, "init_gain": STUDY_INIT_GAIN}}
     return {"dataset": dataset, "sizes": sizes, "budget": settings, "seed": seed,
             "n_train": len(data.y_train), "n_test": len(yt), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "baselines": baselines, "rows": rows}
+            "threads": threads, "baselines": baselines, "rows": rows}
 
 
 def format_study(result: Mapping[str, Any]) -> str:

@@ -343,6 +343,8 @@ def fill_from_run(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from deeplinear.data import load_dataset
     from deeplinear.runs import Run
     from deeplinear.train import stopped_prefix
@@ -363,6 +365,9 @@ def run(args: argparse.Namespace) -> int:
         rescale = None if args.init_gain == "he" else args.init_gain
         args.init_gain = "he"
     cfg = make_config(trainer, args, surrogate)
+    if args.threads is not None and args.threads >= 1:  # (< 1: the trainer's error says so)
+        torch.set_num_threads(args.threads)  # the whole command's, from before data loading:
+        # the final evaluation too (a trainer gives back the count it found)
     semantics = get_semantics(args.semantics)
     data = load_dataset(args.dataset, data_dir=args.data_dir, seed=args.data_seed,
                         n_train=args.n_train, n_test=args.n_test)

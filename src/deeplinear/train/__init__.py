@@ -17,13 +17,13 @@ not here, so one can be used while another is absent or broken; what they share 
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import importlib
 import inspect
 import signal
 import sys
 import threading
+import typing
 from collections.abc import Callable
 from numbers import Real
 from typing import Any, TypeVar
@@ -215,14 +215,14 @@ def check_config(cfg: Any) -> None:
     if seed is None or not 0 <= seed < 2**63:
         raise ValueError(f"seed must be an integer in [0, 2**63), got {cfg.seed!r}")
     mistyped = []  # fields declared float or int (or None) holding something else, e.g. "1e-3"
-    for f in dataclasses.fields(cfg):
-        v, kind = getattr(cfg, f.name), str(f.type)
-        if v is None or not kind.startswith(("float", "int")):
+    for name, hint in typing.get_type_hints(type(cfg)).items():
+        kinds, v = set(typing.get_args(hint)) or {hint}, getattr(cfg, name)
+        if v is None:
             continue
-        if kind.startswith("float") and (isinstance(v, bool) or not isinstance(v, Real)):
-            mistyped.append(f"{f.name} = {v!r} must be a number")
-        elif kind.startswith("int") and integer(v) is None:
-            mistyped.append(f"{f.name} = {v!r} must be an integer")
+        if float in kinds and (isinstance(v, bool) or not isinstance(v, Real)):
+            mistyped.append(f"{name} = {v!r} must be a number")
+        elif int in kinds and float not in kinds and integer(v) is None:
+            mistyped.append(f"{name} = {v!r} must be an integer")
     if mistyped:
         raise ValueError("; ".join(mistyped))
     if cfg.init_gain is not None and not cfg.init_gain > 0:

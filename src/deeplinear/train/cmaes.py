@@ -13,10 +13,10 @@ ranks worst and does not derail the run. The model ends at the distribution's me
 estimate of the optimum under a noisy fitness.
 
 Defaults measured on spirals 2-16-16-2 (TF_GPU, exact-mode test accuracy; linear <= 58%; runs
-kept in ``benchmarks/results/cmaes_spirals/``): cma's own population (21), sigma 0.1, batch 256:
-68.2% after 3000 generations (18 s), the step size down to 5e-5 by generation 1000 (a local
-search stalls on the dead zone's plateaus); pop 200, sigma 0.3, batch 1000: 84.2% after 1000
-generations (38 s on one core); 2-32-32-2 with the same settings 89.2% (269 s, most of it
+kept in ``benchmarks/results/cmaes_spirals/``, wall times in README.md): cma's own population
+(21), sigma 0.1, batch 256: 68.2% after 3000 generations, the step size down to 5e-5 by
+generation 1000 (a local search stalls on the dead zone's plateaus); pop 200, sigma 0.3, batch
+1000: 84.2% after 1000 generations; 2-32-32-2 with the same settings 89.2% (most of its time in
 ``cma``'s own update). OpenAI-ES reaches 95% on the wider
 2-64-64-2 (4,482 parameters: a full covariance there costs far more per generation).
 
