@@ -194,6 +194,7 @@ def run_evotorch(cfg: Config, variant: str) -> dict[str, Any]:
     from evotorch.algorithms import PGPE
 
     from deeplinear.arithmetic import run_with_hardware_ftz
+    from deeplinear.bench import synchronize
 
     env = setup(cfg)
     sizes, net = env["sizes"], env["net"]
@@ -231,8 +232,7 @@ def run_evotorch(cfg: Config, variant: str) -> dict[str, Any]:
         def step(g: int) -> None:
             current["g"] = g
             searcher.step()
-            if cfg.device != "cpu":
-                torch.cuda.synchronize()
+            synchronize(cfg.device)
 
         return {"times": time_generations(step, cfg.gens), "check": check(init_logits, env)}
 
@@ -317,6 +317,7 @@ def run_deeplinear(cfg: Config, low_rank: bool) -> dict[str, Any]:
     import torch
 
     from deeplinear import es
+    from deeplinear.bench import synchronize
     from deeplinear.engine import Engine
 
     env = setup(cfg)
@@ -333,8 +334,7 @@ def run_deeplinear(cfg: Config, low_rank: bool) -> dict[str, Any]:
     def step(g: int) -> None:
         pop = es.ask(strategy, state)
         es.tell(strategy, state, pop, engine.losses(pop, *batches[g]))
-        if cfg.device != "cpu":
-            torch.cuda.synchronize()  # tell's Adam step runs on after it returns
+        synchronize(cfg.device)  # tell's Adam step runs on after it returns
 
     # the engine must compute the net's scaled mode: compare a pair against materialised members
     x, y = batches[0]

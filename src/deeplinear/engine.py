@@ -46,8 +46,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from deeplinear.data import check_labels
 from deeplinear.es import Layout, Population, Strategy
-from deeplinear.nets import DeepLinear, check_labels
+from deeplinear.nets import DeepLinear
 
 DEFAULT_MAX_BYTES = 256 << 20
 # A chunk's working set (full rank: the members' weights; low rank: their activations) stays

@@ -21,8 +21,8 @@ from torch import Tensor, nn
 
 from deeplinear.arithmetic import PRESETS, Semantics, preset_name
 from deeplinear.collapse import collapse
-from deeplinear.data import Dataset
-from deeplinear.nets import DeepLinear, Mode, check_finite, check_labels, io_sizes
+from deeplinear.data import Dataset, check_labels
+from deeplinear.nets import DeepLinear, Mode, check_finite, io_sizes
 
 BATCH = 5000
 

@@ -43,7 +43,6 @@ from torch import Tensor, nn
 
 from deeplinear import arithmetic as ar
 from deeplinear.arithmetic import IEEE, TF_GPU, Semantics, as_semantics
-from deeplinear.data import labels_outside
 
 if TYPE_CHECKING:
     from deeplinear.regimes import Regime
@@ -311,21 +310,6 @@ def io_sizes(model: nn.Module) -> tuple[int, int]:
         raise ValueError(f"{type(model).__name__} is not a model deeplinear knows: no linear "
                          "layers found; pass a DeepLinear, MLP or SoftmaxRegression")
     return linears[0].in_features, linears[-1].out_features
-
-
-def check_labels(y: Tensor, n_out: int, values: bool = True) -> None:
-    """One-line errors for labels no loss or accuracy can use: not integer class indices (float
-    labels compare to an argmax and score a number without meaning) or, with ``values``, a class
-    beyond the model's ``n_out`` outputs (an accuracy counts it wrong forever, a loss fails deep
-    inside; reading the values waits for a GPU, so a hot loop on one skips it)."""
-    if not isinstance(y, Tensor):
-        raise ValueError(f"labels must be a torch tensor, got {type(y).__name__}; pass "
-                         "torch.as_tensor(y)")
-    if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
-        raise ValueError(f"labels are {y.dtype}; pass integer class indices (y.long())")
-    if values and (span := labels_outside(y, n_out)) is not None:
-        raise ValueError(f"labels span {span[0]}..{span[1]} but the model has {n_out} outputs "
-                         f"(classes 0..{n_out - 1}); pass the labels of its dataset")
 
 
 def nonfinite(named: Iterable[tuple[str, Tensor]]) -> list[str]:
