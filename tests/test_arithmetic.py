@@ -617,6 +617,28 @@ def test_matmul_agreement_with_hardware_is_measured(capsys):
     assert not blog.all_normal and blog.zero_hardware > blog.zero_emulated
 
 
+@hardware
+def test_a_matmul_output_of_one_product_is_the_hardwares_bit_for_bit():
+    """x86 decides "tiny" after rounding (test above): a product whose exact value lies just
+    below min rounds up to min on the subnormal grid, yet FTZ flushes it. Outputs that are one
+    product each (inner dimension 1) must match a hardware FTZ+DAZ matmul bit for bit, and a
+    product that is min exactly stays min."""
+    g = torch.Generator().manual_seed(2)
+    n = N_PAIRS // 4
+    a = _magnitudes(n, g, -100, -1).float()
+    t = MIN * (1 + 2.0**-23 - torch.rand(n, generator=g, dtype=torch.float64) * 3 * 2.0**-22)
+    b = (t / a.double()).float()
+    a, b = a.view(n, 1, 1), b.view(n, 1, 1)
+    hw = run_with_hardware_ftz(torch.matmul, a, b)
+    got = ar.matmul(a, b, CPU_FTZ_DAZ)
+    assert mismatches(got, hw) == 0
+    ieee = a @ b
+    assert ((hw == 0) & (ieee.abs() == MIN)).sum() > n // 100  # the case a naive rule misses
+    assert (got.abs() == MIN).sum() > n // 100
+    one = ar.matmul(torch.tensor([[2.0**-63]]), torch.tensor([[2.0**-63]]), CPU_FTZ_DAZ)
+    assert one.view(torch.int32).item() == 0x00800000
+
+
 def test_matmul_scopes():
     g = torch.Generator().manual_seed(0)
     a = torch.randn(8, 16, generator=g) * 2.0**-63

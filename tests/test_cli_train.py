@@ -657,3 +657,47 @@ def test_threads_hold_for_the_whole_command_final_evaluation_included(tmp_path, 
     finally:
         torch.set_num_threads(1)
     assert seen == [2]
+
+
+@pytest.fixture(scope="module")
+def settings_run(tmp_path_factory):
+    """A run whose data, semantics and scale are all not the defaults: the flags must reach the
+    model, the split and the saved weights, and eval must score the very split the run saw."""
+    rc, out = train(tmp_path_factory.mktemp("settings"), "--method", "backprop", "--steps", "40",
+                    "--data-seed", "5", "--n-train", "300", "--n-test", "100",
+                    "--semantics", "CPU_FTZ_DAZ", "--scale-exp", "120")
+    assert rc == 0
+    return out
+
+
+def test_train_flags_reach_the_saved_model(settings_run):
+    from dataclasses import asdict
+
+    from deeplinear.arithmetic import CPU_FTZ_DAZ
+
+    final = torch.load(settings_run / "final.pt", weights_only=False)
+    assert final["semantics"] == asdict(CPU_FTZ_DAZ)
+    assert final["results"]["own"] == "CPU_FTZ_DAZ" and final["results"]["n_test"] == 100
+    net = load_model(settings_run)
+    assert net.semantics == CPU_FTZ_DAZ and net.scale_exp == 120
+    data = load_dataset("rings", seed=5, n_train=300, n_test=100)
+    assert final["results"]["test_acc"]["CPU_FTZ_DAZ"] == accuracy(net, data.x_test, data.y_test,
+                                                                   "exact")
+
+
+def test_eval_scores_the_runs_own_split_or_the_n_test_asked(settings_run, capsys):
+    final = torch.load(settings_run / "final.pt", weights_only=False)
+    net = load_model(settings_run)
+    capsys.readouterr()
+    assert main(["eval", str(settings_run), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["own"] == "CPU_FTZ_DAZ" and res["n_test"] == 100
+    assert res["test_acc"] == final["results"]["test_acc"]
+    # --n-test draws from the run's data seed, after the run's train subset (one generator)
+    assert main(["eval", str(settings_run), "--n-test", "50", "--semantics", "IEEE",
+                 "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    data = load_dataset("rings", seed=5, n_train=300, n_test=50)
+    net.semantics = PRESETS["IEEE"]
+    assert res["n_test"] == 50
+    assert res["test_acc"] == {"IEEE": accuracy(net, data.x_test, data.y_test, "exact")}

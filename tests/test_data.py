@@ -687,6 +687,21 @@ def test_another_sets_published_files_are_refused_by_name(tmp_path: Path, monkey
     np.testing.assert_array_equal(data.load_mnist_like("mnist", data_dir=plain).y_test, arrays[3])
 
 
+def test_a_subset_is_a_seeded_random_sample_not_the_first_rows():
+    """Files often sort their rows by class: the first rows of such a file may hold one class."""
+    x = torch.arange(200, dtype=torch.float32).view(100, 2)
+    y = torch.arange(100) // 10  # sorted: ten rows of each class
+    ds = data.Dataset("sorted", x, y, x.clone(), y.clone(), 10, (2,))
+    sub = ds.subset(n_train=30, n_test=30, seed=3)
+    assert len(set(sub.y_train.tolist())) > 3 and len(set(sub.y_test.tolist())) > 3
+    assert not torch.equal(sub.x_test, sub.x_train)  # one generator: the splits draw in turn
+    again, other = ds.subset(n_train=30, n_test=30, seed=3), ds.subset(n_train=30, seed=4)
+    assert torch.equal(again.x_train, sub.x_train) and torch.equal(again.x_test, sub.x_test)
+    assert not torch.equal(other.x_train, sub.x_train)
+    for part in (sub, other):  # each row is the one its label belongs to
+        assert torch.equal(part.x_train[:, 0] // 20, part.y_train.float())
+
+
 def test_a_subset_may_take_every_row():
     ds = data.load_dataset("spirals", seed=0)
     sub = ds.subset(n_train=len(ds.x_train), n_test=len(ds.x_test))

@@ -322,3 +322,7 @@ def test_the_noise_stream_is_the_one_earlier_runs_drew():
     assert es.noise_table(0, 3).tolist() == [1.5409960746765137, -0.293428897857666,
                                              -2.1787893772125244]
     assert es.counter_hash(0, 0, 0) == 2558736989570252433
+    assert es.counter_hash(1, 2, 3) == 15020427595393229491  # (seed, generation, pair), in order
+    s = es.Strategy(es.Layout.of([2, 4, 2]), pop=4, seed=0)
+    assert [s.offsets(g) for g in range(3)] == [(14696910, 12173337), (16774686, 22874857),
+                                                (26480551, 19830707)]

@@ -34,6 +34,21 @@ def test_batched_accuracy_equals_one_batch(mode):
     assert evaluate.accuracy(model, data.x_test, data.y_test, mode, batch_size=7) == whole
 
 
+def test_exact_mode_is_scored_in_exact_mode_where_the_modes_differ():
+    """At 2**149 under IEEE the hidden products sit on the subnormal grid, where exact and scaled
+    mode round differently (nets.py): ``mode`` must reach the forward pass, which the nets at
+    2**125 of the test above cannot tell."""
+    from deeplinear.data import load_dataset
+
+    data = load_dataset("rings", seed=0, n_test=200)
+    model = DeepLinear([2, 64, 64, 2], scale_exp=149, semantics=IEEE,
+                       generator=torch.Generator().manual_seed(0))
+    exact = evaluate.accuracy(model, data.x_test, data.y_test, "exact", batch_size=64)
+    assert exact == float((model(data.x_test, mode="exact").argmax(1) == data.y_test).double()
+                          .mean())
+    assert exact != evaluate.accuracy(model, data.x_test, data.y_test, "scaled")
+
+
 def test_accuracy_of_a_baseline_ignores_mode():
     data = toy_data()
     torch.manual_seed(0)

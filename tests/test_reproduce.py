@@ -280,6 +280,70 @@ def test_eval_seconds_exclude_training(tmp_path):
     assert res["wall_s"] == 0.3 and res["eval_s"] < 0.3
 
 
+def test_a_deep_linear_method_is_measured_in_exact_mode(tmp_path):
+    """At 2**149 under IEEE exact and scaled mode score differently (test_evaluate): the figures
+    labelled "exact float32" must be exact mode's, train and test alike."""
+    from deeplinear import evaluate
+    from deeplinear.nets import DeepLinear
+    from deeplinear.reproduce import TRAIN_EVAL_N
+
+    @dataclass
+    class Config:
+        seed: int = 0
+        batch_size: int = 1
+
+    def make(sizes, g):
+        return DeepLinear(sizes, scale_exp=149, semantics=IEEE, generator=g)
+
+    method = Method("deep linear, untrained", make,
+                    SimpleNamespace(Config=Config, train=lambda *_, **__: []), {})
+    data = load_dataset("rings", seed=0, n_train=300, n_test=200)
+    model, res = run_method(method, data, [2, 64, 64, 2], 0, tmp_path, False)
+    n = TRAIN_EVAL_N
+    train_exact = evaluate.accuracy(model, data.x_train[:n], data.y_train[:n], "exact")
+    test_exact = evaluate.accuracy(model, data.x_test, data.y_test, "exact")
+    assert res["evaluated_in"] == "exact float32, IEEE"
+    assert (res["train_acc"], res["test_acc"]) == (train_exact, test_exact)
+    assert test_exact != evaluate.accuracy(model, data.x_test, data.y_test, "scaled")
+
+
+def test_the_report_tables_show_each_methods_own_figures(out):
+    """Every row of report.md's results and portability tables is its own method's (a table that
+    repeated one method's figures would still look plausible)."""
+    results = json.loads((out / "results.json").read_text())
+    md = (out / "report.md").read_text()
+    rows: dict[str, list[list[str]]] = {}  # a method's row in each table, in order
+    for line in md.splitlines():
+        if line.startswith("| "):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            rows.setdefault(cells[0], []).append(cells[1:])
+    methods = results["tasks"][0]["methods"]
+    ported = 0
+    for name, r in methods.items():
+        assert rows[name][0][:2] == [report._pct(r["train_acc"]), report._pct(r["test_acc"])]
+        if r.get("portability"):
+            ported += 1
+            shown = rows[name][1]
+            assert shown == [report._pct(a) for a in r["portability"]["test_acc"].values()]
+    assert ported == 3  # the deep linear methods, whose figures differ from each other
+    assert len({str(r["portability"]["test_acc"]) for r in methods.values()
+                if r.get("portability")}) > 1
+
+
+def test_same_weights_under_presets_gives_one_net_per_preset_and_leaves_the_net():
+    from deeplinear.arithmetic import PRESETS
+    from deeplinear.nets import DeepLinear
+    from deeplinear.reproduce import same_weights_under_presets
+
+    net = DeepLinear([2, 8, 2], semantics=IEEE, generator=torch.Generator().manual_seed(0))
+    before = [p.clone() for p in net.parameters()]
+    nets = same_weights_under_presets(net)
+    assert {k: n.semantics for k, n in nets.items()} == PRESETS and net.semantics == IEEE
+    assert all(torch.equal(a, b) for n in nets.values()
+               for a, b in zip(n.parameters(), before, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(net.parameters(), before, strict=True))
+
+
 def captured_figure(monkeypatch):
     figs = []
     monkeypatch.setattr(report, "save_figure", lambda fig, path: figs.append(fig) or path)

@@ -159,6 +159,35 @@ def test_fitness_error_and_progress_line(capsys):
     assert "es 20/20" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("fitness", "perturbation"), [("loss", "full"), ("error", "lowrank")])
+def test_tell_ranks_by_the_fitness_asked_with_the_noise_asked(monkeypatch, fitness, perturbation):
+    """What each generation hands ``es.tell`` is the engine's loss, or ``member_errors`` of its
+    loss and accuracy, bit for bit; and a lowrank run's populations carry its rank."""
+    from deeplinear.engine import Engine, member_errors
+
+    scored, told = [], []
+    losses, tell = Engine.losses, es.tell
+
+    def spy_losses(self, *args, **kwargs):
+        scored.append(losses(self, *args, **kwargs))
+        return scored[-1]
+
+    def spy_tell(strategy, state, pop, fit):
+        told.append((pop.strategy.rank, fit.clone()))
+        return tell(strategy, state, pop, fit)
+
+    monkeypatch.setattr(Engine, "losses", spy_losses)
+    monkeypatch.setattr(es, "tell", spy_tell)
+    cfg = Config(steps=3, eval_every=3, fitness=fitness, perturbation=perturbation, rank=2,
+                 **FAST)
+    train(net(), rings(), cfg, progress=False)
+    assert len(told) == len(scored) == 3
+    for (rank, fit), (loss, acc) in zip(told, scored, strict=True):
+        assert rank == (2 if perturbation == "lowrank" else 0)
+        want = loss if fitness == "loss" else member_errors(loss, acc)
+        assert fit.dtype == want.dtype and torch.equal(fit, want)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_cuda_without_a_gpu_names_the_fix():
     with pytest.raises(ValueError, match="no CUDA device here; use --device cpu"):

@@ -357,9 +357,12 @@ def matmul(a: Tensor, b: Tensor, sem: Semantics | str) -> Tensor:
     """Matrix product under ``sem``.
 
     scope ``elementwise``: plain IEEE matmul, subnormals kept (cuBLAS). scope ``all``: inputs read
-    through DAZ and the output flushed where ``|r| < min``. This is a *definition*: a BLAS kernel
-    with FTZ/DAZ set also flushes its partial sums inside the accumulation, which no emulation can
-    reproduce bit for bit (see ``tests/test_arithmetic.py`` for the measured agreement).
+    through DAZ and each output flushed where it is tiny after rounding, as x86 decides for one
+    product (:func:`ftz`: ``|r| < min``, and at ``|r| == min`` the sum recomputed in float64; so
+    an output that is a single product is bit for bit the hardware's). For longer sums this is a
+    *definition*: a BLAS kernel with FTZ/DAZ set also flushes its partial sums inside the
+    accumulation, which no emulation can reproduce bit for bit (see ``tests/test_arithmetic.py``
+    for the measured agreement).
 
     Formats narrower than float32 accumulate in float32 and round each output once to the format
     (what torch's float16 and bfloat16 CPU matmuls do, checked bit for bit on small products; on
@@ -377,8 +380,10 @@ def matmul(a: Tensor, b: Tensor, sem: Semantics | str) -> Tensor:
         return _cast(r, fmt, ftz=flush, saturate=sem.saturates)
     if not flush:
         return a @ b
-    r = daz(a, sem) @ daz(b, sem)
-    return _signed_zero_where(r.abs() < fmt.min_normal, r)
+    a, b = daz(a, sem), daz(b, sem)
+    if fmt.dtype == torch.float32:  # products exact in float64, sums all but exact
+        return ftz(a @ b, lambda: a.double() @ b.double(), sem)
+    return ftz(a @ b, lambda: (a * _UNIT) @ b, sem, _UNIT)
 
 
 # --- hardware FTZ/DAZ on this CPU --------------------------------------------------------------

@@ -12,15 +12,16 @@ truth, but on x86 subnormal products make it slow (19-23x for the 2017 net on th
 ``benchmarks/README.md``, 11-27x over the CPUs measured there). ``scaled`` mode runs the same
 network in units of 2**-scale_exp, where every value is normal and each underflow becomes an
 explicit elementwise function of the float32 value (``dead_zone`` for FTZ, ``staircase`` for IEEE
-gradual underflow). Layer 1 and every bias are identical by construction: multiplying a float32 by a
-power of two commutes with rounding to 24 bits with unbounded exponent, which is exactly when x86
-decides "tiny" (where the semantics flush a product, layer 1's product, at true scale in both
-modes, loses its subnormal values in both: :meth:`DeepLinear.pre_activation`). The modes can differ
-only inside hidden matmuls, whose exact-mode partial sums are rounded on the subnormal grid
-(absolute spacing 2**-149) instead of to 24 relative bits. (Under DAZ, a subnormal *input*, weight
-or layer-1 bias is read as zero by exact mode only; data and trained weights are not that small.
-And scaled values are 2**k times the exact ones, so a hidden value above float32's max in scaled
-units, 2**(128 - k) at true scale, overflows in scaled mode only; trained nets are nowhere near.)
+gradual underflow). Layer 1's output and every bias are identical by construction: multiplying a
+float32 by a power of two commutes with rounding to 24 bits with unbounded exponent, which is
+exactly when x86 decides "tiny" (where the semantics flush a product, layer 1's product, at true
+scale in both modes, loses its subnormal values in both: :meth:`DeepLinear.pre_activation`). The
+modes can differ only inside hidden matmuls, whose exact-mode partial sums are rounded on the
+subnormal grid (absolute spacing 2**-149) instead of to 24 relative bits. (Under DAZ, a subnormal
+*input*, weight or layer-1 bias is read as zero by exact mode only; data and trained weights are not
+that small. And scaled values are 2**k times the exact ones, so a hidden value above float32's max
+in scaled units, 2**(128 - k) at true scale, overflows in scaled mode only; trained nets are nowhere
+near.)
 That difference is negligible while the hidden values are many grid steps wide, as for the dead
 zone at 2**125; it is not where the grid step is the point (the float32 subnormal staircase at
 2**149: there a hidden product's partial sums are themselves on the coarse grid, and the two modes
@@ -218,11 +219,11 @@ class DeepLinear(nn.Module):
 
         ``under`` replaces the semantics' rule in scaled mode (identity = float-blind; a custom
         autograd function = float-aware training). Exact-mode values are converted to scaled units
-        exactly (a power-of-two scale). In exact mode a hidden layer's flush happens inside its bias
-        add, so there ``u`` is the add's flushed result; :func:`deeplinear.probes.layer_values`
-        recomputes the pre-flush values when they are needed. Exact mode reads the weights
-        detached: no gradient reaches them through it (its ops are not differentiable), so
-        training runs in scaled mode.
+        exactly (a power-of-two scale). In exact mode a layer's flush happens inside its bias add
+        (layer 1's too), so there ``u`` is the add's flushed result (its ``h`` is the same in both
+        modes); :func:`deeplinear.probes.layer_values` recomputes the pre-flush values when they
+        are needed. Exact mode reads the weights detached: no gradient reaches them through it
+        (its ops are not differentiable), so training runs in scaled mode.
         """
         self.check_float32()
         if mode == "exact":
