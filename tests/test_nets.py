@@ -399,3 +399,15 @@ def test_layer1_is_identical_in_both_modes_when_its_product_underflows(sem, k):
     assert torch.equal(exact, scaled)
     if sem.flushes:
         assert 0 < float((scaled == 0).double().mean()) < 1  # the rule acts on some units
+
+
+def test_a_layer1_sum_that_rounds_up_to_min_is_the_documented_exception():
+    """Exact mode decides a flushed product's tininess after rounding, as x86 does; scaled mode
+    compares the subnormal-grid result with min (the nets module's docstring says so)."""
+    net = DeepLinear([1, 1, 1], scale_exp=0, semantics=CPU_FTZ_DAZ)
+    with torch.no_grad():
+        net.weights[0].fill_(2.0**-63)
+        net.biases[0].zero_()
+    x = torch.tensor([[2.0**-63 * (1 - 2.0**-24)]])  # product min (1 - 2^-24) -> min on the grid
+    (u_exact, _), (u_scaled, _) = net.trace(x, "exact")[0], net.trace(x, "scaled")[0]
+    assert u_exact.item() == 0 and u_scaled.item() == 2.0**-126

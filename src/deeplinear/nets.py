@@ -19,9 +19,12 @@ scale in both modes, loses its subnormal values in both: :meth:`DeepLinear.pre_a
 modes can differ only inside hidden matmuls, whose exact-mode partial sums are rounded on the
 subnormal grid (absolute spacing 2**-149) instead of to 24 relative bits. (Under DAZ, a subnormal
 *input*, weight or layer-1 bias is read as zero by exact mode only; data and trained weights are not
-that small. And scaled values are 2**k times the exact ones, so a hidden value above float32's max
-in scaled units, 2**(128 - k) at true scale, overflows in scaled mode only; trained nets are nowhere
-near.)
+that small. Where the semantics flush a product, a layer-1 sum that rounds up to exactly the
+smallest normal on the subnormal grid is flushed by exact mode, which decides tininess after
+rounding as x86 does (:func:`deeplinear.arithmetic.matmul`), and kept by scaled mode; that needs
+inputs near 1e-38. And scaled values are 2**k times the exact ones, so a hidden value above
+float32's max in scaled units, 2**(128 - k) at true scale, overflows in scaled mode only; trained
+nets are nowhere near.)
 That difference is negligible while the hidden values are many grid steps wide, as for the dead
 zone at 2**125; it is not where the grid step is the point (the float32 subnormal staircase at
 2**149: there a hidden product's partial sums are themselves on the coarse grid, and the two modes
