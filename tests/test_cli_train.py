@@ -198,6 +198,35 @@ def test_eval_of_a_doctored_final_pt_is_one_line(tmp_path, float_aware_run, caps
     assert err.count("\n") == 1 and re.search(message, err), err
 
 
+def flip_a_weight_byte(path):
+    """Flip one bit in the middle of the largest tensor in a torch file, leaving it a valid zip:
+    the damage a bad disk or a copy does, which unpickles as other weights."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    raw = bytearray(path.read_bytes())
+    name_len, extra_len = struct.unpack("<HH", raw[info.header_offset + 26:info.header_offset + 30])
+    raw[info.header_offset + 30 + name_len + extra_len + info.file_size // 2] ^= 0x10
+    path.write_bytes(bytes(raw))
+
+
+def test_a_bit_flipped_in_saved_weights_is_caught_not_loaded(tmp_path, float_aware_run, capsys):
+    shutil.copy(float_aware_run / "final.pt", tmp_path / "final.pt")
+    flip_a_weight_byte(tmp_path / "final.pt")
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "final.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "fails its CRC check" in err and "corrupt" in err, err
+    es = ["--method", "es", "--pop", "8", "--checkpoint-every", "2"]
+    rc, out = train(tmp_path, *es, "--steps", "2")
+    assert rc == 0
+    flip_a_weight_byte(out / "checkpoint.pt")
+    assert main(["train", *TINY, "--out", str(out), *es, "--steps", "2", "--resume"]) == 2
+    assert "checkpoint.pt: corrupt or not a deeplinear checkpoint" in capsys.readouterr().err
+
+
 def test_baselines_train_and_evaluate(tmp_path, capsys):
     for model, sizes in (("mlp", "2,16,2"), ("softmax", "2,2")):  # --method backprop by default
         rc, out = train(tmp_path, "--model", model, "--sizes", sizes, "--steps", "30", name=model)

@@ -218,6 +218,30 @@ def test_a_damaged_zip_archive_is_named_in_one_short_sentence(tmp_path):
     path.write_bytes(b"PK\x03\x04garbage" * 10)  # a zip's signature, then nothing valid
     with pytest.raises(ValueError) as e:
         load_file(path, "checkpoint", "start again")
-    assert str(e.value) == (f"{path}: corrupt or not a deeplinear checkpoint (PytorchStreamReader "
-                            "failed reading zip archive: failed finding central directory); "
-                            "start again")
+    assert str(e.value) == (f"{path}: corrupt or not a deeplinear checkpoint (File is not a zip "
+                            "file); start again")
+
+
+def test_a_run_another_process_is_writing_is_refused_until_it_ends(tmp_path):
+    """Two processes in one run directory would interleave their metrics and checkpoints."""
+    import subprocess
+    import sys
+
+    d = tmp_path / "r"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from deeplinear.runs import Run; "
+         f"r = Run.open({str(d)!r}, {{'lr': 0.1}}); r.checkpoint({{'step': 1}}); "
+         "print('open', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "open\n"
+        for resume in (True, False):
+            with pytest.raises(FileExistsError, match=re.escape(
+                    f"{d} is in use by another process (PID {holder.pid}); wait for it to "
+                    "finish or stop it, or use another --out")):
+                Run.open(d, {"lr": 0.1}, resume=resume)
+    finally:
+        holder.kill()
+        holder.wait()
+    run = Run.open(d, {"lr": 0.1}, resume=True)  # the lock died with its process
+    assert run.resumed_state["step"] == 1
+    assert Run.open(d, {"lr": 0.1}, resume=True).resumed_state["step"] == 1  # reentrant here

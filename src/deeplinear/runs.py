@@ -12,6 +12,7 @@ Layout of a run directory::
     metrics.jsonl      one JSON object per evaluation (always has "step")
     checkpoint.pt      latest resumable state (model, optimizer/strategy, RNG, step)
     final.pt           trained weights: {"state_dict", "model", "semantics", ...}
+    .lock              the PID of the process writing the run (locked while it runs)
 """
 
 from __future__ import annotations
@@ -45,6 +46,50 @@ def make_dir(d: Path) -> Path:
     return d
 
 
+LOCK = ".lock"
+_LOCKED: dict[Path, TextIO] = {}  # run directories this process holds, with their lock files
+
+
+def lock_dir(d: Path) -> None:
+    """Hold an exclusive ``flock`` on ``d/.lock`` until this process ends (the OS drops it then,
+    ``kill -9`` included), or raise a one-line error naming the process that holds it. Why: a
+    second ``--resume`` of a run still training would interleave both processes' metrics and
+    checkpoints. Reentrant within a process (a run resumed in the same session). A platform or
+    file system without flock runs unlocked."""
+    key = d.resolve()
+    if key in _LOCKED:
+        return
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        return
+    f = open(d / LOCK, "a+")  # noqa: SIM115 (held open on purpose: it is the lock)
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise FileExistsError(f"{d} is in use by another process (PID {holder}); wait for it to "
+                              "finish or stop it, or use another --out") from None
+    except OSError:  # a file system without locks (some network mounts)
+        f.close()
+        return
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    _LOCKED[key] = f
+
+
+def unlock_dir(d: Path) -> None:
+    """Release and remove ``d``'s lock (a run discarded before it started)."""
+    f = _LOCKED.pop(d.resolve(), None)
+    if f is not None:
+        f.close()
+        (d / LOCK).unlink(missing_ok=True)
+
+
 def atomic_save(obj: Any, path: Path) -> None:
     """``torch.save`` to ``path`` via a temporary file and ``os.replace``."""
     tmp = path.with_name(path.name + ".tmp")
@@ -64,8 +109,13 @@ def atomic_write_text(text: str, path: Path) -> None:
 def load_file(path: Path, what: str, fix: str) -> Any:
     """``torch.load`` of a run's file (on the CPU: trainers move it), or a one-line error that
     names the file and ``fix``: a damaged or foreign file must not surface as an unpickling
-    traceback."""
+    traceback. Each entry's CRC-32 (torch writes them) is checked first: torch.load does not, and
+    a flipped byte inside the weights would otherwise load as other weights without a word."""
     try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+        if damaged is not None:
+            raise ValueError(f"{damaged} fails its CRC check")
         return torch.load(path, weights_only=False, map_location="cpu")
     except (pickle.UnpicklingError, EOFError, RuntimeError, zipfile.BadZipFile,
             AttributeError, ValueError) as e:
@@ -91,6 +141,8 @@ class Run:
         default, which by that contract reproduces what the older code did."""
         d = Path(directory)
         cfg_path, ckpt = d / "config.json", d / "checkpoint.pt"
+        if d.is_dir():
+            lock_dir(d)
         if resume:
             if not ckpt.exists():
                 raise FileNotFoundError(f"cannot resume: no checkpoint in {d}; drop --resume")
@@ -128,6 +180,7 @@ class Run:
                                   "(or not a run's) that this run would overwrite; use another "
                                   "--out")
         make_dir(d)
+        lock_dir(d)
         atomic_write_text(fresh, cfg_path)
         (d / "metrics.jsonl").write_text("")
         return cls(d, config)
@@ -138,6 +191,7 @@ class Run:
         leave a directory that looks like a run."""
         if (self.dir / "checkpoint.pt").exists() or (self.dir / "final.pt").exists():
             return
+        unlock_dir(self.dir)
         for name in ("config.json", "metrics.jsonl"):
             (self.dir / name).unlink(missing_ok=True)
         with contextlib.suppress(OSError):
