@@ -485,7 +485,9 @@ def test_eval_measures_a_run_that_has_no_final_yet(tmp_path, capsys):
     (out / "final.pt").unlink()
     capsys.readouterr()
     assert main(["eval", str(out), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["test_acc"] == final["results"]["test_acc"]
+    res = json.loads(capsys.readouterr().out)
+    assert res["test_acc"] == final["results"]["test_acc"] and res["checkpoint_step"] == 20
+    assert res["weights"] == str((out / "checkpoint.pt").resolve())
     assert main(["eval", str(out)]) == 0
     assert "checkpoint at step 20" in capsys.readouterr().out
     (out / "config.json").unlink()
@@ -721,6 +723,8 @@ def test_eval_scores_the_runs_own_split_or_the_n_test_asked(settings_run, capsys
     assert main(["eval", str(settings_run), "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["own"] == "CPU_FTZ_DAZ" and res["n_test"] == 100
+    assert res["weights"] == str((settings_run / "final.pt").resolve())
+    assert res["model"] == final["model"] and res["method"] == "backprop"
     assert res["test_acc"] == final["results"]["test_acc"]
     # --n-test draws from the run's data seed, after the run's train subset (one generator)
     assert main(["eval", str(settings_run), "--n-test", "50", "--semantics", "IEEE",

@@ -128,6 +128,15 @@ def test_progress_prints_rate_and_eta(capsys):
     assert capsys.readouterr().out.startswith("es 7/10   0.67/s eta     4s")
 
 
+@pytest.mark.parametrize(("seconds", "text"), [
+    (4.4, "4s"), (59.4, "59s"), (59.6, "1m00s"), (725, "12m05s"), (3599, "59m59s"),
+    (11220, "3h07m"), (1230849, "14d05h")])
+def test_an_eta_reads_in_units_a_person_uses(seconds, text):
+    from deeplinear.runs import duration
+
+    assert duration(seconds) == text
+
+
 def test_a_fresh_run_never_writes_over_files_it_did_not_write(tmp_path):
     (tmp_path / "config.json").write_text('{"my": "precious settings"}')
     with pytest.raises(FileExistsError, match="another --out"):

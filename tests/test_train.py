@@ -142,6 +142,24 @@ def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(rings, tmp_path, mon
     assert not isinstance(e.value, Interrupted) and not (tmp_path / "checkpoint.pt").exists()
 
 
+@pytest.mark.parametrize("run", [True, False], ids=["run", "no_run"])
+def test_the_stop_notice_promises_a_checkpoint_only_where_one_is_written(rings, tmp_path,
+                                                                         monkeypatch, capsys, run):
+    ctrl_c_at_first_eval(monkeypatch, backprop)
+    model = DeepLinear([2, 8, 8, 2], generator=torch.Generator().manual_seed(0))
+    with pytest.raises(Interrupted) as e:
+        backprop.train(model, rings, backprop.Config(**CONFIGS[backprop]),
+                       run=Run.open(tmp_path, {}) if run else None, progress=False)
+    notice = capsys.readouterr().err.strip()
+    if run:
+        assert notice == "stopping after this step, with a checkpoint (Ctrl-C again: stop now)"
+        assert (tmp_path / "checkpoint.pt").exists() and "--resume" in str(e.value)
+    else:
+        assert notice == ("stopping after this step; this run keeps no checkpoint, so nothing "
+                          "is saved (Ctrl-C again: stop now)")
+        assert str(e.value) == "stopped after step 3"
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["sigint", "sigterm"])
 def test_an_ignored_signal_stays_ignored(rings, monkeypatch, sig):
     """A background job (``nohup ... &``) ignores SIGINT (``nohup`` SIGHUP, some launchers

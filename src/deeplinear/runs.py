@@ -250,13 +250,9 @@ class Run:
         return path
 
 
-def load_final(path: str | Path) -> dict[str, Any]:
-    """A ``final.pt`` payload, checked: readable, complete, finite weights.
-
-    A run's ``checkpoint.pt`` works too (with the run's ``config.json`` beside it), so an
-    unfinished or killed run can be measured at its last checkpoint; a run directory without a
-    ``final.pt`` falls back to its checkpoint.
-    """
+def weights_file(path: str | Path) -> Path:
+    """The file :func:`load_final` reads for ``path``: itself, or a run directory's
+    ``final.pt``, else its ``checkpoint.pt``; a one-line error where there is none."""
     path = Path(path)
     if path.is_dir():
         found = [path / n for n in ("final.pt", "checkpoint.pt") if (path / n).exists()]
@@ -268,6 +264,17 @@ def load_final(path: str | Path) -> dict[str, Any]:
         path = found[0]
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file; pass a run's final.pt (train it first)")
+    return path
+
+
+def load_final(path: str | Path) -> dict[str, Any]:
+    """A ``final.pt`` payload, checked: readable, complete, finite weights.
+
+    A run's ``checkpoint.pt`` works too (with the run's ``config.json`` beside it), so an
+    unfinished or killed run can be measured at its last checkpoint; a run directory without a
+    ``final.pt`` falls back to its checkpoint.
+    """
+    path = weights_file(path)
     payload = load_file(path, "final.pt", "retrain or pass the right file")
     if isinstance(payload, dict) and "state_dict" not in payload and "step" in payload:
         payload = from_checkpoint(payload, path)
@@ -402,6 +409,18 @@ def set_rng_state(state: dict[str, Any], *generators: torch.Generator) -> None:
         g.set_state(s)
 
 
+def duration(seconds: float) -> str:
+    """``42s``, ``12m05s``, ``3h07m``, ``14d06h``: an ETA a reader takes in at a glance."""
+    s = round(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
 @dataclass
 class Progress:
     """A periodic status line with rate and ETA; cheap enough to call every step.
@@ -431,6 +450,6 @@ class Progress:
         eta = (self.total - step) / rate if rate > 0 else math.inf
         shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if not math.isnan(v))
         rate_s = f"{rate:6.2f}/s" if rate > 0 else "     ?/s"
-        eta_s = f"{eta:5.0f}s" if math.isfinite(eta) else "    ?"
+        eta_s = duration(eta).rjust(6) if math.isfinite(eta) else "    ?"
         print(f"{self.desc} {step}/{self.total} {rate_s} eta {eta_s} {shown}",
               file=self.stream, flush=True)

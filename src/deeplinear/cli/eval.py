@@ -15,7 +15,7 @@ from deeplinear.arithmetic import PRESETS, get_semantics
 from deeplinear.cli import semantics_names, summary
 from deeplinear.cli.train import format_results
 from deeplinear.evaluate import COLLAPSED
-from deeplinear.runs import load_final, rebuild
+from deeplinear.runs import load_final, rebuild, weights_file
 
 if TYPE_CHECKING:
     from deeplinear.data import Dataset
@@ -94,8 +94,12 @@ def run(args: argparse.Namespace) -> int:
     semantics_names(args.semantics, (COLLAPSED,))  # a typo fails before weights and data load
     payload = load_final(args.weights)
     res = evaluate_payload(payload, args.semantics, args.dataset, args.data_dir, args.n_test)
-    if args.json:
-        print(json.dumps(res, indent=1))
+    if args.json:  # what was scored, as the text header says it
+        scored = {"weights": str(weights_file(args.weights).resolve()), "model": payload["model"],
+                  "method": payload.get("method")}
+        if "step" in payload:
+            scored["checkpoint_step"] = payload["step"]
+        print(json.dumps({**scored, **res}, indent=1))
     else:
         spec = payload["model"]
         print(f"{spec['kind']} {'-'.join(map(str, spec['sizes']))} trained by "

@@ -165,12 +165,16 @@ def stops_cleanly(train: Train) -> Train:
         if threading.current_thread() is not threading.main_thread() or not caught:
             return train(*args, **kwargs)
 
+        saved = inspect.signature(train).bind(*args, **kwargs).arguments.get("run") is not None
+        then = (", with a checkpoint" if saved
+                else "; this run keeps no checkpoint, so nothing is saved")
+
         def ask_to_stop(signum: int, frame: Any) -> None:
             if _stop.is_set():
                 raise KeyboardInterrupt
             _stop.set()
             again = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-            print(f"\nstopping after this step, with a checkpoint ({again} again: stop now)",
+            print(f"\nstopping after this step{then} ({again} again: stop now)",
                   file=sys.stderr, flush=True)
 
         previous = {s: signal.signal(s, ask_to_stop) for s in caught}

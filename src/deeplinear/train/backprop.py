@@ -292,7 +292,8 @@ def _train(model: nn.Module, data: Dataset, cfg: Config, run: Run | None,
         start, perm, wall0, loss_sum, loss_n = 0, torch.empty(0, dtype=torch.long), 0.0, 0.0, 0
     mark_trained(model)
     n_eval = min(cfg.eval_n, n, len(data.x_test))
-    bar = Progress(total=cfg.steps, desc="backprop") if progress else None
+    desc = "backprop" if cfg.surrogate == "blind" else "float-aware"  # the CLI's method names
+    bar = Progress(total=cfg.steps, desc=desc) if progress else None
     t0 = time.perf_counter()
     last_ckpt = start
     for s in range(start, cfg.steps):
