@@ -254,3 +254,27 @@ def test_a_run_another_process_is_writing_is_refused_until_it_ends(tmp_path):
     run = Run.open(d, {"lr": 0.1}, resume=True)  # the lock died with its process
     assert run.resumed_state["step"] == 1
     assert Run.open(d, {"lr": 0.1}, resume=True).resumed_state["step"] == 1  # reentrant here
+
+
+def test_a_failed_save_says_why_in_one_line_and_keeps_the_previous_file(tmp_path, monkeypatch):
+    """A full disk reaches torch.save as "[enforce fail at inline_container.cc:672] . unexpected
+    pos 39744 vs 39632" (measured on a 140 KB tmpfs): the message must say what to do, the
+    temporary file must go and the last good checkpoint stay."""
+    path = tmp_path / "checkpoint.pt"
+    atomic_save({"step": 1}, path)
+
+    def full(obj, f):
+        f.write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 39744 vs "
+                           "39632\nframe #0: ...")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(OSError) as e:
+        atomic_save({"step": 2}, path)
+    assert re.fullmatch(
+        rf"cannot write {re.escape(str(path))} \(\[enforce fail at inline_container.cc:672\] . "
+        r"unexpected pos 39744 vs 39632; [0-9.]+ MiB free on its disk\): the previous one is "
+        r"intact; free some space, then continue with --resume", str(e.value)), str(e.value)
+    monkeypatch.undo()
+    assert load_file(path, "checkpoint", "") == {"step": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import pickle
+import shutil
 import sys
 import time
 import zipfile
@@ -91,12 +92,23 @@ def unlock_dir(d: Path) -> None:
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to ``path`` via a temporary file and ``os.replace``."""
+    """``torch.save`` to ``path`` via a temporary file and ``os.replace``; a failed write (a full
+    disk: torch reports it as "unexpected pos ...") removes the temporary file and says so in one
+    line, the previous ``path`` untouched."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except (OSError, RuntimeError) as e:
+        tmp.unlink(missing_ok=True)
+        reason = (e.strerror if isinstance(e, OSError) and e.strerror
+                  else str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+        free = shutil.disk_usage(path.parent).free
+        kept = "the previous one is intact; " if path.exists() else ""
+        raise OSError(f"cannot write {path} ({reason}; {free / 2**20:.1f} MiB free on its disk): "
+                      f"{kept}free some space, then continue with --resume") from None
     os.replace(tmp, path)
 
 
