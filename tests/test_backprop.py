@@ -1,4 +1,5 @@
 import math
+import os
 
 import pytest
 import torch
@@ -279,8 +280,10 @@ def test_threads_are_set_once_at_the_start(rings, monkeypatch):
     other = 1 if before > 1 else 2
     train(deep(), rings, Config(steps=2, threads=other, eval_every=2), progress=False)
     assert seen == [other] and torch.get_num_threads() == before
-    with pytest.raises(ValueError, match="threads must be >= 1, got 0"):
-        Config(threads=0).validate()
+    for bad in (0, 4 * (os.cpu_count() or 1) + 1):
+        with pytest.raises(ValueError, match=rf"threads must be between 1 and \d+ \(4 per CPU of "
+                                             rf"this machine's \d+\), got {bad}"):
+            Config(threads=bad).validate()
 
 
 def test_weight_decay_reaches_the_optimiser(rings):

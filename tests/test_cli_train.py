@@ -127,6 +127,7 @@ def test_eval_reproduces_the_final_accuracies(float_aware_run, capsys):
     (["--model", "mlp", "--scale-exp", "100"], "--scale-exp applies to --model deeplinear"),
     (["--method", "es", "--rank", "4"], "--rank applies to --method es --perturbation lowrank"),
     (["--scale-exp", "500"], "out of range"),
+    (["--threads", "100000"], "threads must be between 1 and"),  # torch's pool segfaulted
     (["--foo", "3"], "deeplinear train: error: unrecognized arguments: --foo 3"),
 ])
 def test_impossible_configs_exit_2_with_one_line(tmp_path, capsys, argv, message):
@@ -734,3 +735,23 @@ def test_eval_scores_the_runs_own_split_or_the_n_test_asked(settings_run, capsys
     net.semantics = PRESETS["IEEE"]
     assert res["n_test"] == 50
     assert res["test_acc"] == {"IEEE": accuracy(net, data.x_test, data.y_test, "exact")}
+
+
+@pytest.mark.parametrize("error", [
+    RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't "
+                 "allocate memory: you tried to allocate 40000000000 bytes. Error code 12 "
+                 "(Cannot allocate memory)"),  # torch 2.13's CPU allocator, --sizes 2,1e5,1e5,2
+    MemoryError()])
+def test_an_allocation_that_fails_is_one_line_naming_the_settings(monkeypatch, capsys, error):
+    import deeplinear.cli.train as cli_train
+
+    def fails(args):
+        raise error
+
+    monkeypatch.setattr(cli_train, "run", fails)
+    assert main(["train", "--dataset", "rings"]) == 2
+    err = capsys.readouterr().err
+    size = " (one tensor of 37.3 GiB)" if isinstance(error, RuntimeError) else ""
+    assert err == (f"deeplinear train: error: out of memory{size}: a setting asks for more than "
+                   "this machine has; lower it (--sizes, --pop, --batch-size, --n, --peak-n, "
+                   "--max-mb)\n")

@@ -48,7 +48,7 @@ from deeplinear import es
 from deeplinear.engine import Engine
 from deeplinear.nets import SIZES_2017, DeepLinear, parse_sizes
 from deeplinear.surrogate import identity
-from deeplinear.train import check_device
+from deeplinear.train import check_device, check_threads
 
 NETS: dict[str, tuple[int, ...]] = {"2017": SIZES_2017, "small": (64, 256, 256, 10)}
 MODES = ("full", "lowrank")
@@ -105,8 +105,7 @@ class BenchConfig:
             raise ValueError("batch sizes must be >= 1")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"unknown device {self.device!r}; use cpu or cuda")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads must be >= 1, got {self.threads}")
+        check_threads(self.threads)
         for name, ok, need in (("rank", self.rank >= 1, ">= 1"),
                                ("repeats", self.repeats >= 1, ">= 1"),
                                ("min_time", self.min_time >= 0, ">= 0"),

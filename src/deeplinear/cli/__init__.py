@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -90,6 +91,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_ALLOCATION = re.compile(r"can't allocate memory|out of memory", re.IGNORECASE)
+_SIZE = re.compile(r"tried to allocate (\d+) bytes")
+
+
+def out_of_memory(e: BaseException) -> str | None:
+    """A one-line message for an allocation that failed (torch's CPU allocator says "[enforce
+    fail at alloc_cpu.cpp:127] ... you tried to allocate 40000000000 bytes"), else None."""
+    if not isinstance(e, MemoryError) and not _ALLOCATION.search(str(e)):
+        return None
+    size = _SIZE.search(str(e))
+    wanted = f" (one tensor of {int(size.group(1)) / 2**30:.1f} GiB)" if size else ""
+    return (f"out of memory{wanted}: a setting asks for more than this machine has; lower it "
+            "(--sizes, --pop, --batch-size, --n, --peak-n, --max-mb)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args, unknown = build_parser().parse_known_args(argv)
     if unknown:
@@ -101,10 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader (``| head``) closed the pipe: not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
-    except (ValueError, OSError, RuntimeError) as e:
+    except (ValueError, OSError, RuntimeError, MemoryError) as e:
         if os.environ.get("DEEPLINEAR_DEBUG"):
             raise
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = out_of_memory(e) or (str(e).strip().splitlines()[0] if str(e).strip()
+                                   else type(e).__name__)
         print(f"deeplinear {args.command}: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:

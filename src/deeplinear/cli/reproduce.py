@@ -10,7 +10,7 @@ from deeplinear.arithmetic import PRESETS, get_semantics
 from deeplinear.cli import absolute_path, preset, seed, summary
 from deeplinear.data import DATASETS, check_data_dir, data_dir_for
 from deeplinear.reproduce import BUDGETS, DEFAULT_DATASETS, command, default_out, reproduce
-from deeplinear.train import stopped_prefix
+from deeplinear.train import check_threads, stopped_prefix
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -51,8 +51,7 @@ def run(args: argparse.Namespace) -> int:
     check_data_dir(datasets, args.data_dir)
     if args.out is None:
         args.out = str(default_out(args.budget))
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    check_threads(args.threads, "--threads")
     if args.study == "regimes":
         ignored = [(flag, why) for flag, given, why in (
             ("--resume", args.resume, "keeps no checkpoints"),

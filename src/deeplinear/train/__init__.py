@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import os
 import signal
 import sys
 import threading
@@ -231,8 +232,21 @@ def check_config(cfg: Any) -> None:
         raise ValueError("; ".join(mistyped))
     if cfg.init_gain is not None and not cfg.init_gain > 0:
         raise ValueError(f"init_gain must be > 0 or None, got {cfg.init_gain}")
-    if cfg.threads is not None and cfg.threads < 1:
-        raise ValueError(f"threads must be >= 1, got {cfg.threads}")
+    check_threads(cfg.threads)
+
+
+THREADS_PER_CPU = 4  # beyond this a thread count only adds contention
+
+
+def check_threads(threads: int | None, name: str = "threads") -> None:
+    """A thread count from 1 to :data:`THREADS_PER_CPU` per CPU of this machine, or a one-line
+    error: torch's OpenMP pool crashes (a segfault, no message) when asked for 100,000."""
+    if threads is None:
+        return
+    most = THREADS_PER_CPU * (os.cpu_count() or 1)
+    if not 1 <= threads <= most:
+        raise ValueError(f"{name} must be between 1 and {most} ({THREADS_PER_CPU} per CPU of this "
+                         f"machine's {os.cpu_count() or 1}), got {threads}")
 
 
 def use_threads(cfg: Any) -> None:
