@@ -128,6 +128,8 @@ def test_eval_reproduces_the_final_accuracies(float_aware_run, capsys):
     (["--method", "es", "--rank", "4"], "--rank applies to --method es --perturbation lowrank"),
     (["--scale-exp", "500"], "out of range"),
     (["--threads", "100000"], "threads must be between 1 and"),  # torch's pool segfaulted
+    (["--method", "es", "--lr", "1e308"], "lr = 1e+308 is beyond float32's range, in which the "
+                                          "trainers compute; pass a value below 3.4e38"),
     (["--foo", "3"], "deeplinear train: error: unrecognized arguments: --foo 3"),
 ])
 def test_impossible_configs_exit_2_with_one_line(tmp_path, capsys, argv, message):

@@ -456,6 +456,23 @@ def test_cache_root_from_environment(
     assert (tmp_path / "env" / "mnist" / IMAGES_TEST).is_file()
 
 
+def test_idx_files_of_no_samples_are_named(tmp_path: Path) -> None:
+    d = make_idx_dir(tmp_path, make_arrays(n_test=0))
+    with pytest.raises(DataError, match=re.escape(
+            f"{d / data.IDX_FILES[2]}: holds 0 images; the file is cut short at its source")):
+        data.load_idx_dataset(d)
+
+
+def test_a_cache_root_that_is_a_file_is_one_line(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "afile").write_text("")
+    monkeypatch.setenv("DEEPLINEAR_CACHE", str(tmp_path / "afile"))
+    with pytest.raises(DataError, match=re.escape(
+            f"cannot create the download directory {tmp_path / 'afile' / 'mnist'}: Not a "
+            "directory; point DEEPLINEAR_CACHE at a writable directory")):
+        data.load_mnist_like("mnist")
+
+
 @pytest.mark.parametrize("honor_range", [True, False])
 def test_download_resumes_partial_file(
     tmp_path: Path, server: Server, monkeypatch: pytest.MonkeyPatch, honor_range: bool

@@ -278,3 +278,10 @@ def test_a_failed_save_says_why_in_one_line_and_keeps_the_previous_file(tmp_path
     monkeypatch.undo()
     assert load_file(path, "checkpoint", "") == {"step": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
+def test_a_run_directory_that_cannot_be_written_is_one_line(tmp_path):
+    (tmp_path / ".lock").mkdir()  # as root a read-only mode does not stop writes; this does
+    with pytest.raises(OSError, match=re.escape(f"cannot write in {tmp_path}: Is a directory; "
+                                                "pass a writable --out")):
+        Run.open(tmp_path, {"lr": 0.1})

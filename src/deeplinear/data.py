@@ -385,7 +385,10 @@ def load_idx_dataset(
                 f"{img_path} has {len(images)} images but {lab_path.name} has {len(labels)} "
                 "labels; the files come from different datasets, replace them with a matching set"
             )
-        if len(labels) and (labels.min() < 0 or labels.max() >= n_classes):
+        if len(images) == 0:  # (the Dataset refuses an empty split too, without the file)
+            raise DataError(f"{img_path}: holds 0 images; the file is cut short at its source or "
+                            "not the full set, replace it")
+        if labels.min() < 0 or labels.max() >= n_classes:
             raise DataError(
                 f"{lab_path}: labels span {labels.min()}..{labels.max()}, outside "
                 f"0..{n_classes - 1}; the file is corrupt or not a label file, replace it"
@@ -579,7 +582,12 @@ def fetch(mirrors: tuple[str, ...], dest: Path, md5: str) -> Path:
     previous run left one) and only a verified file is renamed to ``dest``, so ``dest`` is never
     half-written.
     """
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # e.g. $DEEPLINEAR_CACHE names a file
+        raise DataError(f"cannot create the download directory {dest.parent}: {e.strerror}; "
+                        "point DEEPLINEAR_CACHE at a writable directory, or pass --data-dir "
+                        "with the IDX files") from None
     part = dest.with_name(dest.name + ".part")
     failures = []
     for base in mirrors:

@@ -64,7 +64,10 @@ def lock_dir(d: Path) -> None:
         import fcntl
     except ImportError:  # Windows
         return
-    f = open(d / LOCK, "a+")  # noqa: SIM115 (held open on purpose: it is the lock)
+    try:
+        f = open(d / LOCK, "a+")  # noqa: SIM115 (held open on purpose: it is the lock)
+    except OSError as e:  # a read-only directory or file system
+        raise OSError(f"cannot write in {d}: {e.strerror or e}; pass a writable --out") from None
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

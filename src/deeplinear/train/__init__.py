@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import math
 import os
 import signal
 import sys
@@ -226,6 +227,9 @@ def check_config(cfg: Any) -> None:
             continue
         if float in kinds and (isinstance(v, bool) or not isinstance(v, Real)):
             mistyped.append(f"{name} = {v!r} must be a number")
+        elif float in kinds and math.isfinite(v) and abs(v) > FLOAT32_MAX:  # e.g. lr=1e308
+            mistyped.append(f"{name} = {v!r} is beyond float32's range, in which the trainers "
+                            "compute; pass a value below 3.4e38")
         elif int in kinds and float not in kinds and integer(v) is None:
             mistyped.append(f"{name} = {v!r} must be an integer")
     if mistyped:
@@ -235,6 +239,7 @@ def check_config(cfg: Any) -> None:
     check_threads(cfg.threads)
 
 
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 THREADS_PER_CPU = 4  # beyond this a thread count only adds contention
 
 
