@@ -59,6 +59,9 @@ def test_writes_results_report_and_plots(out):
     assert "Portability" in md
     assert md.count(results["header"]) == 1
     assert "--seed 0" in md and "--semantics TF_GPU" in md and "Machine: " in md
+    for r in task["methods"].values():  # each row names the run its figures come from
+        assert (out / r["run"] / "final.pt").is_file() and f"`{r['run']}`" in md
+    assert "smoke budget" not in md  # a Budget of the caller's own: no budget name to warn of
     assert "Total wall time" in md
 
 
@@ -470,10 +473,13 @@ def test_regimes_study_runs_with_the_seed_given(tmp_path, monkeypatch):
 
 def test_results_table_columns_are_train_then_test():
     task = {"methods": {"m": {"train_acc": 0.9, "test_acc": 0.8, "wall_s": 1.25,
-                              "evaluated_in": "float32"}}}
+                              "evaluated_in": "float32", "run": "d/m"},
+                        "older": {"train_acc": 0.5, "test_acc": 0.4}}}  # results before "run"
     table = report.results_table(task)
-    assert table.splitlines()[0] == "| method | train | test | wall (s) | evaluated in |"
-    assert table.splitlines()[2] == "| m | 90.0% | 80.0% | 1.2 | float32 |"
+    assert table.splitlines()[0] == ("| method | train | test | wall (s) | evaluated in | run "
+                                     "directory |")
+    assert table.splitlines()[2] == "| m | 90.0% | 80.0% | 1.2 | float32 | `d/m` |"
+    assert table.splitlines()[3] == "| older | 50.0% | 40.0% | 0.0 |  | — |"
 
 
 def test_html_tables_have_a_header_row():
@@ -490,3 +496,10 @@ def test_reproduce_gives_the_callers_thread_count_back(tmp_path):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_smoke_report_says_its_figures_mean_nothing(tmp_path):
+    reproduce(("checkerboard",), "smoke", tmp_path, seed=0)
+    notice = "A smoke budget: a check that the pipeline runs, too short for its figures to mean"
+    assert notice in (tmp_path / "report.md").read_text()
+    assert notice in (tmp_path / "report.html").read_text()

@@ -105,8 +105,9 @@ def results_table(task: dict[str, Any]) -> str:
         rows.append([
             name, _pct(r.get("train_acc")), _pct(r.get("test_acc")),
             f"{r.get('wall_s', 0):.1f}", r.get("evaluated_in", ""),
+            f"`{r['run']}`" if "run" in r else "—",
         ])
-    return _table(["method", "train", "test", "wall (s)", "evaluated in"], rows)
+    return _table(["method", "train", "test", "wall (s)", "evaluated in", "run directory"], rows)
 
 
 def portability_table(task: dict[str, Any]) -> str:

@@ -201,6 +201,7 @@ def run_task(name: str, data: Dataset, steps: Budget, semantics: Semantics, seed
         models[m.name], measured[m.name] = run_method(
             m, data, sizes, seed, out / name / _slug(m.name), resume,
             {"name": name, "data_dir": data_dir, "seed": seed})
+        measured[m.name]["run"] = f"{name}/{_slug(m.name)}"  # every figure names its run
     aware = models["deep linear, float-aware backprop"]
     assert isinstance(aware, DeepLinear)  # methods() builds it
     task: dict[str, Any] = {
@@ -327,8 +328,10 @@ def reproduce(datasets: tuple[str, ...] = DEFAULT_DATASETS, budget: str | Budget
     finally:
         torch.set_num_threads(before)
     cmd = command(datasets, budget, seed, semantics, data_dir, threads, resume)
+    smoke = ("**A smoke budget: a check that the pipeline runs, too short for its figures to "
+             "mean anything.** " if budget == "smoke" else "")
     results = {
-        "header": (f"Command: `{cmd}`. Machine: {cpu_model()}, "
+        "header": (f"{smoke}Command: `{cmd}`. Machine: {cpu_model()}, "
                    f"{used} torch thread(s), torch {torch.__version__}. "
                    f"Total wall time {time.perf_counter() - t0:.0f} s"
                    + (" (this invocation; --resume reuses finished methods)" if resume else "")
