@@ -757,3 +757,19 @@ def test_an_allocation_that_fails_is_one_line_naming_the_settings(monkeypatch, c
     assert err == (f"deeplinear train: error: out of memory{size}: a setting asks for more than "
                    "this machine has; lower it (--sizes, --pop, --batch-size, --n, --peak-n, "
                    "--max-mb)\n")
+
+
+def test_train_help_shows_each_methods_defaults_from_the_trainers_configs(capsys, monkeypatch):
+    from deeplinear.train import cmaes
+    from deeplinear.train import es as es_train
+
+    monkeypatch.setenv("COLUMNS", "1000")
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    steps = (f"(default: backprop, float-aware {backprop.Config().steps}; es "
+             f"{es_train.Config().steps}; cma-es {cmaes.Config().steps})")
+    assert f"optimisation steps (es: generations) {steps}" in out
+    assert f"es, cma-es: population (default: es {es_train.Config().pop}; cma-es " in out
+    assert re.search(rf"--lr LR +default: backprop, float-aware {backprop.Config().lr}; es "
+                     rf"{es_train.Config().lr}\n", out)

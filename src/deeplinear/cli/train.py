@@ -98,7 +98,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    "final.pt, or its directory: final.pt there, else its latest checkpoint), "
                    "e.g. ES from a float-blind backprop net")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
-    t = p.add_argument_group("trainer settings (default: the trainer's Config)")
+    group = p.add_argument_group("trainer settings (defaults per method: each trainer's Config)")
+
+    class Trainer:  # the group's add_argument, each help ending in the methods' defaults
+        @staticmethod
+        def add_argument(flag: str, **kw: Any) -> None:
+            shown = method_defaults(flag.removeprefix("--").replace("-", "_"))
+            kw["help"] = f"{kw['help']} ({shown})" if kw.get("help") and shown else (
+                kw.get("help") or shown)
+            group.add_argument(flag, **kw)
+
+    t = Trainer()
     t.add_argument("--steps", type=int, help="optimisation steps (es: generations)")
     t.add_argument("--batch-size", type=int)
     t.add_argument("--lr", type=float)
@@ -120,10 +130,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--threads", type=int,
                    help="torch threads, set once at the start (default: torch's own; small nets "
                         "often run faster on 1)")
-    t.add_argument("--device", help="backprop, float-aware, es: cpu (default), cuda or cuda:N "
+    t.add_argument("--device", help="backprop, float-aware, es: cpu, cuda or cuda:N "
                    "to train on a GPU (the final exact-mode evaluation runs on the CPU)")
     t.add_argument("--sigma-scale", choices=SIGMA_SCALES,
-                   help="es only: divide sigma by sqrt(fan-in) per layer (default) or not")
+                   help="es only: divide sigma by sqrt(fan-in) per layer or not")
     t.add_argument("--sigma-blocks", metavar="NAME=FACTOR,...",
                    help="es only: per-block sigma multipliers, 0 freezes the block "
                         "(e.g. weights.0=0: search layers 2-3 and the biases only)")
@@ -135,6 +145,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     d.add_argument("--workers", type=int, default=None,
                    help="ray: worker actors (default: the cluster's CPUs // --threads)")
     p.set_defaults(func=run)
+
+
+def method_defaults(field: str) -> str:
+    """``default: backprop, float-aware 3000; es 1000; ...``: a trainer field's default per method
+    that has it, read from the trainers' Configs (one source of truth); empty for none."""
+    by_module: dict[str, list[str]] = {}
+    for method in METHODS:
+        by_module.setdefault(TRAINERS.get(method, "backprop"), []).append(method)
+    parts = []
+    for methods in by_module.values():
+        fields = {f.name: f for f in dataclasses.fields(trainer_module(methods[0]).Config)}
+        if field in fields and fields[field].default not in (None, ""):
+            parts.append(f"{', '.join(methods)} {fields[field].default!r}")
+    return f"default: {'; '.join(parts)}" if parts else ""
 
 
 def trainer_module(method: str) -> ModuleType:
