@@ -444,11 +444,20 @@ def test_progress_numbers_every_method_and_announces_the_slow_exact_evaluation(t
     assert len(evaluating) == 6  # the three deep linear nets of each dataset
 
 
-def test_another_dataset_may_join_a_reproduction_without_resume(out, tmp_path):
+def test_another_dataset_joins_a_reproduction_whose_report_keeps_every_dataset(out, tmp_path,
+                                                                              capsys):
     shutil.copytree(out, tmp_path, dirs_exist_ok=True)
-    results = reproduce(("parity",), TINY, tmp_path)
-    assert [t["dataset"] for t in results["tasks"]] == ["parity"]
-    assert (tmp_path / "checkerboard").is_dir()  # the other dataset's runs are left alone
+    before = (tmp_path / "results.json").read_text()
+    with pytest.raises(FileExistsError, match=re.escape(
+            f"{tmp_path}/results.json reports on checkerboard too, which a report of parity alone "
+            "would replace; pass --dataset checkerboard,parity --resume to report on all")):
+        reproduce(("parity",), TINY, tmp_path)
+    assert (tmp_path / "results.json").read_text() == before and not (tmp_path / "parity").exists()
+    results = reproduce(("checkerboard", "parity"), TINY, tmp_path, resume=True)
+    assert [t["dataset"] for t in results["tasks"]] == ["checkerboard", "parity"]
+    first = json.loads(before)["tasks"][0]["methods"]
+    assert {k: v["test_acc"] for k, v in results["tasks"][0]["methods"].items()} == {
+        k: v["test_acc"] for k, v in first.items()}  # reused, not trained again
 
 
 #     json, reproduce, Budget) ---

@@ -282,6 +282,12 @@ def claim(out: Path, datasets: tuple[str, ...], settings: dict[str, Any], resume
     if isinstance(saved, dict) and (diff := differences(saved, settings, {})):
         raise ValueError(f"{out} holds a reproduction that differs in {', '.join(diff)}; pass "
                          "another --out, or repeat its own settings to resume it")
+    dropped = [d for d in reported_datasets(out) if d not in datasets]
+    if dropped:
+        every = ",".join([*dict.fromkeys([*reported_datasets(out), *datasets])])
+        raise FileExistsError(f"{out}/results.json reports on {', '.join(dropped)} too, which a "
+                              f"report of {', '.join(datasets)} alone would replace; pass "
+                              f"--dataset {every} --resume to report on all, or another --out")
     done = [d for d in datasets if d in runs]
     if not resume and done:
         raise FileExistsError(f"{out} already holds a reproduction on {', '.join(done)}; add "
@@ -289,6 +295,16 @@ def claim(out: Path, datasets: tuple[str, ...], settings: dict[str, Any], resume
                               "pass another --out")
     if not runs or saved is not None:
         atomic_write_text(json.dumps(settings, indent=1) + "\n", path)
+
+
+def reported_datasets(out: Path) -> list[str]:
+    """The datasets ``out/results.json`` reports on (none if it is missing or unreadable: a
+    damaged report protects nothing)."""
+    try:
+        tasks = json.loads((out / "results.json").read_text())["tasks"]
+        return [t["dataset"] for t in tasks]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
 
 
 def default_out(budget: str | Budget) -> Path:
