@@ -773,3 +773,13 @@ def test_train_help_shows_each_methods_defaults_from_the_trainers_configs(capsys
     assert f"es, cma-es: population (default: es {es_train.Config().pop}; cma-es " in out
     assert re.search(rf"--lr LR +default: backprop, float-aware {backprop.Config().lr}; es "
                      rf"{es_train.Config().lr}\n", out)
+
+
+def test_the_slow_final_evaluation_is_announced_unless_quiet(tmp_path, capsys):
+    args = ["train", "--dataset", "rings", "--sizes", "2,8,2", "--steps", "2", "--n-test", "40"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    note = ("evaluating 40 test samples in exact float32 under TF_GPU, IEEE, CPU_FTZ_DAZ and "
+            "collapsed\n")
+    assert note in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / "b"), "--quiet"]) == 0
+    assert "evaluating" not in capsys.readouterr().err
