@@ -305,6 +305,38 @@ def test_study_smoke() -> None:
         rg.study("spirals", regimes, budget="smoke", methods=("SGD",))
 
 
+def test_a_study_killed_midway_resumes_from_its_partial_results(tmp_path, monkeypatch) -> None:
+    """Each finished model is saved; a study given them trains only the rest, to the same table
+    (each model depends only on the settings), and refuses partial results of other settings."""
+    from deeplinear.train import backprop, es
+
+    regimes = (Regime("ftz-deadzone", 125), Regime("absorption", 9, "float16"))
+    kw = {"budget": "smoke", "n_train": 200, "n_test": 100}
+    partial = tmp_path / "p.json"
+    whole = rg.study("spirals", regimes, partial=partial, **kw)
+    saved = json.loads(partial.read_text())
+    assert saved["rows"] == whole["rows"] and saved["baselines"] == whole["baselines"]
+    saved["rows"] = saved["rows"][:1]  # killed while training the second regime model
+    partial.write_text(json.dumps(saved))
+    trained = []
+    for module in (backprop, es):
+        monkeypatch.setattr(module, "train", lambda *a, real=module.train, **k: trained.append(
+            type(a[0]).__name__) or real(*a, **k))
+    resumed = rg.study("spirals", regimes, partial=partial, **kw)
+    assert trained == ["DeepLinear"] * 3  # the three regime models left, no baseline
+
+    def strip(rows):
+        return [{k: v for k, v in r.items() if k != "train_s"} for r in rows]
+    assert strip(resumed["rows"]) == strip(whole["rows"])
+    assert resumed["baselines"] == whole["baselines"]
+    with pytest.raises(ValueError, match=re.escape(f"{partial}: written by a study with other "
+                                                   "seed; repeat its settings")):
+        rg.study("spirals", regimes, partial=partial, seed=1, **kw)
+    partial.write_text("{")
+    with pytest.raises(ValueError, match="not a regimes study's partial results"):
+        rg.study("spirals", regimes, partial=partial, **kw)
+
+
 def test_study_runs_only_the_methods_asked() -> None:
     r = rg.study("spirals", (Regime("ftz-deadzone", 125),), budget="smoke", n_train=200,
                  n_test=100, methods=("float-aware backprop",))

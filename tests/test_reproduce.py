@@ -104,18 +104,16 @@ def test_cli_data_dir_with_only_built_in_datasets_is_an_error(tmp_path, capsys):
     assert "\n" not in err and "checkerboard are built in, so drop --data-dir" in err
 
 
-@pytest.mark.parametrize("flags, named", [(["--resume"], "--resume apply to --study methods "
-                                                         "only (the regimes study keeps no "
-                                                         "checkpoints); drop them"),
-                                          (["--semantics", "IEEE"], "study sets its own "
+@pytest.mark.parametrize("flags, named", [(["--semantics", "IEEE"], "study sets its own "
                                                                     "semantics per regime)"),
-                                          (["--threads", "2", "--resume"], "--resume, --threads "
-                                           "apply to --study methods only (the regimes study "
-                                           "keeps no checkpoints, sets its own threads)"),
+                                          (["--threads", "2", "--semantics", "IEEE"],
+                                           "--semantics, --threads apply to --study methods only "
+                                           "(the regimes study sets its own semantics per regime, "
+                                           "sets its own threads); drop them"),
                                           (["--threads", "0"], "--threads must be between 1 and")])
 def test_cli_regimes_study_refuses_the_methods_flags(tmp_path, capsys, flags, named):
-    """The regimes study sets its own semantics and threads and keeps no checkpoints: a flag it
-    would ignore is refused, not dropped silently."""
+    """The regimes study sets its own semantics and threads: a flag it would ignore is refused,
+    not dropped silently."""
     assert main(["reproduce", "--study", "regimes", "--out", str(tmp_path), *flags]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and named in err
@@ -512,3 +510,21 @@ def test_a_smoke_report_says_its_figures_mean_nothing(tmp_path):
     notice = "A smoke budget: a check that the pipeline runs, too short for its figures to mean"
     assert notice in (tmp_path / "report.md").read_text()
     assert notice in (tmp_path / "report.html").read_text()
+
+
+def test_cli_regimes_study_keeps_finished_models_and_resumes(tmp_path, capsys):
+    args = ["reproduce", "--study", "regimes", "--budget", "smoke", "--dataset", "spirals",
+            "--out", str(tmp_path)]
+    assert main(args) == 0
+    table = (tmp_path / "regimes.md").read_text()
+    assert not (tmp_path / "regimes_spirals.partial.json").exists()
+    capsys.readouterr()
+    assert main(args) == 2  # not written over without being asked
+    err = capsys.readouterr().err
+    assert err == (f"deeplinear reproduce: error: {tmp_path} already holds a regimes study "
+                   "(regimes_spirals.json); add --resume to reuse its finished models, or pass "
+                   "another --out\n")
+    assert main([*args, "--resume"]) == 0
+    assert re.search(r"regimes_spirals.partial.json: \d+ finished models reused",
+                     capsys.readouterr().err)
+    assert (tmp_path / "regimes.md").read_text() == table

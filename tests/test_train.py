@@ -155,8 +155,8 @@ def test_the_stop_notice_promises_a_checkpoint_only_where_one_is_written(rings, 
         assert notice == "stopping after this step, with a checkpoint (Ctrl-C again: stop now)"
         assert (tmp_path / "checkpoint.pt").exists() and "--resume" in str(e.value)
     else:
-        assert notice == ("stopping after this step; this run keeps no checkpoint, so nothing "
-                          "is saved (Ctrl-C again: stop now)")
+        assert notice == ("stopping after this step; this run keeps no checkpoint: its steps "
+                          "so far are lost (Ctrl-C again: stop now)")
         assert str(e.value) == "stopped after step 3"
 
 

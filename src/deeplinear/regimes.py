@@ -37,6 +37,7 @@ regime (:func:`study`).
 
 from __future__ import annotations
 
+import json
 import math
 import platform
 import sys
@@ -649,13 +650,19 @@ def study(dataset: str = "spirals", regimes: Sequence[Regime] = STUDY_REGIMES,
           budget: str = "quick", seed: int = 0, sizes: Sequence[int] | None = None,
           data_dir: str | None = None, n_train: int | None = None, n_test: int | None = None,
           progress: bool = False, methods: Sequence[str] = STUDY_METHODS,
-          es_overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+          es_overrides: Mapping[str, Any] | None = None,
+          partial: Path | None = None) -> dict[str, Any]:
     """Train the same deep linear shape under each regime by OpenAI-ES and by float-aware
     backprop, against softmax regression (the best linear model) and a ReLU MLP.
 
     Every net starts with pre-activations 2 regime thresholds wide (``init_gain``) and is scored
     in ``exact`` mode, the regime's true float arithmetic; ``collapsed_acc`` is the accuracy of
     the affine map the same weights collapse to, i.e. what is left without the regime.
+
+    ``partial``: a JSON file rewritten (atomically) after each finished model, with the study's
+    settings; a study given an existing one skips the models it holds, which it would compute
+    bit for bit again (each depends only on the settings), so a killed study loses one model's
+    training at most. Refused if it was written with other settings.
     """
     import time
 
@@ -664,6 +671,7 @@ def study(dataset: str = "spirals", regimes: Sequence[Regime] = STUDY_REGIMES,
     from deeplinear.data import load_dataset
     from deeplinear.nets import MLP, DeepLinear, SoftmaxRegression
     from deeplinear.reproduce import BUDGETS  # one budget table for every reproduction
+    from deeplinear.runs import atomic_write_text
     from deeplinear.train import backprop, es
 
     if budget not in BUDGETS:
@@ -686,19 +694,40 @@ def study(dataset: str = "spirals", regimes: Sequence[Regime] = STUDY_REGIMES,
     def gen() -> torch.Generator:
         return torch.Generator().manual_seed(seed)
 
+    settings = {"budget": budget, "backprop_steps": b.backprop_steps,
+                "es": {**es_settings, "init_gain": STUDY_INIT_GAIN}}
+    keys = {"dataset": dataset, "sizes": sizes, "budget": settings, "seed": seed,
+            "n_train": len(data.y_train), "n_test": len(yt), "torch": torch.__version__,
+            "threads": threads}
     baselines: dict[str, float] = {}
+    rows: list[dict[str, Any]] = []
+    if partial is not None and partial.exists():
+        baselines, rows = _resumed_study(partial, keys)
+        say(f"{partial}: {len(baselines) + len(rows)} finished models reused")
+
+    def save() -> None:
+        if partial is not None:
+            atomic_write_text(json.dumps({**keys, "baselines": baselines, "rows": rows}), partial)
+
     for name, make in (("softmax regression", lambda: SoftmaxRegression(sizes[0], sizes[-1])),
                        ("ReLU MLP", lambda: MLP(sizes, "relu"))):
+        if name in baselines:
+            continue
         torch.manual_seed(seed)  # nn.Linear's init draws from the global generator
         model = make()
         backprop.train(model, data, backprop.Config(seed=seed, steps=b.backprop_steps),
                        progress=progress)
         baselines[name] = evaluate.accuracy(model, xt, yt)
+        save()
         say(f"{name}: {baselines[name]:.4f}")
 
+    finished = {(row["regime"], row["method"]): row for row in rows}
     rows = []
     for r in regimes:
         for method in methods:
+            if (r.label, method) in finished:
+                rows.append(finished[r.label, method])
+                continue
             net = DeepLinear(sizes, regime=r, generator=gen())
             gain = STUDY_INIT_GAIN * r.threshold / net.threshold
             t0 = time.perf_counter()
@@ -722,13 +751,28 @@ def study(dataset: str = "spirals", regimes: Sequence[Regime] = STUDY_REGIMES,
                                           .double().mean()),
                    "train_s": wall}
             rows.append(row)
+            save()
             say(f"{r.label} {method}: exact {row['test_acc']:.4f}, collapsed "
                 f"{row['collapsed_acc']:.4f} ({wall:.0f} s)")
-    settings = {"budget": budget, "backprop_steps": b.backprop_steps,
-                "es": {**es_settings, "init_gain": STUDY_INIT_GAIN}}
-    return {"dataset": dataset, "sizes": sizes, "budget": settings, "seed": seed,
-            "n_train": len(data.y_train), "n_test": len(yt), "torch": torch.__version__,
-            "threads": threads, "baselines": baselines, "rows": rows}
+    return {**keys, "baselines": baselines, "rows": rows}
+
+
+def _resumed_study(partial: Path, keys: Mapping[str, Any]
+                   ) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """The finished baselines and rows of ``partial``, or a one-line error where it is damaged
+    or was written with other settings than ``keys``."""
+    try:
+        saved = json.loads(partial.read_text())
+        baselines, rows = dict(saved["baselines"]), list(saved["rows"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{partial}: not a regimes study's partial results ({e}); delete it to "
+                         "start the study again") from None
+    differ = [k for k, v in keys.items() if json.loads(json.dumps(v)) != saved.get(k)]
+    if differ:
+        raise ValueError(f"{partial}: written by a study with other {', '.join(differ)}; "
+                         "repeat its settings, or delete it (or pass another --out) to start "
+                         "again")
+    return baselines, rows
 
 
 def format_study(result: Mapping[str, Any]) -> str:

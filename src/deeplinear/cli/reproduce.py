@@ -37,7 +37,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: 1 for nets up to 256 wide, else torch's own)")
     p.add_argument("--resume", action="store_true",
-                   help="continue a killed reproduction: reuse finished methods, resume the rest")
+                   help="continue a killed reproduction: reuse finished methods, resume the rest "
+                        "(--study regimes: reuse its finished models)")
     p.set_defaults(func=run)
 
 
@@ -54,7 +55,6 @@ def run(args: argparse.Namespace) -> int:
     check_threads(args.threads, "--threads")
     if args.study == "regimes":
         ignored = [(flag, why) for flag, given, why in (
-            ("--resume", args.resume, "keeps no checkpoints"),
             ("--semantics", args.semantics != "TF_GPU", "sets its own semantics per regime"),
             ("--threads", args.threads is not None, "sets its own threads")) if given]
         if ignored:
@@ -82,17 +82,32 @@ def run(args: argparse.Namespace) -> int:
 def run_regimes_study(datasets: tuple[str, ...], args: argparse.Namespace) -> int:
     """Write ``regimes_<dataset>.json`` and ``regimes.md`` (the regime x method table)."""
     import json
+    import shutil
 
     from deeplinear.regimes import format_study, study
-    from deeplinear.runs import make_dir
+    from deeplinear.runs import atomic_write_text, make_dir
 
     out = make_dir(Path(args.out))
+    partials = {name: out / f"regimes_{name}.partial.json" for name in datasets}
+    finals = [out / f"regimes_{name}.json" for name in datasets]
+    taken = [p for p in [*partials.values(), *finals] if p.exists()]
+    if taken and not args.resume:
+        raise FileExistsError(f"{out} already holds a regimes study ({taken[0].name}); add "
+                              "--resume to reuse its finished models, or pass another --out")
     tables = []
-    for name in datasets:
-        result = study(name, budget=args.budget, seed=args.seed,
-                       data_dir=data_dir_for(name, args.data_dir),
-                       progress=True)
-        (out / f"regimes_{name}.json").write_text(json.dumps(result, indent=1))
+    for name, final in zip(datasets, finals, strict=True):
+        if args.resume and final.exists() and not partials[name].exists():
+            shutil.copyfile(final, partials[name])  # checked against the settings like any partial
+        try:
+            result = study(name, budget=args.budget, seed=args.seed,
+                           data_dir=data_dir_for(name, args.data_dir), progress=True,
+                           partial=partials[name])
+        except KeyboardInterrupt as e:
+            raise KeyboardInterrupt(f"{stopped_prefix(e)}finished models are kept in "
+                                    f"{partials[name]}: continue with the same command and "
+                                    "--resume") from None
+        atomic_write_text(json.dumps(result, indent=1), final)
+        partials[name].unlink(missing_ok=True)
         tables.append(format_study(result))
     (out / "regimes.md").write_text("# Regimes study\n\n" + "\n\n".join(tables) + "\n")
     print("\n\n".join(tables))

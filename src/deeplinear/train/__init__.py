@@ -169,7 +169,7 @@ def stops_cleanly(train: Train) -> Train:
 
         saved = inspect.signature(train).bind(*args, **kwargs).arguments.get("run") is not None
         then = (", with a checkpoint" if saved
-                else "; this run keeps no checkpoint, so nothing is saved")
+                else "; this run keeps no checkpoint: its steps so far are lost")
 
         def ask_to_stop(signum: int, frame: Any) -> None:
             if _stop.is_set():
