@@ -480,6 +480,48 @@ def test_data_dir_is_recorded_as_an_absolute_path(tmp_path, monkeypatch, capsys)
     assert main(["eval", str(out), "--json", "--data-dir", str(moved)]) == 0
 
 
+def test_a_run_resumes_from_its_data_in_a_new_place_if_it_is_the_same_data(tmp_path, capsys):
+    """A run continued after its data directory moved, or on another machine: the new place is
+    taken when the data there has the run's fingerprint, refused when it differs."""
+    from test_data import make_arrays, make_idx_dir
+
+    src = make_idx_dir(tmp_path / "idx", make_arrays())
+    args = ["train", "--dataset", "mnist", "--model", "softmax", "--steps", "4",
+            "--checkpoint-every", "2", "--batch-size", "10", "--quiet"]
+    assert main([*args, "--data-dir", str(src), "--out", str(tmp_path / "whole")]) == 0
+    out = tmp_path / "run"
+    assert main([*args[:-4], "2", *args[-3:], "--data-dir", str(src), "--out", str(out)]) == 0
+    (out / "final.pt").unlink()  # as if killed after its checkpoint at step 2
+    config = (out / "config.json").read_text()
+    moved = src.rename(tmp_path / "moved")
+    capsys.readouterr()
+    assert main(["train", "--out", str(out), "--resume", "--quiet"]) == 2
+    assert capsys.readouterr().err == (f"deeplinear train: error: {src}: the run's data directory "
+                                       "is gone; if its files moved, pass --data-dir with their "
+                                       "new place\n")
+    other = make_idx_dir(tmp_path / "other", make_arrays(seed=1))
+    assert main(["train", "--out", str(out), "--resume", "--data-dir", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "config differs in data.data_dir (run: " in err and ", data.fingerprint (run: " in err
+    assert main(["train", "--out", str(out), "--resume", "--steps", "4", "--data-dir",
+                 str(moved)]) == 0
+    assert f"reading the run's data from {moved} (trained from {src}" in capsys.readouterr().err
+    assert (out / "config.json").read_text() == config  # the run still says where it began
+    whole, resumed = (torch.load(d / "final.pt", weights_only=False)["state_dict"]
+                      for d in (tmp_path / "whole", out))
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+def test_a_run_from_before_data_fingerprints_still_resumes(tmp_path):
+    rc, out = train(tmp_path, "--method", "backprop", "--steps", "4", "--checkpoint-every", "2")
+    assert rc == 0
+    config = json.loads((out / "config.json").read_text())
+    del config["data"]["fingerprint"]
+    (out / "config.json").write_text(json.dumps(config))
+    (out / "final.pt").unlink()
+    assert main(["train", "--out", str(out), "--resume", "--quiet"]) == 0
+
+
 def test_eval_measures_a_run_that_has_no_final_yet(tmp_path, capsys):
     """A killed run is measured at its last checkpoint (here: the last step, = the final)."""
     rc, out = train(tmp_path, "--steps", "20", "--checkpoint-every", "10")
@@ -523,7 +565,7 @@ def test_a_seed_out_of_range_names_the_flag_and_the_range(capsys, flag, value):
 
 def test_ctrl_c_in_the_final_evaluation_says_how_to_finish(tmp_path, monkeypatch, capsys):
     """Training is over and checkpointed; the message must say that --resume finishes it."""
-    def pressed(*_):
+    def pressed(*_, **__):
         raise KeyboardInterrupt
 
     with monkeypatch.context() as m:
@@ -685,7 +727,7 @@ def test_threads_hold_for_the_whole_command_final_evaluation_included(tmp_path, 
 
     seen, real = [], cli_train.final_results
     monkeypatch.setattr(cli_train, "final_results",
-                        lambda *a: seen.append(torch.get_num_threads()) or real(*a))
+                        lambda *a, **k: seen.append(torch.get_num_threads()) or real(*a, **k))
     try:  # the module runs on 1 thread (its fixture); the command asks for another count
         assert train(tmp_path, "--steps", "2", "--threads", "2")[0] == 0
     finally:

@@ -315,6 +315,23 @@ def format_results(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def moved_data_dir(out: Path, data_dir: str | None, fingerprint: str) -> str | None:
+    """The data directory a resumed run records: its own where the data now comes from another
+    place but is the very same (its recorded fingerprint matches; older runs have none), so a
+    run continues after its data moved or on another machine; else ``data_dir`` (a difference
+    ``Run.open`` then names)."""
+    try:
+        saved = json.loads((out / "config.json").read_text())["data"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return data_dir  # Run.open names what is wrong with the file
+    if saved.get("data_dir") != data_dir and saved.get("fingerprint") == fingerprint:
+        print(f"reading the run's data from {data_dir or 'its default place'} (trained from "
+              f"{saved.get('data_dir') or 'the default place'}: the same data, by fingerprint)",
+              file=sys.stderr)
+        return saved.get("data_dir")
+    return data_dir
+
+
 def fill_from_run(args: argparse.Namespace) -> None:
     """``--out RUN --resume``: every setting not given on the command line is the run's own, from
     its ``config.json`` (the inverse of the ``config`` that :func:`run` writes).
@@ -397,8 +414,12 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)  # the whole command's, from before data loading:
         # the final evaluation too (a trainer gives back the count it found)
     semantics = get_semantics(args.semantics)
+    if args.resume and args.data_dir is not None and not Path(args.data_dir).is_dir():
+        raise FileNotFoundError(f"{args.data_dir}: the run's data directory is gone; if its "
+                                "files moved, pass --data-dir with their new place")
     data = load_dataset(args.dataset, data_dir=args.data_dir, seed=args.data_seed,
                         n_train=args.n_train, n_test=args.n_test)
+    fingerprint = data.fingerprint()
     sizes = resolve_sizes(args, data.n_features, data.n_classes, args.dataset)
     if getattr(cfg, "perturbation", None) == "lowrank":
         note_lowrank(cfg, sizes)
@@ -412,15 +433,18 @@ def run(args: argparse.Namespace) -> int:
             assert isinstance(model, DeepLinear)  # check_model_flags: --init-gain is deep only
             calibrate(model, data.x_train, rescale, center=False, output=False)
     data_spec = {"name": args.dataset, "data_dir": args.data_dir, "seed": args.data_seed,
-                 "n_train": args.n_train, "n_test": args.n_test}
+                 "n_train": args.n_train, "n_test": args.n_test, "fingerprint": fingerprint}
+    out = Path(args.out) if args.out else default_out(args)
+    if args.resume:
+        data_spec["data_dir"] = moved_data_dir(out, args.data_dir, fingerprint)
     config = {"model": {"kind": args.model, "sizes": sizes, "scale_exp": args.scale_exp},
               "semantics": args.semantics, "method": args.method, "data": data_spec,
               "trainer": dataclasses.asdict(cfg), "init_from": args.init_from,
               "rescale_gain": rescale}
-    out = Path(args.out) if args.out else default_out(args)
     run_dir = Run.open(out, config, resume=args.resume,
                        defaults={"trainer": dataclasses.asdict(trainer.Config()),
-                                 "rescale_gain": None})
+                                 "rescale_gain": None,  # runs written before these entries:
+                                 "data": {"fingerprint": fingerprint}})
     if run_dir.resumed_state is not None:
         print(f"resuming {out} from step {run_dir.resumed_state['step']}", file=sys.stderr)
     from deeplinear.distributed import backend
