@@ -660,6 +660,7 @@ def test_resume_fills_what_is_left_out_even_with_some_flags_given(tmp_path, monk
                                "own settings"),
     (["--model", "mlp"], "was trained with --model deeplinear, not mlp"),
     (["--perturbation", "lowrank"], "was trained with --perturbation full, not lowrank"),
+    (["--dataset", "digits"], "was trained with --dataset rings, not digits"),  # not --sizes
 ])
 def test_resume_names_a_changed_method_before_the_flags_it_decides(tmp_path, capsys, flags,
                                                                    message):

@@ -364,7 +364,7 @@ def fill_from_run(args: argparse.Namespace) -> None:
         raise ValueError(f"{args.out} is a run of a reproduction ({found['method']}), not of "
                          "deeplinear train: continue it with deeplinear reproduce --resume --out "
                          f"{Path(args.out).parent.parent}")
-    trained = {"model": found["model"], "method": found["method"],
+    trained = {"dataset": found["dataset"], "model": found["model"], "method": found["method"],
                "surrogate": trainer.get("surrogate") if found["method"] == "float-aware" else None,
                "perturbation": trainer.get("perturbation")}
     for name, value in trained.items():  # these decide which other flags apply: compare first
