@@ -254,6 +254,12 @@ def test_a_run_another_process_is_writing_is_refused_until_it_ends(tmp_path):
     run = Run.open(d, {"lr": 0.1}, resume=True)  # the lock died with its process
     assert run.resumed_state["step"] == 1
     assert Run.open(d, {"lr": 0.1}, resume=True).resumed_state["step"] == 1  # reentrant here
+    run.save_final({"step": 1})  # a finished run is released for other processes
+    other = subprocess.run(
+        [sys.executable, "-c", "from deeplinear.runs import Run; "
+         f"print(Run.open({str(d)!r}, {{'lr': 0.1}}, resume=True).resumed_state['step'])"],
+        capture_output=True, text=True)
+    assert other.stdout == "1\n", other.stderr
 
 
 def test_a_failed_save_says_why_in_one_line_and_keeps_the_previous_file(tmp_path, monkeypatch):

@@ -86,12 +86,15 @@ def lock_dir(d: Path) -> None:
     _LOCKED[key] = f
 
 
-def unlock_dir(d: Path) -> None:
-    """Release and remove ``d``'s lock (a run discarded before it started)."""
+def unlock_dir(d: Path, remove: bool = False) -> None:
+    """Release ``d``'s lock (a finished run: a notebook that trained it must not keep it from a
+    terminal), and with ``remove`` delete the file (a run discarded before it started; never
+    while others may wait on it: a second process could then lock a new file beside them)."""
     f = _LOCKED.pop(d.resolve(), None)
     if f is not None:
         f.close()
-        (d / LOCK).unlink(missing_ok=True)
+        if remove:
+            (d / LOCK).unlink(missing_ok=True)
 
 
 def atomic_save(obj: Any, path: Path) -> None:
@@ -206,7 +209,7 @@ class Run:
         leave a directory that looks like a run."""
         if (self.dir / "checkpoint.pt").exists() or (self.dir / "final.pt").exists():
             return
-        unlock_dir(self.dir)
+        unlock_dir(self.dir, remove=True)
         for name in ("config.json", "metrics.jsonl"):
             (self.dir / name).unlink(missing_ok=True)
         with contextlib.suppress(OSError):
@@ -262,6 +265,7 @@ class Run:
     def save_final(self, payload: dict[str, Any]) -> Path:
         path = self.dir / "final.pt"
         atomic_save(payload, path)
+        unlock_dir(self.dir)  # done: free for eval, a --resume that finds nothing to do, ...
         return path
 
 
