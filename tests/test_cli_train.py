@@ -128,6 +128,10 @@ def test_eval_reproduces_the_final_accuracies(float_aware_run, capsys):
     (["--method", "es", "--rank", "4"], "--rank applies to --method es --perturbation lowrank"),
     (["--scale-exp", "500"], "out of range"),
     (["--threads", "100000"], "threads must be between 1 and"),  # torch's pool segfaulted
+    (["--method", "es", "--perturbation", "sparse"], "argument --perturbation: invalid choice: "
+                                                     "'sparse' (choose from 'full', 'lowrank')"),
+    (["--backend", "dask"], "argument --backend: invalid choice: 'dask' (choose from 'local', "
+                            "'ray')"),
     (["--method", "es", "--lr", "1e308"], "lr = 1e+308 is beyond float32's range, in which the "
                                           "trainers compute; pass a value below 3.4e38"),
     (["--foo", "3"], "deeplinear train: error: unrecognized arguments: --foo 3"),

@@ -49,9 +49,10 @@ from deeplinear.engine import Engine
 from deeplinear.nets import SIZES_2017, DeepLinear, parse_sizes
 from deeplinear.surrogate import identity
 from deeplinear.train import check_device, check_threads
+from deeplinear.train.es import PERTURBATIONS
 
 NETS: dict[str, tuple[int, ...]] = {"2017": SIZES_2017, "small": (64, 256, 256, 10)}
-MODES = ("full", "lowrank")
+MODES = PERTURBATIONS  # the engine's modes are ES's perturbations
 
 
 def net_sizes(name: str) -> tuple[int, ...]:

@@ -56,6 +56,9 @@ def init_gain(text: str) -> float | str:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    from deeplinear.distributed import BACKENDS
+    from deeplinear.train.es import PERTURBATIONS
+
     p = subparsers.add_parser(
         "train", help="train a deep linear net (or a baseline) into a run directory",
         description=summary(__doc__))
@@ -125,7 +128,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--eval-n", type=int, help="samples per split scored at each evaluation")
     t.add_argument("--pop", type=int, help="es, cma-es: population")
     t.add_argument("--sigma", type=float, help="es: noise scale; cma-es: initial step size")
-    t.add_argument("--perturbation", help="es only: full | lowrank")
+    t.add_argument("--perturbation", choices=PERTURBATIONS, help="es only")
     t.add_argument("--rank", type=int, help="es only: rank of lowrank perturbations")
     t.add_argument("--threads", type=int,
                    help="torch threads, set once at the start (default: torch's own; small nets "
@@ -139,7 +142,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         "(e.g. weights.0=0: search layers 2-3 and the biases only)")
     t.add_argument("--lr-decay", type=float, help="es only: lr *= this every generation")
     d = p.add_argument_group("where es evaluates its population (deeplinear.distributed)")
-    d.add_argument("--backend", default="local", help="local (default) | ray: Ray workers")
+    d.add_argument("--backend", default="local", choices=BACKENDS,
+                   help="local (default), or ray: Ray workers")
     d.add_argument("--ray-address", default=None, metavar="auto|HOST:PORT",
                    help="ray: join this cluster (default: start Ray on this machine)")
     d.add_argument("--workers", type=int, default=None,
