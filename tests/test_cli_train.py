@@ -801,9 +801,20 @@ def test_an_allocation_that_fails_is_one_line_naming_the_settings(monkeypatch, c
     assert main(["train", "--dataset", "rings"]) == 2
     err = capsys.readouterr().err
     size = " (one tensor of 37.3 GiB)" if isinstance(error, RuntimeError) else ""
-    assert err == (f"deeplinear train: error: out of memory{size}: a setting asks for more than "
-                   "this machine has; lower it (--sizes, --pop, --batch-size, --n, --peak-n, "
-                   "--max-mb)\n")
+    assert err == (f"deeplinear train: error: out of memory{size}: this asks for more than this "
+                   "machine has; lower --sizes, --pop, --batch-size\n")
+
+
+def test_a_gpu_out_of_memory_names_the_gpu_and_the_cpu_fallback():
+    from deeplinear.cli import out_of_memory
+
+    cuda = RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.1 GiB total)")
+    assert out_of_memory(cuda, "train") == ("out of memory (one tensor of 2.00 GiB): this asks "
+                                            "for more than the GPU has; lower --sizes, --pop, "
+                                            "--batch-size or use --device cpu")
+    assert out_of_memory(OSError(12, "Cannot allocate memory"), "probe").endswith(
+        "lower --sizes, --n")
+    assert out_of_memory(RuntimeError("expected a tensor"), "train") is None
 
 
 def test_train_help_shows_each_methods_defaults_from_the_trainers_configs(capsys, monkeypatch):

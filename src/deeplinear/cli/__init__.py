@@ -91,19 +91,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_ALLOCATION = re.compile(r"can't allocate memory|out of memory", re.IGNORECASE)
-_SIZE = re.compile(r"tried to allocate (\d+) bytes")
+_ALLOCATION = re.compile(r"can.t allocate memory|cannot allocate memory|out of memory",
+                         re.IGNORECASE)
+_SIZE = re.compile(r"tried to allocate ([\d.]+) ?(bytes|[KMGT]iB)", re.IGNORECASE)
+# what to lower, per command, when memory runs out
+_MEMORY_FLAGS = {"train": "--sizes, --pop, --batch-size", "probe": "--sizes, --n",
+                 "bench": "--nets, --pops, --batches, --peak-n", "eval": "--n-test",
+                 "reproduce": "--dataset, --budget"}
 
 
-def out_of_memory(e: BaseException) -> str | None:
-    """A one-line message for an allocation that failed (torch's CPU allocator says "[enforce
-    fail at alloc_cpu.cpp:127] ... you tried to allocate 40000000000 bytes"), else None."""
+def out_of_memory(e: BaseException, command: str) -> str | None:
+    """A one-line message for an allocation that failed (torch's CPU allocator: "... can't
+    allocate memory: you tried to allocate 40000000000 bytes"; CUDA's "Tried to allocate 2.00
+    GiB"; ENOMEM), naming ``command``'s flags that ask for memory; else None."""
     if not isinstance(e, MemoryError) and not _ALLOCATION.search(str(e)):
         return None
     size = _SIZE.search(str(e))
-    wanted = f" (one tensor of {int(size.group(1)) / 2**30:.1f} GiB)" if size else ""
-    return (f"out of memory{wanted}: a setting asks for more than this machine has; lower it "
-            "(--sizes, --pop, --batch-size, --n, --peak-n, --max-mb)")
+    if size is None:
+        wanted = ""
+    elif size.group(2).lower() == "bytes":
+        wanted = f" (one tensor of {float(size.group(1)) / 2**30:.1f} GiB)"
+    else:
+        wanted = f" (one tensor of {size.group(1)} {size.group(2)})"
+    where = "the GPU" if "cuda" in str(e).lower() else "this machine"
+    lower = _MEMORY_FLAGS.get(command, "the sizes asked for")
+    return f"out of memory{wanted}: this asks for more than {where} has; lower {lower}" + (
+        " or use --device cpu" if where == "the GPU" else "")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, RuntimeError, MemoryError) as e:
         if os.environ.get("DEEPLINEAR_DEBUG"):
             raise
-        msg = out_of_memory(e) or (str(e).strip().splitlines()[0] if str(e).strip()
-                                   else type(e).__name__)
+        msg = out_of_memory(e, args.command) or (str(e).strip().splitlines()[0] if str(e).strip()
+                                                 else type(e).__name__)
         print(f"deeplinear {args.command}: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
