@@ -319,21 +319,28 @@ def format_results(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def moved_data_dir(out: Path, data_dir: str | None, fingerprint: str) -> str | None:
-    """The data directory a resumed run records: its own where the data now comes from another
-    place but is the very same (its recorded fingerprint matches; older runs have none), so a
-    run continues after its data moved or on another machine; else ``data_dir`` (a difference
-    ``Run.open`` then names)."""
+def resumed_data(out: Path, data_dir: str | None, fingerprint: str) -> tuple[str | None, str]:
+    """The data directory and fingerprint a resumed run's config is compared with.
+
+    The run's own directory where the data now comes from another place but is the very same
+    (its recorded fingerprint matches; older runs have none), so a run continues after its data
+    moved or on another machine. The fingerprint itself is compared only then: a synthetic set
+    generated through sin/cos differs in its last bits between CPU instruction sets (measured:
+    rings under ATEN_CPU_CAPABILITY=default vs avx2), and such a run must still resume. Else
+    ``data_dir`` and ``fingerprint``, whose differences ``Run.open`` names."""
     try:
         saved = json.loads((out / "config.json").read_text())["data"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return data_dir  # Run.open names what is wrong with the file
-    if saved.get("data_dir") != data_dir and saved.get("fingerprint") == fingerprint:
+        moved, recorded = saved.get("data_dir") != data_dir, saved.get("fingerprint")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return data_dir, fingerprint  # Run.open names what is wrong with the file
+    if not moved:
+        return data_dir, recorded or fingerprint
+    if recorded == fingerprint:
         print(f"reading the run's data from {data_dir or 'its default place'} (trained from "
               f"{saved.get('data_dir') or 'the default place'}: the same data, by fingerprint)",
               file=sys.stderr)
-        return saved.get("data_dir")
-    return data_dir
+        return saved.get("data_dir"), fingerprint
+    return data_dir, fingerprint
 
 
 def fill_from_run(args: argparse.Namespace) -> None:
@@ -440,7 +447,8 @@ def run(args: argparse.Namespace) -> int:
                  "n_train": args.n_train, "n_test": args.n_test, "fingerprint": fingerprint}
     out = Path(args.out) if args.out else default_out(args)
     if args.resume:
-        data_spec["data_dir"] = moved_data_dir(out, args.data_dir, fingerprint)
+        data_spec["data_dir"], data_spec["fingerprint"] = resumed_data(out, args.data_dir,
+                                                                       fingerprint)
     config = {"model": {"kind": args.model, "sizes": sizes, "scale_exp": args.scale_exp},
               "semantics": args.semantics, "method": args.method, "data": data_spec,
               "trainer": dataclasses.asdict(cfg), "init_from": args.init_from,
