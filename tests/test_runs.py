@@ -291,3 +291,35 @@ def test_a_run_directory_that_cannot_be_written_is_one_line(tmp_path):
     with pytest.raises(OSError, match=re.escape(f"cannot write in {tmp_path}: Is a directory; "
                                                 "pass a writable --out")):
         Run.open(tmp_path, {"lr": 0.1})
+
+
+def test_a_refused_or_stopped_run_gives_its_lock_back(tmp_path):
+    """A notebook whose command was refused, or whose run was stopped, goes on living: the run
+    must be free for a terminal's --resume, and a refused --out keeps no lock file of ours."""
+    import subprocess
+    import sys
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "config.json").write_text('{"mine": 1}')
+    with pytest.raises(FileExistsError):
+        Run.open(foreign, {"lr": 0.1})
+    assert sorted(p.name for p in foreign.iterdir()) == ["config.json"]
+    d = tmp_path / "r"
+    Run.open(d, {"lr": 0.1}).checkpoint({"step": 1})
+    Run.open(d, {"lr": 0.1}, resume=True).close()
+
+    def another_process_resumes() -> bool:
+        other = subprocess.run(
+            [sys.executable, "-c", "from deeplinear.runs import Run; "
+             f"print(Run.open({str(d)!r}, {{'lr': 0.1}}, resume=True).resumed_state['step'])"],
+            capture_output=True, text=True)
+        return other.stdout == "1\n"
+
+    with pytest.raises(ValueError, match="config differs"):
+        Run.open(d, {"lr": 0.5}, resume=True)  # refused: the lock it took goes back
+    assert another_process_resumes()
+    run = Run.open(d, {"lr": 0.1}, resume=True)
+    assert not another_process_resumes()
+    run.close()  # stopped (the CLI and reproduce close a run they stop)
+    assert another_process_resumes()

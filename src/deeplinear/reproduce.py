@@ -140,7 +140,11 @@ def run_method(method: Method, data: Dataset, sizes: list[int], seed: int, out: 
     else:
         run = Run.open(out, config, resume=resume and (out / "checkpoint.pt").exists(),
                        defaults=defaults)
-        curve = method.trainer.train(model, data, cfg, run=run)
+        try:
+            curve = method.trainer.train(model, data, cfg, run=run)
+        except BaseException:
+            run.close()  # stopped or failed: free for the --resume that follows (save_final
+            raise  # gives it back when the run is done)
         wall = (curve[-1]["wall_s"] if curve else 0.0)
         run.save_final({"state_dict": model.state_dict(), "curve": curve, "wall_s": wall,
                         "config": config, "semantics": semantics, "method": method.name,

@@ -156,8 +156,27 @@ class Run:
              defaults: dict[str, Any] | None = None) -> Run:
         """``defaults`` (nested like ``config``) holds the values of settings added since a run
         was written: a saved config that lacks one still resumes when the new run asks for its
-        default, which by that contract reproduces what the older code did."""
+        default, which by that contract reproduces what the older code did.
+
+        The directory is locked while the run is open (:func:`lock_dir`); a refused open gives
+        the lock back (and removes a lock file it made), :meth:`close` and :meth:`save_final`
+        give it back."""
         d = Path(directory)
+        made, held = not (d / LOCK).exists(), d.resolve() in _LOCKED
+        try:
+            return cls._open(d, config, resume, defaults)
+        except BaseException:
+            if not held:  # this open took the lock (an open run of this process keeps it)
+                unlock_dir(d, remove=made)
+            raise
+
+    def close(self) -> None:
+        """Give the directory's lock back (a run stopped or failed; the process goes on)."""
+        unlock_dir(self.dir)
+
+    @classmethod
+    def _open(cls, d: Path, config: dict[str, Any], resume: bool,
+              defaults: dict[str, Any] | None) -> Run:
         cfg_path, ckpt = d / "config.json", d / "checkpoint.pt"
         if d.is_dir():
             lock_dir(d)

@@ -469,6 +469,7 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt as e:
         # the trainer's Interrupted knows its step; a second Ctrl-C, or one during the final
         # evaluation, knows none: either way, name the command that goes on
+        run_dir.close()
         stopped = stopped_prefix(e)
         raise KeyboardInterrupt(
             f"{stopped}latest checkpoint in {out}: continue with deeplinear train --out {out} "
@@ -478,6 +479,7 @@ def run(args: argparse.Namespace) -> int:
     except Exception:
         if not args.resume:
             run_dir.discard_if_unstarted()
+        run_dir.close()
         raise
     run_dir.save_final({
         "state_dict": model.state_dict(), "model": config["model"],
