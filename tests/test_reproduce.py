@@ -525,6 +525,13 @@ def test_cli_regimes_study_keeps_finished_models_and_resumes(tmp_path, capsys):
                    "(regimes_spirals.json); add --resume to reuse its finished models, or pass "
                    "another --out\n")
     assert main([*args, "--resume"]) == 0
-    assert re.search(r"regimes_spirals.partial.json: \d+ finished models reused",
-                     capsys.readouterr().err)
+    assert re.search(r"regimes_spirals.json: \d+ finished models reused", capsys.readouterr().err)
     assert (tmp_path / "regimes.md").read_text() == table
+    final = tmp_path / "regimes_spirals.json"  # a study of other settings (another torch, say)
+    final.write_text(final.read_text().replace(f'"torch": "{torch.__version__}"', '"torch": "0"'))
+    assert main([*args, "--resume"]) == 2  # refused, naming the file that has to go
+    assert capsys.readouterr().err == (f"deeplinear reproduce: error: {final}: written by a study "
+                                       "with other torch; repeat its settings, or delete it (or "
+                                       "pass another --out) to start again\n")
+    final.unlink()
+    assert main([*args, "--resume"]) == 0 and (tmp_path / "regimes.md").read_text() == table

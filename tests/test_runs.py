@@ -281,6 +281,16 @@ def test_a_failed_save_says_why_in_one_line_and_keeps_the_previous_file(tmp_path
         rf"cannot write {re.escape(str(path))} \(\[enforce fail at inline_container.cc:672\] . "
         r"unexpected pos 39744 vs 39632; [0-9.]+ MiB free on its disk\): the previous one is "
         r"intact; free some space, then continue with --resume", str(e.value)), str(e.value)
+    with pytest.raises(OSError, match=r"free some space, then run the same command again$"):
+        atomic_save({"step": 1}, tmp_path / "final.pt")  # no earlier file: no --resume to offer
+
+    def denied(obj, f):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(torch, "save", denied)
+    with pytest.raises(OSError, match=r"\(Permission denied; .*: the previous one is intact; "
+                                      r"make it writable, then continue with --resume$"):
+        atomic_save({"step": 2}, path)
     monkeypatch.undo()
     assert load_file(path, "checkpoint", "") == {"step": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]

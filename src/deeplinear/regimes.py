@@ -704,10 +704,13 @@ def study(dataset: str = "spirals", regimes: Sequence[Regime] = STUDY_REGIMES,
     if partial is not None and partial.exists():
         baselines, rows = _resumed_study(partial, keys)
         say(f"{partial}: {len(baselines) + len(rows)} finished models reused")
+    finished: dict[tuple[str, str], dict[str, Any]] = {}
 
     def save() -> None:
-        if partial is not None:
-            atomic_write_text(json.dumps({**keys, "baselines": baselines, "rows": rows}), partial)
+        if partial is not None:  # the rows redone so far, and those still to be reached
+            done = {(row["regime"], row["method"]) for row in rows}
+            kept = rows + [row for key, row in finished.items() if key not in done]
+            atomic_write_text(json.dumps({**keys, "baselines": baselines, "rows": kept}), partial)
 
     for name, make in (("softmax regression", lambda: SoftmaxRegression(sizes[0], sizes[-1])),
                        ("ReLU MLP", lambda: MLP(sizes, "relu"))):

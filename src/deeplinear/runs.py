@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -111,10 +112,14 @@ def atomic_save(obj: Any, path: Path) -> None:
         tmp.unlink(missing_ok=True)
         reason = (e.strerror if isinstance(e, OSError) and e.strerror
                   else str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
-        free = shutil.disk_usage(path.parent).free
-        kept = "the previous one is intact; " if path.exists() else ""
-        raise OSError(f"cannot write {path} ({reason}; {free / 2**20:.1f} MiB free on its disk): "
-                      f"{kept}free some space, then continue with --resume") from None
+        full = (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or (
+            "unexpected pos" in reason)  # how torch's zip writer meets a full disk
+        fix = "free some space" if full else "make it writable"
+        then = ("the previous one is intact; " + fix + ", then continue with --resume"
+                if path.exists() else fix + ", then run the same command again")
+        free = shutil.disk_usage(path.parent).free / 2**20
+        raise OSError(f"cannot write {path} ({reason}; {free:.1f} MiB free on its disk): "
+                      f"{then}") from None
     os.replace(tmp, path)
 
 

@@ -82,7 +82,6 @@ def run(args: argparse.Namespace) -> int:
 def run_regimes_study(datasets: tuple[str, ...], args: argparse.Namespace) -> int:
     """Write ``regimes_<dataset>.json`` and ``regimes.md`` (the regime x method table)."""
     import json
-    import shutil
 
     from deeplinear.regimes import format_study, study
     from deeplinear.runs import atomic_write_text, make_dir
@@ -96,18 +95,20 @@ def run_regimes_study(datasets: tuple[str, ...], args: argparse.Namespace) -> in
                               "--resume to reuse its finished models, or pass another --out")
     tables = []
     for name, final in zip(datasets, finals, strict=True):
-        if args.resume and final.exists() and not partials[name].exists():
-            shutil.copyfile(final, partials[name])  # checked against the settings like any partial
+        partial = partials[name]
+        if args.resume and final.exists() and not partial.exists():
+            partial = final  # checked against the settings like any partial (and named)
         try:
             result = study(name, budget=args.budget, seed=args.seed,
                            data_dir=data_dir_for(name, args.data_dir), progress=True,
-                           partial=partials[name])
+                           partial=partial)
         except KeyboardInterrupt as e:
             raise KeyboardInterrupt(f"{stopped_prefix(e)}finished models are kept in "
                                     f"{partials[name]}: continue with the same command and "
                                     "--resume") from None
         atomic_write_text(json.dumps(result, indent=1), final)
-        partials[name].unlink(missing_ok=True)
+        if partial != final:
+            partial.unlink(missing_ok=True)
         tables.append(format_study(result))
     (out / "regimes.md").write_text("# Regimes study\n\n" + "\n\n".join(tables) + "\n")
     print("\n\n".join(tables))
