@@ -227,8 +227,9 @@ def test_a_damaged_zip_archive_is_named_in_one_short_sentence(tmp_path):
     path.write_bytes(b"PK\x03\x04garbage" * 10)  # a zip's signature, then nothing valid
     with pytest.raises(ValueError) as e:
         load_file(path, "checkpoint", "start again")
-    assert str(e.value) == (f"{path}: corrupt or not a deeplinear checkpoint (File is not a zip "
-                            "file); start again")
+    assert str(e.value) == (f"{path}: corrupt or not a deeplinear checkpoint (PytorchStreamReader "
+                            "failed reading zip archive: failed finding central directory); "
+                            "start again")
 
 
 def test_a_run_another_process_is_writing_is_refused_until_it_ends(tmp_path):
@@ -260,6 +261,29 @@ def test_a_run_another_process_is_writing_is_refused_until_it_ends(tmp_path):
          f"print(Run.open({str(d)!r}, {{'lr': 0.1}}, resume=True).resumed_state['step'])"],
         capture_output=True, text=True)
     assert other.stdout == "1\n", other.stderr
+
+
+def test_a_bit_flipped_anywhere_in_the_zip_records_is_a_one_line_error_or_harmless(tmp_path):
+    """Flips in the end-of-archive records made zipfile raise OSError [Errno 22], which escaped
+    as "error: [Errno 22] Invalid argument" (found by flipping every byte of a final.pt)."""
+    path = tmp_path / "final.pt"
+    atomic_save({"state_dict": {"w": torch.arange(64.0)}}, path)
+    raw = path.read_bytes()
+    for i in range(max(0, len(raw) - 200), len(raw)):
+        path.write_bytes(raw[:i] + bytes([raw[i] ^ 0x10]) + raw[i + 1:])
+        try:
+            load_file(path, "final.pt", "retrain")
+        except ValueError as e:
+            assert str(e).startswith(f"{path}: corrupt or not a deeplinear final.pt (")
+            assert "\n" not in str(e)
+
+
+def test_a_torch_file_of_the_legacy_format_still_loads(tmp_path):
+    """torch.load reads files saved without the zip container; the CRC check must not refuse
+    them (they have no CRCs to check)."""
+    path = tmp_path / "final.pt"
+    torch.save({"step": 3, "w": torch.ones(2)}, path, _use_new_zipfile_serialization=False)
+    assert load_file(path, "final.pt", "")["step"] == 3
 
 
 def test_a_failed_save_says_why_in_one_line_and_keeps_the_previous_file(tmp_path, monkeypatch):

@@ -28,6 +28,7 @@ import shutil
 import sys
 import time
 import zipfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,16 +133,20 @@ def atomic_write_text(text: str, path: Path) -> None:
 def load_file(path: Path, what: str, fix: str) -> Any:
     """``torch.load`` of a run's file (on the CPU: trainers move it), or a one-line error that
     names the file and ``fix``: a damaged or foreign file must not surface as an unpickling
-    traceback. Each entry's CRC-32 (torch writes them) is checked first: torch.load does not, and
-    a flipped byte inside the weights would otherwise load as other weights without a word."""
+    traceback. Each entry's CRC-32 (torch's zip format writes them) is checked first: torch.load
+    does not, and a flipped byte inside the stored tensors would otherwise load as other weights
+    without a word. (A file in torch's legacy, non-zip format has none to check.)"""
     try:
-        with zipfile.ZipFile(path) as archive:
-            damaged = archive.testzip()
-        if damaged is not None:
-            raise ValueError(f"{damaged} fails its CRC check")
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                damaged = archive.testzip()
+            if damaged is not None:
+                raise ValueError(f"{damaged} fails its CRC check")
         return torch.load(path, weights_only=False, map_location="cpu")
-    except (pickle.UnpicklingError, EOFError, RuntimeError, zipfile.BadZipFile,
-            AttributeError, ValueError) as e:
+    except (FileNotFoundError, PermissionError):
+        raise
+    except (pickle.UnpicklingError, EOFError, RuntimeError, zipfile.BadZipFile, OSError,
+            NotImplementedError, zlib.error, AttributeError, ValueError) as e:
         # the first sentence: torch appends a paragraph of advice to a damaged zip archive's
         first = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else \
             type(e).__name__
