@@ -99,6 +99,12 @@ def unlock_dir(d: Path, remove: bool = False) -> None:
             (d / LOCK).unlink(missing_ok=True)
 
 
+def first_line(e: BaseException) -> str:
+    """An error's first line (torch appends frames and advice), or its type if it has none."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def atomic_save(obj: Any, path: Path) -> None:
     """``torch.save`` to ``path`` via a temporary file and ``os.replace``; a failed write (a full
     disk: torch reports it as "unexpected pos ...") removes the temporary file and says so in one
@@ -111,8 +117,7 @@ def atomic_save(obj: Any, path: Path) -> None:
             os.fsync(f.fileno())
     except (OSError, RuntimeError) as e:
         tmp.unlink(missing_ok=True)
-        reason = (e.strerror if isinstance(e, OSError) and e.strerror
-                  else str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
         full = (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or (
             "unexpected pos" in reason)  # how torch's zip writer meets a full disk
         fix = "free some space" if full else "make it writable"
@@ -148,8 +153,7 @@ def load_file(path: Path, what: str, fix: str) -> Any:
     except (pickle.UnpicklingError, EOFError, RuntimeError, zipfile.BadZipFile, OSError,
             NotImplementedError, zlib.error, AttributeError, ValueError) as e:
         # the first sentence: torch appends a paragraph of advice to a damaged zip archive's
-        first = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else \
-            type(e).__name__
+        first = first_line(e).split(". ")[0]
         raise ValueError(f"{path}: corrupt or not a deeplinear {what} ({first}); {fix}") from None
 
 

@@ -133,8 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, RuntimeError, MemoryError) as e:
         if os.environ.get("DEEPLINEAR_DEBUG"):
             raise
-        msg = out_of_memory(e, args.command) or (str(e).strip().splitlines()[0] if str(e).strip()
-                                                 else type(e).__name__)
+        from deeplinear.runs import first_line
+
+        msg = out_of_memory(e, args.command) or first_line(e)
         print(f"deeplinear {args.command}: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:

@@ -160,7 +160,7 @@ def method_defaults(field: str) -> str:
     parts = []
     for methods in by_module.values():
         fields = {f.name: f for f in dataclasses.fields(trainer_module(methods[0]).Config)}
-        if field in fields and fields[field].default not in (None, ""):
+        if field in fields and fields[field].default not in (None, "", dataclasses.MISSING):
             parts.append(f"{', '.join(methods)} {fields[field].default!r}")
     return f"default: {'; '.join(parts)}" if parts else ""
 
