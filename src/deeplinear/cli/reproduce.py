@@ -103,9 +103,9 @@ def run_regimes_study(datasets: tuple[str, ...], args: argparse.Namespace) -> in
                            data_dir=data_dir_for(name, args.data_dir), progress=True,
                            partial=partial)
         except KeyboardInterrupt as e:
-            raise KeyboardInterrupt(f"{stopped_prefix(e)}finished models are kept in "
-                                    f"{partials[name]}: continue with the same command and "
-                                    "--resume") from None
+            kept = (f"finished models are kept in {partial}: continue with the same command and "
+                    "--resume" if partial.exists() else "no model had finished, nothing is kept")
+            raise KeyboardInterrupt(f"{stopped_prefix(e)}{kept}") from None
         atomic_write_text(json.dumps(result, indent=1), final)
         if partial != final:
             partial.unlink(missing_ok=True)
