@@ -511,6 +511,8 @@ def test_a_run_resumes_from_its_data_in_a_new_place_if_it_is_the_same_data(tmp_p
                  str(moved)]) == 0
     assert f"reading the run's data from {moved} (trained from {src}" in capsys.readouterr().err
     assert (out / "config.json").read_text() == config  # the run still says where it began
+    assert main(["eval", str(out), "--json"]) == 0  # final.pt: where its data was read last
+    assert json.loads(capsys.readouterr().out)["n_test"] == 10
     whole, resumed = (torch.load(d / "final.pt", weights_only=False)["state_dict"]
                       for d in (tmp_path / "whole", out))
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)

@@ -484,7 +484,8 @@ def run(args: argparse.Namespace) -> int:
     run_dir.save_final({
         "state_dict": model.state_dict(), "model": config["model"],
         "semantics": dataclasses.asdict(semantics), "method": args.method,
-        "surrogate": surrogate, "data": data_spec, "results": results,
+        "surrogate": surrogate, "results": results,
+        "data": {**data_spec, "data_dir": args.data_dir},  # where eval finds it (data moved)
         "wall_s": rows[-1]["wall_s"] if rows else 0.0,
     })
     print(f"{args.method} {args.model} {'-'.join(map(str, sizes))} on {args.dataset}: "
