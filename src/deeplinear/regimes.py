@@ -700,11 +700,12 @@ def study(dataset: str = "spirals", regimes: Sequence[Regime] = STUDY_REGIMES,
             "n_train": len(data.y_train), "n_test": len(yt), "torch": torch.__version__,
             "threads": threads}
     baselines: dict[str, float] = {}
-    rows: list[dict[str, Any]] = []
+    finished: dict[tuple[str, str], dict[str, Any]] = {}  # (regime, method) -> a resumed row
     if partial is not None and partial.exists():
-        baselines, rows = _resumed_study(partial, keys)
-        say(f"{partial}: {len(baselines) + len(rows)} finished models reused")
-    finished: dict[tuple[str, str], dict[str, Any]] = {}
+        baselines, resumed = _resumed_study(partial, keys)
+        finished = {(row["regime"], row["method"]): row for row in resumed}
+        say(f"{partial}: {len(baselines) + len(finished)} finished models reused")
+    rows: list[dict[str, Any]] = []
 
     def save() -> None:
         if partial is not None:  # the rows redone so far, and those still to be reached
@@ -724,8 +725,6 @@ def study(dataset: str = "spirals", regimes: Sequence[Regime] = STUDY_REGIMES,
         save()
         say(f"{name}: {baselines[name]:.4f}")
 
-    finished = {(row["regime"], row["method"]): row for row in rows}
-    rows = []
     for r in regimes:
         for method in methods:
             if (r.label, method) in finished:

@@ -286,9 +286,10 @@ def claim(out: Path, datasets: tuple[str, ...], settings: dict[str, Any], resume
     if isinstance(saved, dict) and (diff := differences(saved, settings, {})):
         raise ValueError(f"{out} holds a reproduction that differs in {', '.join(diff)}; pass "
                          "another --out, or repeat its own settings to resume it")
-    dropped = [d for d in reported_datasets(out) if d not in datasets]
+    reported = reported_datasets(out)
+    dropped = [d for d in reported if d not in datasets]
     if dropped:
-        every = ",".join([*dict.fromkeys([*reported_datasets(out), *datasets])])
+        every = ",".join(dict.fromkeys([*reported, *datasets]))
         raise FileExistsError(f"{out}/results.json reports on {', '.join(dropped)} too, which a "
                               f"report of {', '.join(datasets)} alone would replace; pass "
                               f"--dataset {every} --resume to report on all, or another --out")

@@ -113,10 +113,10 @@ def out_of_memory(e: BaseException, command: str) -> str | None:
         wanted = f" (one tensor of {float(size.group(1)) / 2**30:.1f} GiB)"
     else:
         wanted = f" (one tensor of {size.group(1)} {size.group(2)})"
-    where = "the GPU" if "cuda" in str(e).lower() else "this machine"
+    gpu = "cuda" in str(e).lower()
     lower = _MEMORY_FLAGS.get(command, "the sizes asked for")
-    return f"out of memory{wanted}: this asks for more than {where} has; lower {lower}" + (
-        " or use --device cpu" if where == "the GPU" else "")
+    return (f"out of memory{wanted}: this asks for more than {'the GPU' if gpu else 'this machine'}"
+            f" has; lower {lower}" + (" or use --device cpu" if gpu else ""))
 
 
 def main(argv: list[str] | None = None) -> int:

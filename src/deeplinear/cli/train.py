@@ -402,7 +402,7 @@ def run(args: argparse.Namespace) -> int:
 
     from deeplinear.data import load_dataset
     from deeplinear.runs import Run
-    from deeplinear.train import check_threads, stopped_prefix
+    from deeplinear.train import stopped_prefix
 
     if args.resume:
         fill_from_run(args)
@@ -420,8 +420,7 @@ def run(args: argparse.Namespace) -> int:
         rescale = None if args.init_gain == "he" else args.init_gain
         args.init_gain = "he"
     cfg = make_config(trainer, args, surrogate)
-    check_threads(args.threads, "--threads")  # before torch is asked for them
-    if args.threads is not None:
+    if args.threads is not None:  # checked by make_config, before torch is asked for them
         torch.set_num_threads(args.threads)  # the whole command's, from before data loading:
         # the final evaluation too (a trainer gives back the count it found)
     semantics = get_semantics(args.semantics)

@@ -166,8 +166,8 @@ def stops_cleanly(train: Train) -> Train:
         if threading.current_thread() is not threading.main_thread() or not caught:
             return train(*args, **kwargs)
 
-        saved = inspect.signature(train).bind(*args, **kwargs).arguments.get("run") is not None
-        then = (", with a checkpoint" if saved
+        given = inspect.signature(train).bind(*args, **kwargs).arguments
+        then = (", with a checkpoint" if given.get("run") is not None
                 else "; this run keeps no checkpoint: its steps so far are lost")
 
         def ask_to_stop(signum: int, frame: Any) -> None:
@@ -183,7 +183,6 @@ def stops_cleanly(train: Train) -> Train:
         try:
             rows = train(*args, **kwargs)
             if _stop.is_set():  # asked during the last step, after the trainer's own check
-                given = inspect.signature(train).bind(*args, **kwargs).arguments
                 raise interrupted(given["cfg"].steps, given.get("run"))
             return rows
         finally:
