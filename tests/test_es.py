@@ -315,6 +315,15 @@ def test_lr_schedule_starts_at_lr_and_decays_to_its_floor():
     assert [s.lr_at(g) for g in (0, 1, 2, 10)] == [0.1, 0.05, 0.025, 0.01]
 
 
+@given(st.integers(0, 2**64 - 1), st.integers(0, 2**40), st.integers(1, 3000))
+@settings(max_examples=40, deadline=None)
+def test_vectorised_hashes_are_the_scalar_hash(seed, generation, n):
+    """The offsets come from the vectorised hash: it must be the scalar one (the reference that
+    the golden values pin) for every pair, wrapping included."""
+    got = es.counter_hashes(seed, generation, n=n).tolist()
+    assert got == [es.counter_hash(seed, generation, p) for p in range(n)]
+
+
 def test_the_noise_stream_is_the_one_earlier_runs_drew():
     """A checkpoint names its noise by (seed, generation, pair) only: if the table or the offset
     hash changed, resuming a run written by an earlier version would silently draw other noise.

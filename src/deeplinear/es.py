@@ -39,6 +39,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -167,11 +168,23 @@ def noise_table(seed: int, size: int, device: str = "cpu") -> Tensor:
     return torch.randn(size, generator=torch.Generator().manual_seed(seed))
 
 
+_SPLITMIX = (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
+
+
 def _splitmix64(x: int) -> int:
-    z = (x + 0x9E3779B97F4A7C15) & _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    z = (x + _SPLITMIX[0]) & _MASK64
+    z = ((z ^ (z >> 30)) * _SPLITMIX[1]) & _MASK64
+    z = ((z ^ (z >> 27)) * _SPLITMIX[2]) & _MASK64
     return z ^ (z >> 31)
+
+
+def _splitmix64_array(x: np.ndarray) -> np.ndarray:
+    """:func:`_splitmix64` of each uint64 in ``x`` (uint64 arithmetic wraps as ``& _MASK64``)."""
+    a, b, c = (np.uint64(k) for k in _SPLITMIX)
+    z = x + a
+    z = (z ^ (z >> np.uint64(30))) * b
+    z = (z ^ (z >> np.uint64(27))) * c
+    return z ^ (z >> np.uint64(31))
 
 
 def counter_hash(*keys: int) -> int:
@@ -180,6 +193,14 @@ def counter_hash(*keys: int) -> int:
     for k in keys:
         h = _splitmix64(h ^ (k & _MASK64))
     return h
+
+
+def counter_hashes(*keys: int, n: int) -> np.ndarray:
+    """``counter_hash(*keys, i)`` for ``i`` in ``range(n)``, as uint64, in one vectorised pass.
+
+    Why: a population of 10^6 members has 5 * 10^5 pairs, and hashing each in Python took 0.8 s
+    per generation; this takes milliseconds."""
+    return _splitmix64_array(np.uint64(counter_hash(*keys)) ^ np.arange(n, dtype=np.uint64))
 
 
 @dataclass(frozen=True)
@@ -321,7 +342,8 @@ class Strategy:
     def offsets(self, generation: int) -> tuple[int, ...]:
         """Table offset of every pair of ``generation``: a pure function of (seed, g, pair)."""
         span = self.table_size - self.noise_dim + 1
-        return tuple(counter_hash(self.seed, generation, p) % span for p in range(self.pairs))
+        hashes = counter_hashes(self.seed, generation, n=self.pairs)
+        return tuple((hashes % np.uint64(span)).tolist())
 
     def lowrank_slices(self) -> list[tuple[slice, slice, slice]]:
         """Per layer, where ``A``, ``B`` and the bias noise sit in a pair's noise vector."""
