@@ -810,3 +810,32 @@ def test_the_first_vector_math_call_rounds_as_every_later_one():
                            timeout=300, env={**os.environ, "OMP_NUM_THREADS": "2"}).stdout.strip()
             for op in ops]
     assert outs == ["True"] * len(ops)
+
+
+def test_emulation_refuses_to_run_while_the_hardware_flushes():
+    """With the thread's FTZ on, IEEE float ops flush by themselves: an "IEEE" product of
+    2^-63 and 2^-64 would be 0 instead of the subnormal 2^-127. Every entry point that computes
+    in the format refuses instead, and works again once the flag is off."""
+    from deeplinear.formats import cast
+    from deeplinear.nets import DeepLinear
+
+    a, b = torch.tensor([2.0**-63]), torch.tensor([2.0**-64])
+    net = DeepLinear([2, 3, 2], semantics="IEEE")
+    x = torch.ones(1, 2)
+    calls = {"mul": lambda: ar.mul(a, b, "IEEE"), "add": lambda: ar.add(a, b, "TF_GPU"),
+             "matmul": lambda: ar.matmul(a[None], b[None], "CPU_FTZ_DAZ"),
+             "scale": lambda: ar.scale(a, -64, "IEEE"),
+             "cast": lambda: cast(a.double(), "bfloat16"),
+             "net exact": lambda: net(x, mode="exact")}
+    assert ar.mul(a, b, "IEEE").item() == 2.0**-127
+    torch.set_flush_denormal(True)
+    try:
+        for name, call in calls.items():
+            with pytest.raises(RuntimeError, match="set_flush_denormal\\(False\\)"):
+                call()
+                pytest.fail(f"{name} ran under hardware FTZ")
+    finally:
+        torch.set_flush_denormal(False)
+    assert ar.mul(a, b, "IEEE").item() == 2.0**-127
+    for call in calls.values():
+        call()

@@ -286,6 +286,7 @@ def _operand(x: Tensor | float, fmt: Format) -> Tensor:
 def _elementwise(op: Callable[[Tensor, Tensor], Tensor], a: Tensor, b: Tensor | float,
                  sem: Semantics | str) -> Tensor:
     sem = as_semantics(sem)
+    require_subnormals()
     fmt = sem.fmt
     a, b = _operand(a, fmt), _operand(b, fmt)
     if fmt.dtype not in (torch.float32, torch.float64):
@@ -338,6 +339,7 @@ def scale(x: Tensor, exp: int, sem: Semantics | str) -> Tensor:
     sem, k = as_semantics(sem), integer(exp)
     if k is None:
         raise ValueError("scale takes an integer exponent, like -125")
+    require_subnormals()
     fmt = sem.fmt
     x = daz(_operand(x, fmt), sem)
     if fmt.dtype == torch.float64:
@@ -372,6 +374,7 @@ def matmul(a: Tensor, b: Tensor, sem: Semantics | str) -> Tensor:
     ``all``, the tiny-after-rounding flush.
     """
     sem = as_semantics(sem)
+    require_subnormals()
     fmt = sem.fmt
     a, b = _operand(a, fmt), _operand(b, fmt)
     flush = sem.flushes and sem.scope == "all"
@@ -417,6 +420,21 @@ def ftz_is_on() -> bool:
     """Whether this thread flushes now (torch can set the flag but not read it): a one-element
     product, computed in this thread, whose exact value is subnormal."""
     return bool(torch.tensor([2.0**-100]) * (2.0**-30) == 0)
+
+
+def require_subnormals() -> None:
+    """Refuse to emulate while this thread's hardware flushes subnormals.
+
+    Why: every semantics here is built from IEEE float ops on a CPU that keeps subnormals; with
+    ``torch.set_flush_denormal(True)`` in effect those ops flush by themselves and every result
+    near min is silently another semantics (IEEE included). Checked in the calling thread only
+    (10 us); a worker of an OpenMP pool created while the flag was on keeps flushing after it is
+    cleared (see :func:`run_with_hardware_ftz`), which no cheap check can see.
+    """
+    if ftz_is_on():
+        raise RuntimeError("hardware flush-to-zero is on in this thread "
+                           "(torch.set_flush_denormal(True)): deeplinear emulates each semantics "
+                           "with subnormals kept; call torch.set_flush_denormal(False) first")
 
 
 def run_with_hardware_ftz(fn: Callable[..., object], *args: object, **kwargs: object) -> object:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from deeplinear.arithmetic import Format, Semantics, as_semantics, get_format
+from deeplinear.arithmetic import Format, Semantics, as_semantics, get_format, require_subnormals
 
 _F64_MANTISSA = 52
 _VIEW = {8: torch.uint8, 16: torch.int16, 32: torch.int32}  # same-width integer dtypes
@@ -160,6 +160,7 @@ def from_bits(bits: Tensor, fmt: Format | str) -> Tensor:
 def cast(x: Tensor, fmt: Format | str, *, ftz: bool = False, saturate: bool = False) -> Tensor:
     """``x`` converted to ``fmt.dtype`` by :func:`round_to`'s rounding, without torch's casts."""
     fmt = _format(fmt)
+    require_subnormals()
     if fmt.bits > 32:
         return round_to(_float64(x), fmt, ftz=ftz, saturate=saturate)
     bits = to_bits(x, fmt, ftz=ftz, saturate=saturate)
