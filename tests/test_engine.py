@@ -51,6 +51,24 @@ def test_full_rank_is_bit_identical_to_the_net_member_by_member(semantics):
     assert torch.equal(engine.losses(pop, x, y), member_losses(ref, y))
 
 
+@pytest.mark.parametrize("rank", [0, 2])
+def test_an_engine_follows_the_net_when_its_semantics_or_scale_change(rank):
+    """An engine built for a net computes what that net computes now: after ``net.semantics =``
+    or ``net.scale_exp =`` it equals a fresh engine (and, full rank, the net member by member)."""
+    net, s, pop, x = tiny_layer1(TF_GPU, rank)
+    engine = Engine(net, s)
+    before = engine.logits(pop, x)
+    for change in ({"semantics": CPU_FTZ_DAZ}, {"semantics": IEEE}, {"scale_exp": 6}):
+        for name, value in change.items():
+            setattr(net, name, value)
+        out = engine.logits(pop, x)
+        assert torch.equal(out, Engine(net, s).logits(pop, x))
+        if not rank:
+            with one_thread():
+                assert torch.equal(out, one_by_one(net, pop, x))
+    assert not torch.equal(out, before)
+
+
 def tiny_layer1(semantics, rank=0):
     """At k = 4, layer-1 products around 2^-126 and biases at the threshold 2^-122, one hidden
     layer and no output bias, so whether a product is flushed decides units and shows in the

@@ -192,9 +192,21 @@ class Engine:
             raise ValueError(f"chunk must be an even number of members >= 2, got {chunk}")
         self.net, self.strategy, self.device = net, strategy, torch.device(strategy.device)
         self.max_bytes, self.chunk = max_bytes, chunk
-        self.rule, self.flush_matmul = inplace_rule(net), net.semantics.matmul_flush
-        self.flush1 = layer1_flush(net)
         self._bufs: dict[str, Tensor] = {}
+        self._net_key: tuple[object, int] | None = None
+        self._follow_net()
+
+    def _follow_net(self) -> None:
+        """The net's rule, read again whenever its semantics or scale changed since last time.
+
+        Why: ``net.semantics = ...`` on a net an engine was built for must change what the
+        engine computes, as it changes the net's own forward. Only on a change, so a rule swapped
+        in by hand (``bench`` times the flush against the identity) stays until then."""
+        key = (self.net.semantics, self.net.scale_exp)
+        if key != self._net_key:
+            self._net_key = key
+            self.rule, self.flush_matmul = inplace_rule(self.net), self.net.semantics.matmul_flush
+            self.flush1 = layer1_flush(self.net)
 
     # -- buffers ---------------------------------------------------------------------------------
     def _buf(self, name: str, *shape: int) -> Tensor:
@@ -262,6 +274,7 @@ class Engine:
         """``(first member, logits of the chunk)``; the logits live in a reused buffer."""
         if pop.strategy != self.strategy:
             raise ValueError("population comes from another strategy than this engine's")
+        self._follow_net()
         n_in = self.strategy.layout.sizes[0]
         if x.dim() != 2 or x.shape[1] != n_in:
             raise ValueError(f"need x of shape (batch, {n_in}), got {tuple(x.shape)}")
