@@ -411,3 +411,20 @@ def test_a_layer1_sum_that_rounds_up_to_min_is_the_documented_exception():
     x = torch.tensor([[2.0**-63 * (1 - 2.0**-24)]])  # product min (1 - 2^-24) -> min on the grid
     (u_exact, _), (u_scaled, _) = net.trace(x, "exact")[0], net.trace(x, "scaled")[0]
     assert u_exact.item() == 0 and u_scaled.item() == 2.0**-126
+
+
+@pytest.mark.parametrize("kind", ["deeplinear", "mlp", "softmax"])
+def test_building_a_model_leaves_the_callers_random_stream_alone(kind):
+    """A model's weights depend on its seed alone, and building it neither reseeds nor draws from
+    the caller's global stream (before, every draw after build_model was seed 0's stream)."""
+    from deeplinear.nets import build_model
+
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    a = build_model(kind, [4, 8, 3], seed=5)
+    assert torch.equal(torch.rand(3), expected)
+    b = build_model(kind, [4, 8, 3], seed=5)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+    c = build_model(kind, [4, 8, 3], seed=6)
+    assert not torch.equal(next(a.parameters()), next(c.parameters()))

@@ -219,3 +219,14 @@ def test_probes_refuse_no_rows_instead_of_reading_as_linear():
     with pytest.raises(ValueError, match=re.escape("x and y must have one shape, got (3, 4) and "
                                                    "(2, 4)")):
         additivity_defect(f, torch.rand(3, 4), torch.rand(2, 4))
+
+
+def test_make_nets_draws_nothing_from_the_global_stream():
+    torch.manual_seed(7)
+    expected = torch.rand(2)
+    torch.manual_seed(7)
+    nets = make_nets([4, 8, 3], ["TF_GPU", "IEEE"], seed=1)
+    assert torch.equal(torch.rand(2), expected)
+    assert nets["IEEE"].semantics == IEEE and nets["TF_GPU"].semantics != IEEE
+    assert torch.equal(nets["IEEE"].weights[0], nets["TF_GPU"].weights[0])
+    assert nets["IEEE"].weights[0] is not nets["TF_GPU"].weights[0]

@@ -37,9 +37,10 @@ count (the trainers' ``threads``, ``--threads``).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -369,15 +370,27 @@ class MLP(nn.Module):
 MODELS = ("deeplinear", "mlp", "softmax")  # the kinds a run records (``model.kind``)
 
 
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Seed torch's global generator inside, and give the caller's stream back after.
+
+    Why: ``nn.Linear`` initialises from the global generator, so a baseline's weights depend on a
+    seed only if it is set right before; but a library call that reseeds it for good would make
+    every later draw of the caller the same stream, whatever the caller had seeded."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
 def build_model(kind: str, sizes: Sequence[int], scale_exp: int = SCALE_EXP,
                 semantics: Semantics | str | None = None, seed: int = 0) -> nn.Module:
     """A fresh model of ``kind`` whose initial weights depend only on ``seed``."""
-    torch.manual_seed(seed)  # nn.Linear's init draws from the global generator
     if kind == "deeplinear":
         return DeepLinear(sizes, scale_exp, semantics or TF_GPU,
                           generator=torch.Generator().manual_seed(seed))
-    if kind == "mlp":
-        return MLP(sizes)
-    if kind == "softmax":
-        return SoftmaxRegression(sizes[0], sizes[-1])
+    with seeded(seed):
+        if kind == "mlp":
+            return MLP(sizes)
+        if kind == "softmax":
+            return SoftmaxRegression(sizes[0], sizes[-1])
     raise ValueError(f"unknown model {kind!r}; use {', '.join(MODELS)}")

@@ -25,6 +25,7 @@ layer would have produced without underflow, in either mode and under every sema
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import time
@@ -356,8 +357,8 @@ def make_nets(sizes: Sequence[int] | str,
     base = DeepLinear(sizes, scale_exp, first, generator=torch.Generator().manual_seed(seed))
     nets = {}
     for name, sem in sems.items():
-        net = DeepLinear(sizes, scale_exp, sem)
-        net.load_state_dict(base.state_dict())
+        net = copy.deepcopy(base)
+        net.semantics = sem
         nets[name] = net.requires_grad_(False)
     return nets
 

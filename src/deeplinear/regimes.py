@@ -53,7 +53,7 @@ from torch import Tensor
 from deeplinear import arithmetic as ar
 from deeplinear import formats as fm
 from deeplinear.arithmetic import FORMATS, Format, Semantics, get_format
-from deeplinear.nets import SCALE_EXP, dead_zone, default_sizes, staircase
+from deeplinear.nets import SCALE_EXP, dead_zone, default_sizes, seeded, staircase
 from deeplinear.surrogate import FLOAT_AWARE
 
 Kind = Literal["ftz-deadzone", "subnormal-staircase", "absorption", "saturation"]
@@ -717,8 +717,8 @@ def study(dataset: str = "spirals", regimes: Sequence[Regime] = STUDY_REGIMES,
                        ("ReLU MLP", lambda: MLP(sizes, "relu"))):
         if name in baselines:
             continue
-        torch.manual_seed(seed)  # nn.Linear's init draws from the global generator
-        model = make()
+        with seeded(seed):  # nn.Linear's init draws from the global generator
+            model = make()
         backprop.train(model, data, backprop.Config(seed=seed, steps=b.backprop_steps),
                        progress=progress)
         baselines[name] = evaluate.accuracy(model, xt, yt)

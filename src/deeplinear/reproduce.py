@@ -27,7 +27,7 @@ from deeplinear.arithmetic import PRESETS, TF_GPU, Semantics, preset_name
 from deeplinear.bench import cpu_model
 from deeplinear.collapse import collapse_gap
 from deeplinear.data import Dataset, data_dir_for, load_dataset
-from deeplinear.nets import MLP, DeepLinear, Mode, SoftmaxRegression, default_sizes
+from deeplinear.nets import MLP, DeepLinear, Mode, SoftmaxRegression, default_sizes, seeded
 from deeplinear.report import (
     plot_decision_regions,
     plot_learning_curves,
@@ -111,8 +111,8 @@ def run_method(method: Method, data: Dataset, sizes: list[int], seed: int, out: 
 
     The run directory's ``final.pt`` has the entries ``deeplinear eval`` and ``train --init-from``
     read. ``resume`` reuses a finished run only if it was made with the same settings."""
-    torch.manual_seed(seed)  # the baselines' nn.Linear init draws from the global generator
-    model = method.make(sizes, torch.Generator().manual_seed(seed))
+    with seeded(seed):  # the baselines' nn.Linear init draws from the global generator
+        model = method.make(sizes, torch.Generator().manual_seed(seed))
     cfg = make_config(method.trainer, seed, method.overrides)
     if cfg.batch_size > len(data.y_train):  # a small set (parity: 192) trains on all of it
         cfg = dataclasses.replace(cfg, batch_size=len(data.y_train))
