@@ -357,3 +357,37 @@ def test_a_refused_or_stopped_run_gives_its_lock_back(tmp_path):
     assert not another_process_resumes()
     run.close()  # stopped (the CLI and reproduce close a run they stop)
     assert another_process_resumes()
+    with Run.open(d, {"lr": 0.1}, resume=True) as run:  # a run driven from Python
+        assert not another_process_resumes()
+    assert another_process_resumes()
+
+
+@pytest.mark.parametrize("kind", ["deeplinear", "mlp", "softmax"])
+def test_save_model_keeps_the_function_not_only_the_weights(tmp_path, kind):
+    """A state_dict alone reloads into a net of default semantics and scale, another function;
+    save_model's final.pt gives back the same model, which eval and load_model read."""
+    from deeplinear.arithmetic import IEEE
+    from deeplinear.nets import DeepLinear, build_model
+    from deeplinear.runs import load_model, save_model
+
+    model = build_model(kind, [3, 8, 2], scale_exp=120, semantics=IEEE, seed=1)
+    path = save_model(model, tmp_path / "m" / "final.pt", data={"name": "spirals", "seed": 0})
+    back = load_model(tmp_path / "m")
+    assert type(back) is type(model)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                 back.state_dict().values(), strict=True))
+    if kind == "deeplinear":
+        assert (back.semantics, back.scale_exp) == (IEEE, 120)
+        x = torch.rand(5, 3)
+        assert torch.equal(back(x, mode="exact"), model(x, mode="exact"))
+    assert load_final(path)["data"] == {"name": "spirals", "seed": 0}
+    with torch.no_grad():
+        next(model.parameters())[0, 0] = math.nan
+    with pytest.raises(ValueError, match="non-finite weights in"):
+        save_model(model, tmp_path / "bad.pt")
+    assert not (tmp_path / "bad.pt").exists()
+    with pytest.raises(ValueError, match="not Linear"):
+        save_model(torch.nn.Linear(2, 2), tmp_path / "x.pt")
+    if kind == "deeplinear":
+        with pytest.raises(ValueError, match="rebuild it with the same regime"):
+            save_model(DeepLinear([3, 4, 2], regime="absorption:9"), tmp_path / "r.pt")

@@ -28,12 +28,22 @@ if TYPE_CHECKING:  # what type checkers and editors see; at run time __getattr__
         surrogate,
         train,
     )
-    from deeplinear.arithmetic import CPU_FTZ_DAZ, IEEE, TF_GPU, Semantics, get_semantics
-    from deeplinear.collapse import collapse_gap
-    from deeplinear.data import Dataset, load_dataset
-    from deeplinear.evaluate import accuracy, portability
-    from deeplinear.nets import MLP, DeepLinear, SoftmaxRegression, build_model
-    from deeplinear.runs import load_model
+    from deeplinear.arithmetic import CPU_FTZ_DAZ as CPU_FTZ_DAZ
+    from deeplinear.arithmetic import IEEE as IEEE
+    from deeplinear.arithmetic import TF_GPU as TF_GPU
+    from deeplinear.arithmetic import Semantics as Semantics
+    from deeplinear.arithmetic import get_semantics as get_semantics
+    from deeplinear.collapse import collapse_gap as collapse_gap
+    from deeplinear.data import Dataset as Dataset
+    from deeplinear.data import load_dataset as load_dataset
+    from deeplinear.evaluate import accuracy as accuracy
+    from deeplinear.evaluate import portability as portability
+    from deeplinear.nets import MLP as MLP
+    from deeplinear.nets import DeepLinear as DeepLinear
+    from deeplinear.nets import SoftmaxRegression as SoftmaxRegression
+    from deeplinear.nets import build_model as build_model
+    from deeplinear.runs import load_model as load_model
+    from deeplinear.runs import save_model as save_model
 
 __version__ = "0.1.0"
 
@@ -44,7 +54,7 @@ _NAMES = {  # name -> the module that defines it (the one source of truth)
     "Dataset": "data", "load_dataset": "data",
     "collapse_gap": "collapse",
     "accuracy": "evaluate", "portability": "evaluate",
-    "load_model": "runs",
+    "load_model": "runs", "save_model": "runs",
 }
 _MODULES = ("arithmetic", "bench", "collapse", "data", "distributed", "engine", "es", "evaluate",
             "formats", "nets", "probes", "regimes", "report", "reproduce", "runs", "surrogate",

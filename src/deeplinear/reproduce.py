@@ -34,7 +34,14 @@ from deeplinear.report import (
     plot_occupancy,
     render,
 )
-from deeplinear.runs import Run, atomic_write_text, differences, load_final, make_dir
+from deeplinear.runs import (
+    Run,
+    atomic_write_text,
+    differences,
+    load_final,
+    make_dir,
+    model_spec,
+)
 from deeplinear.surrogate import FLOAT_AWARE
 from deeplinear.train import backprop, es
 
@@ -92,16 +99,6 @@ def methods(budget: Budget, semantics: Semantics) -> list[Method]:
 def make_config(trainer: Any, seed: int, overrides: dict[str, Any]) -> Any:
     fields = {f.name for f in dataclasses.fields(trainer.Config)}
     return trainer.Config(**{k: v for k, v in {"seed": seed, **overrides}.items() if k in fields})
-
-
-def model_spec(model: nn.Module) -> dict[str, Any]:
-    """How ``deeplinear eval`` rebuilds ``model`` (the ``model`` entry of a final.pt)."""
-    if isinstance(model, DeepLinear):
-        return {"kind": "deeplinear", "sizes": model.sizes, "scale_exp": model.scale_exp}
-    if isinstance(model, SoftmaxRegression):
-        return {"kind": "softmax", "sizes": [model.linear.in_features, model.linear.out_features]}
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    return {"kind": "mlp", "sizes": [linears[0].in_features] + [m.out_features for m in linears]}
 
 
 def run_method(method: Method, data: Dataset, sizes: list[int], seed: int, out: Path,

@@ -37,7 +37,7 @@ from typing import Any, TextIO
 import torch
 
 from deeplinear.arithmetic import Semantics, get_semantics
-from deeplinear.nets import SCALE_EXP, build_model, nonfinite
+from deeplinear.nets import MLP, SCALE_EXP, DeepLinear, SoftmaxRegression, build_model, nonfinite
 
 
 def make_dir(d: Path) -> Path:
@@ -187,6 +187,14 @@ class Run:
     def close(self) -> None:
         """Give the directory's lock back (a run stopped or failed; the process goes on)."""
         unlock_dir(self.dir)
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """``with Run.open(...) as run:`` gives the lock back however the block ends, so a run
+        driven from Python does not keep its directory from a later ``--resume`` elsewhere."""
+        self.close()
 
     @classmethod
     def _open(cls, d: Path, config: dict[str, Any], resume: bool,
@@ -376,6 +384,42 @@ def load_model(path: str | Path) -> torch.nn.Module:
     return rebuild(load_final(path))
 
 
+def model_spec(model: torch.nn.Module) -> dict[str, Any]:
+    """How ``deeplinear eval`` rebuilds ``model`` (the ``model`` entry of a final.pt)."""
+    if isinstance(model, DeepLinear):
+        return {"kind": "deeplinear", "sizes": model.sizes, "scale_exp": model.scale_exp}
+    if isinstance(model, SoftmaxRegression):
+        return {"kind": "softmax", "sizes": [model.linear.in_features, model.linear.out_features]}
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    return {"kind": "mlp", "sizes": [linears[0].in_features] + [m.out_features for m in linears]}
+
+
+def save_model(model: torch.nn.Module, path: str | Path, **extra: Any) -> Path:
+    """Write ``model`` to ``path`` as a ``final.pt`` that :func:`load_model` and ``deeplinear
+    eval`` read back as the same function: weights, kind, sizes, scale and semantics.
+
+    Why not ``torch.save(net.state_dict())``: a state_dict holds the weights only, and the same
+    weights under another semantics or scale are another function. ``extra`` entries are kept
+    (e.g. ``data={"name": "spirals", "seed": 0}``, which lets ``deeplinear eval`` find the test
+    set without ``--dataset``). Written atomically; non-finite weights are refused (no loader
+    would take them)."""
+    if isinstance(model, DeepLinear) and model.regime is not None:
+        raise ValueError(f"this net runs regime {model.regime.label}, which a final.pt does not "
+                         "record; save its state_dict and rebuild it with the same regime")
+    if not isinstance(model, DeepLinear | MLP | SoftmaxRegression):
+        raise ValueError(f"save_model keeps deeplinear's models (DeepLinear, MLP, "
+                         f"SoftmaxRegression), not {type(model).__name__}")
+    bad = nonfinite(model.state_dict().items())
+    if bad:
+        raise ValueError(f"non-finite weights in {', '.join(bad)}: no loader would take them")
+    semantics = dataclasses.asdict(model.semantics) if isinstance(model, DeepLinear) else None
+    path = Path(path)
+    make_dir(path.parent)
+    atomic_save({**extra, "state_dict": model.state_dict(), "model": model_spec(model),
+                 "semantics": semantics}, path)
+    return path
+
+
 def from_checkpoint(ckpt: dict[str, Any], path: Path) -> dict[str, Any]:
     """The parts of a final.pt that a checkpoint and its run's ``config.json`` hold.
 
@@ -391,8 +435,8 @@ def from_checkpoint(ckpt: dict[str, Any], path: Path) -> dict[str, Any]:
     except KeyError as e:
         raise ValueError(f"{path.parent / 'config.json'} has no {e} entry: the run was not "
                          "written by deeplinear train or reproduce, and only those record how "
-                         "to rebuild its model; a run driven from Python keeps its model in "
-                         "memory (torch.save(net.state_dict(), ...) it)") from None
+                         "to rebuild its model; a run driven from Python saves its model with "
+                         "deeplinear.runs.save_model(model, RUN / 'final.pt')") from None
     except (OSError, TypeError, AttributeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: a checkpoint needs its run's config.json beside it "
                          f"({type(e).__name__}: {e}); pass the run directory") from None

@@ -102,8 +102,9 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({**scored, **res}, indent=1))
     else:
         spec = payload["model"]
-        print(f"{spec['kind']} {'-'.join(map(str, spec['sizes']))} trained by "
-              f"{payload.get('method', '?')}"
+        method = payload.get("method")
+        print(f"{spec['kind']} {'-'.join(map(str, spec['sizes']))} "
+              + (f"trained by {method}" if method else "(no training method recorded)")
               + (f" (checkpoint at step {payload['step']})" if "step" in payload else "")
               + f"; {res['dataset']} test set ({res['n_test']})"
               + (", exact mode" if spec["kind"] == "deeplinear" else ""))
