@@ -155,9 +155,10 @@ def test_the_stop_notice_promises_a_checkpoint_only_where_one_is_written(rings, 
         assert notice == "stopping after this step, with a checkpoint (Ctrl-C again: stop now)"
         assert (tmp_path / "checkpoint.pt").exists() and "--resume" in str(e.value)
     else:
-        assert notice == ("stopping after this step; this run keeps no checkpoint: its steps "
-                          "so far are lost (Ctrl-C again: stop now)")
-        assert str(e.value) == "stopped after step 3"
+        assert notice == ("stopping after this step; no run directory, so no checkpoint: the "
+                          "model keeps that step's weights (Ctrl-C again: stop now)")
+        assert str(e.value) == "stopped after step 3; the model holds that step's weights"
+    assert [row["step"] for row in e.value.rows] == [2]  # what train would have returned
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["sigint", "sigterm"])

@@ -133,11 +133,14 @@ def mark_trained(model: nn.Module) -> None:
 
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C or SIGTERM stopped a run after finished step ``step``; the message says where its
-    checkpoint is (a CLI that knows a better command to go on builds its own from ``step``)."""
+    checkpoint is (a CLI that knows a better command to go on builds its own from ``step``).
+    The model holds the weights of that step; ``rows`` are the metric rows logged until then
+    (what ``train`` would have returned)."""
 
-    def __init__(self, step: int, where: str = "") -> None:
+    def __init__(self, step: int, where: str = "",
+                 rows: list[dict[str, Any]] | None = None) -> None:
         super().__init__(f"stopped after step {step}{where}")
-        self.step = step
+        self.step, self.rows = step, rows if rows is not None else []
 
 
 def stopped_prefix(e: BaseException) -> str:
@@ -168,7 +171,7 @@ def stops_cleanly(train: Train) -> Train:
 
         given = inspect.signature(train).bind(*args, **kwargs).arguments
         then = (", with a checkpoint" if given.get("run") is not None
-                else "; this run keeps no checkpoint: its steps so far are lost")
+                else "; no run directory, so no checkpoint: the model keeps that step's weights")
 
         def ask_to_stop(signum: int, frame: Any) -> None:
             if _stop.is_set():
@@ -183,7 +186,7 @@ def stops_cleanly(train: Train) -> Train:
         try:
             rows = train(*args, **kwargs)
             if _stop.is_set():  # asked during the last step, after the trainer's own check
-                raise interrupted(given["cfg"].steps, given.get("run"))
+                raise interrupted(given["cfg"].steps, given.get("run"), rows)
             return rows
         finally:
             for s, handler in previous.items():
@@ -199,10 +202,10 @@ def stop_asked() -> bool:
     return _stop.is_set()
 
 
-def interrupted(step: int, run: Any) -> Interrupted:
+def interrupted(step: int, run: Any, rows: list[dict[str, Any]]) -> Interrupted:
     """The exception that ends a run stopped by a signal after ``step`` (its checkpoint saved)."""
     return Interrupted(step, f"; checkpoint in {run.dir}: continue with --resume"
-                       if run is not None else "")
+                       if run is not None else "; the model holds that step's weights", rows)
 
 
 def check_config(cfg: Any) -> None:

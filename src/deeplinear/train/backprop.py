@@ -340,5 +340,5 @@ def _train(model: nn.Module, data: Dataset, cfg: Config, run: Run | None,
             last = rows[-1]["test_acc"] if rows else float("nan")
             bar.update(done, force=done == cfg.steps, loss=value, test_acc=last)
         if stop:
-            raise interrupted(done, run)
+            raise interrupted(done, run, rows)
     return rows

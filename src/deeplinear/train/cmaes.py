@@ -212,6 +212,6 @@ def train(model: DeepLinear, data: Dataset, cfg: Config, run: Run | None = None,
             last = rows[-1]["test_acc"] if rows else math.nan
             bar.update(done, force=done == cfg.steps, loss=mean, test_acc=last)
         if stop:
-            raise interrupted(done, run)
+            raise interrupted(done, run, rows)
     centre()
     return rows
