@@ -307,3 +307,19 @@ def test_logged_epoch_counts_the_finished_steps():
     data = load_dataset("rings", seed=0, n_train=100, n_test=64)  # batch 50: 2 steps per epoch
     rows = train(deep(), data, Config(steps=6, batch_size=50, eval_every=3), progress=False)
     assert [(r["step"], r["epoch"]) for r in rows] == [(3, 1.5), (6, 3.0)]
+
+
+def test_training_works_inside_no_grad_and_refuses_a_frozen_net(rings):
+    """A notebook cell under ``torch.no_grad()`` still trains (backward needs grad mode); a net
+    with every parameter frozen gets one line instead of autograd's "element 0 of tensors does
+    not require grad"."""
+    cfg = Config(steps=3, batch_size=16, eval_every=3, eval_n=20)
+    net = DeepLinear([2, 8, 2], generator=torch.Generator().manual_seed(0))
+    before = net.weights[0].detach().clone()
+    with torch.no_grad():
+        train(net, rings, cfg, progress=False)
+    assert not torch.equal(net.weights[0], before)
+    net.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"no parameter of the model requires grad .*"
+                                         r"requires_grad_\(True\) first"):
+        train(net, rings, cfg, progress=False)

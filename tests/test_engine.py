@@ -323,6 +323,11 @@ def test_engine_refuses_mismatched_inputs():
     with pytest.raises(ValueError, match=r"labels are torch\.float32"):
         Engine(net, s).losses(pop, x, y.float())
     assert torch.equal(Engine(net, s).losses(pop, x, y.int()), Engine(net, s).losses(pop, x, y))
+    with pytest.raises(ValueError, match=r"need x of shape \(batch, 24\), got \(24,\)"):
+        Engine(net, s).losses(pop, x[0], y[:1])  # a lone row: not 24 rows of one feature
+    with pytest.raises(ValueError, match=r"need a flat vector of \d+ parameters for layout "
+                                         r"24,.*got shape \(5,\)"):
+        s.layout.load(torch.zeros(5), net)
 
 
 @pytest.mark.parametrize("rank", [0, 1])

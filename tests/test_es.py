@@ -335,3 +335,16 @@ def test_the_noise_stream_is_the_one_earlier_runs_drew():
     s = es.Strategy(es.Layout.of([2, 4, 2]), pop=4, seed=0)
     assert [s.offsets(g) for g in range(3)] == [(14696910, 12173337), (16774686, 22874857),
                                                 (26480551, 19830707)]
+
+
+def test_a_strategy_refuses_a_device_or_table_this_machine_lacks():
+    layout = es.Layout.of([2, 4, 2])
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="torch sees no CUDA device here; use cpu"):
+            es.Strategy(layout, pop=4, device="cuda")
+    memory = es.physical_memory()
+    if memory:
+        too_big = memory // 4 + 1
+        with pytest.raises(ValueError, match=r"noise table of \d+ values needs [0-9.]+ GiB, more "
+                                             r"than this machine's [0-9.]+ GiB; lower table_size"):
+            es.Strategy(layout, pop=4, table_size=too_big)

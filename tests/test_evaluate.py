@@ -187,3 +187,34 @@ def test_portability_and_the_collapse_name_a_model_that_is_not_a_deep_linear_net
 def test_logits_of_no_rows_are_no_rows():
     model = net()
     assert evaluate.logits(model, torch.empty(0, 6)).shape == (0, model.sizes[-1])
+
+
+def test_float64_inputs_score_every_model_alike():
+    """DeepLinear reads any float input in its format; a baseline's layers need their own dtype:
+    float64 inputs must score, and the same as their float32 rounding."""
+    from deeplinear.nets import SoftmaxRegression
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(40, 3, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 2, (40,), generator=g)
+    for model in (DeepLinear([3, 8, 2]), MLP([3, 8, 2]), SoftmaxRegression(3, 2)):
+        assert evaluate.accuracy(model, x, y) == evaluate.accuracy(model, x.float(), y)
+
+
+def test_a_deep_linear_net_runs_float32_weights_whatever_the_default_dtype():
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        net = DeepLinear([3, 4, 2], generator=torch.Generator().manual_seed(0))
+        assert {p.dtype for p in net.parameters()} == {torch.float32}
+        net(torch.rand(2, 3), mode="exact")
+    finally:
+        torch.set_default_dtype(before)
+    same = DeepLinear([3, 4, 2], generator=torch.Generator().manual_seed(0))
+    assert all(torch.equal(a, b) for a, b in zip(net.parameters(), same.parameters(), strict=True))
+
+
+def test_inputs_on_another_device_are_one_line():
+    net = DeepLinear([3, 4, 2])
+    with pytest.raises(ValueError, match=r"inputs are on meta, the net on cpu; move one of them"):
+        net(torch.rand(2, 3, device="meta"))

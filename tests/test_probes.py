@@ -230,3 +230,15 @@ def test_make_nets_draws_nothing_from_the_global_stream():
     assert nets["IEEE"].semantics == IEEE and nets["TF_GPU"].semantics != IEEE
     assert torch.equal(nets["IEEE"].weights[0], nets["TF_GPU"].weights[0])
     assert nets["IEEE"].weights[0] is not nets["TF_GPU"].weights[0]
+
+
+def test_implicit_activation_takes_a_list_and_probe_report_a_whole_n():
+    net = make_nets([4, 8, 3], ["TF_GPU"], seed=0)["TF_GPU"]
+    x0, d = torch.zeros(4), torch.ones(4) * 2.0**-126
+    as_list = implicit_activation(net, x0, d, [0.0, 0.5, 1.0], layer=0, unit=1)
+    as_tensor = implicit_activation(net, x0, d, torch.tensor([0.0, 0.5, 1.0]), layer=0, unit=1)
+    assert torch.equal(as_list.h, as_tensor.h) and torch.equal(as_list.u, as_tensor.u)
+    with pytest.raises(ValueError, match="t must be 1-D"):
+        implicit_activation(net, x0, d, [[0.0]], layer=0, unit=1)
+    with pytest.raises(ValueError, match=r"n must be a positive whole number of inputs, got 1\.5"):
+        probe_report([4, 8, 3], ["TF_GPU"], n=1.5)

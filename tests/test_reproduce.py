@@ -13,7 +13,7 @@ import torch
 from deeplinear import report
 from deeplinear.arithmetic import IEEE, TF_GPU
 from deeplinear.cli import main
-from deeplinear.data import load_dataset
+from deeplinear.data import DataError, load_dataset
 from deeplinear.nets import SoftmaxRegression
 from deeplinear.reproduce import (
     SETTINGS_FILE,
@@ -78,6 +78,16 @@ def test_cli_rejects_unknown_dataset(capsys):
     assert main(["reproduce", "--dataset", "nope"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "unknown dataset nope" in err
+
+
+def test_reproduce_takes_one_dataset_name_and_refuses_unknown_ones_before_writing(tmp_path):
+    """``reproduce("spirals")`` is one dataset (it was iterated letter by letter: "unknown
+    dataset 's'"), and an unknown name leaves no directory behind."""
+    with pytest.raises(DataError, match=r"unknown dataset 'nope'; choose from spirals"):
+        reproduce("nope", TINY, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+    result = reproduce("checkerboard", TINY, tmp_path / "one", seed=0)
+    assert [t["dataset"] for t in result["tasks"]] == ["checkerboard"]
 
 
 def test_cli_unwritable_out_is_one_line(tmp_path, capsys):

@@ -252,6 +252,9 @@ class Engine:
         A member whose weights overflow gets its own NaN or inf loss (the fitness shaping ranks
         it worst); no other member's value changes, as each row of a product is its own sum.
         """
+        n_in = self.strategy.layout.sizes[0]
+        if x.dim() != 2 or x.shape[1] != n_in:  # a lone row (n_in,) would count its features
+            raise ValueError(f"need x of shape (batch, {n_in}), got {tuple(x.shape)}")
         if len(y) != len(x):
             raise ValueError(f"got {len(x)} inputs but {len(y)} labels; pass one label per row")
         if len(x) == 0:

@@ -35,6 +35,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -124,6 +125,9 @@ class Layout:
     def load(self, flat: Tensor, net: nn.Module) -> None:
         """Copy ``flat`` into the net's parameters (in place)."""
         params = self._params(net)
+        if flat.shape != (self.n,):
+            raise ValueError(f"need a flat vector of {self.n} parameters for layout "
+                             f"{','.join(map(str, self.sizes))}, got shape {tuple(flat.shape)}")
         with torch.no_grad():
             for b in self.blocks:
                 params[b.name].copy_(flat[b.offset:b.end].view(b.shape))
@@ -156,6 +160,14 @@ class Layout:
 
 
 # --- the strategy's fixed part -------------------------------------------------------------------
+
+
+def physical_memory() -> int | None:
+    """This machine's RAM in bytes, where the OS says (None elsewhere)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 @functools.lru_cache(maxsize=4)
@@ -234,9 +246,11 @@ class Strategy:
 
     def __post_init__(self) -> None:
         try:
-            torch.device(self.device)
+            device = torch.device(self.device)
         except RuntimeError:
             raise ValueError(f"unknown device {self.device!r}; use cpu, cuda or cuda:N") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device!r}: torch sees no CUDA device here; use cpu")
         for name in ("pop", "rank", "seed", "table_size"):
             value = getattr(self, name)
             if integer(value) is None:
@@ -259,6 +273,11 @@ class Strategy:
         if self.rank < 0:
             raise ValueError(f"rank must be 0 (full-rank noise) or >= 1, got {self.rank}")
         _ = self.scale  # building it checks sigma_scale and sigma_blocks, with their own errors
+        memory = physical_memory()
+        if memory and 4 * self.table_size > memory:
+            raise ValueError(f"a noise table of {self.table_size} values needs "
+                             f"{4 * self.table_size / 2**30:.1f} GiB, more than this machine's "
+                             f"{memory / 2**30:.1f} GiB; lower table_size (default {TABLE_SIZE})")
         if self.table_size <= self.noise_dim:
             raise ValueError(f"noise table of {self.table_size} values is too small for "
                              f"{self.noise_dim} noise values per member; raise table_size or "

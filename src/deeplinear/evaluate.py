@@ -36,9 +36,11 @@ def logits(model: nn.Module, x: Tensor, mode: Mode = "scaled", batch_size: int =
     device, outs = next(model.parameters()).device, []
     if len(x) == 0:
         return torch.empty(0, io_sizes(model)[1], device=x.device)
+    deep = isinstance(model, DeepLinear)  # reads any float input in its own format
+    dtype = None if deep else next(model.parameters()).dtype  # a baseline's layers need theirs
     for i in range(0, len(x), batch_size):
-        xb = x[i:i + batch_size].to(device)
-        out = model(xb, mode=mode) if isinstance(model, DeepLinear) else model(xb)
+        xb = x[i:i + batch_size].to(device, dtype)
+        out = model(xb, mode=mode) if deep else model(xb)
         outs.append(out.to(x.device))
     return torch.cat(outs)
 

@@ -138,9 +138,10 @@ class DeepLinear(nn.Module):
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
         for n_in, n_out in zip(self.sizes[:-1], self.sizes[1:], strict=True):
-            w = torch.randn(n_in, n_out, generator=generator) * math.sqrt(2.0 / n_in)  # He-normal
-            self.weights.append(nn.Parameter(w))
-            self.biases.append(nn.Parameter(torch.zeros(n_out)))
+            # He-normal, float32 whatever torch's default dtype (the net runs float32 weights)
+            w = torch.randn(n_in, n_out, generator=generator, dtype=torch.float32)
+            self.weights.append(nn.Parameter(w * math.sqrt(2.0 / n_in)))
+            self.biases.append(nn.Parameter(torch.zeros(n_out, dtype=torch.float32)))
 
     def _check(self, k: int, semantics: Semantics, regime: Regime | None = None) -> None:
         """Refuse a scale and semantics scaled mode cannot run (the constructor's arguments, or
@@ -277,6 +278,10 @@ class DeepLinear(nn.Module):
                              f"features, shape (batch, {n})")
         if x.is_complex():
             raise ValueError(f"inputs must be real, got {x.dtype}")
+        device = self.weights[0].device
+        if x.device != device:
+            raise ValueError(f"inputs are on {x.device}, the net on {device}; move one of them "
+                             f"(x.to({str(device)!r}))")
         return x if x.dtype == torch.float32 else x.to(torch.float32)
 
     def _trace_exact(self, x: Tensor) -> list[tuple[Tensor, Tensor]]:

@@ -333,13 +333,17 @@ def _float_blind(net: DeepLinear, x: Tensor, layers: int) -> Tensor:
     return h
 
 
-def implicit_activation(net: DeepLinear, x0: Tensor, d: Tensor, t: Tensor, layer: int = 0,
-                        unit: int = 0, mode: Mode = "exact") -> ImplicitActivation:
-    """The activation that underflow implements, seen by one unit along a ray through inputs."""
+def implicit_activation(net: DeepLinear, x0: Tensor, d: Tensor, t: Tensor | Sequence[float],
+                        layer: int = 0, unit: int = 0, mode: Mode = "exact") -> ImplicitActivation:
+    """The activation that underflow implements, seen by one unit along a ray ``x0 + t d``
+    through inputs (``t`` a 1-D tensor or a list of positions)."""
     if not 0 <= layer < len(net.weights):
         raise ValueError(f"layer {layer} out of range: the net has {len(net.weights)} layers")
     _check_unit(net, layer, unit)
-    x = x0 + t.to(x0.dtype)[:, None] * d
+    t = torch.as_tensor(t, dtype=x0.dtype, device=x0.device)
+    if t.dim() != 1:
+        raise ValueError(f"t must be 1-D positions along the ray, got shape {tuple(t.shape)}")
+    x = x0 + t[:, None] * d
     u, h = layer_values(net, x, mode)[layer]
     return ImplicitActivation(t, u[:, unit], h[:, unit])
 
@@ -379,8 +383,9 @@ def probe_report(sizes: Sequence[int] | str,
     semantics. ``mode='exact'`` (the default) is the ground truth, slow where subnormals meet
     the CPU's matmul.
     """
-    if n < 1:
-        raise ValueError(f"n must be a positive number of inputs, got {n}")
+    if (whole := ar.integer(n)) is None or whole < 1:
+        raise ValueError(f"n must be a positive whole number of inputs, got {n!r}")
+    n = whole
     nets = make_nets(sizes, semantics, seed, scale_exp)
     sizes = parse_sizes(sizes)
     n_fit = default_n_fit(sizes[0]) if n_fit is None else n_fit

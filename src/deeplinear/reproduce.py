@@ -14,7 +14,7 @@ import copy
 import dataclasses
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ from deeplinear import evaluate, probes
 from deeplinear.arithmetic import PRESETS, TF_GPU, Semantics, preset_name
 from deeplinear.bench import cpu_model
 from deeplinear.collapse import collapse_gap
-from deeplinear.data import Dataset, data_dir_for, load_dataset
+from deeplinear.data import DATASETS, DataError, Dataset, data_dir_for, load_dataset
 from deeplinear.nets import MLP, DeepLinear, Mode, SoftmaxRegression, default_sizes, seeded
 from deeplinear.report import (
     plot_decision_regions,
@@ -317,13 +317,18 @@ def default_out(budget: str | Budget) -> Path:
     return Path(f"runs/reproduce-{budget if isinstance(budget, str) else 'custom'}")
 
 
-def reproduce(datasets: tuple[str, ...] = DEFAULT_DATASETS, budget: str | Budget = "quick",
+def reproduce(datasets: str | Sequence[str] = DEFAULT_DATASETS, budget: str | Budget = "quick",
               out: str | Path | None = None, seed: int = 0, data_dir: str | None = None,
               resume: bool = False, semantics: Semantics = TF_GPU,
               threads: int | None = None) -> dict[str, Any]:
-    """Train and measure every method on each dataset; write results.json, report.md and
-    report.html (from those same results) into ``out`` (default: :func:`default_out`), and
-    return the results."""
+    """Train and measure every method on each dataset (one name, or several); write
+    results.json, report.md and report.html (from those same results) into ``out`` (default:
+    :func:`default_out`), and return the results."""
+    datasets = (datasets,) if isinstance(datasets, str) else tuple(datasets)
+    unknown = [name for name in datasets if name not in DATASETS]
+    if unknown or not datasets:  # before ``out`` is made or claimed
+        raise DataError(f"unknown dataset {', '.join(map(repr, unknown)) or '(none)'}; choose "
+                        f"from {', '.join(DATASETS)}")
     if isinstance(budget, str) and budget not in BUDGETS:
         raise ValueError(f"unknown budget {budget!r}; use {' or '.join(BUDGETS)}")
     steps = BUDGETS[budget] if isinstance(budget, str) else budget

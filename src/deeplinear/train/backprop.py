@@ -247,7 +247,8 @@ def train(model: nn.Module, data: Dataset, cfg: Config, run: Run | None = None,
     """
     ftz_before = ftz_is_on()
     try:
-        return _train(model, data, cfg, run, progress)
+        with torch.enable_grad():  # a caller's ``torch.no_grad()`` block would stop backward
+            return _train(model, data, cfg, run, progress)
     finally:
         torch.set_flush_denormal(ftz_before)
 
@@ -256,6 +257,9 @@ def _train(model: nn.Module, data: Dataset, cfg: Config, run: Run | None,
            progress: bool) -> list[dict[str, Any]]:
     check_arguments(data, cfg, Config)
     check_trainable(model, data, cfg)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("no parameter of the model requires grad (probes.make_nets returns "
+                         "frozen nets); call model.requires_grad_(True) first")
     net = model if isinstance(model, DeepLinear) else None  # the deep linear net, if it is one
     if net is None and cfg.surrogate != "blind":
         raise ValueError(f"surrogate {cfg.surrogate!r} needs a deep linear model; "
