@@ -25,10 +25,13 @@ import operator
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, ParamSpec, TypeVar
 
 import torch
 from torch import Tensor
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 # torch's CPU sqrt, exp, log, ... call MKL's vector math (VML) on tensors above 2,048 elements,
 # and VML picks a function's kernel on its first call; when that first call runs on two threads
@@ -306,18 +309,22 @@ def _elementwise(op: Callable[[Tensor, Tensor], Tensor], a: Tensor, b: Tensor | 
 
 
 def add(a: Tensor, b: Tensor | float, sem: Semantics | str) -> Tensor:
+    """``a + b`` in ``sem``'s format, rounded once, with its underflow and overflow rules."""
     return _elementwise(torch.add, a, b, sem)
 
 
 def sub(a: Tensor, b: Tensor | float, sem: Semantics | str) -> Tensor:
+    """``a - b`` in ``sem``'s format, rounded once, with its underflow and overflow rules."""
     return _elementwise(torch.sub, a, b, sem)
 
 
 def mul(a: Tensor, b: Tensor | float, sem: Semantics | str) -> Tensor:
+    """``a * b`` in ``sem``'s format, rounded once, with its underflow and overflow rules."""
     return _elementwise(torch.mul, a, b, sem)
 
 
 def div(a: Tensor, b: Tensor | float, sem: Semantics | str) -> Tensor:
+    """``a / b`` in ``sem``'s format, rounded once, with its underflow and overflow rules."""
     return _elementwise(torch.div, a, b, sem)
 
 
@@ -437,13 +444,13 @@ def require_subnormals() -> None:
                            "with subnormals kept; call torch.set_flush_denormal(False) first")
 
 
-def run_with_hardware_ftz(fn: Callable[..., object], *args: object, **kwargs: object) -> object:
+def run_with_hardware_ftz(fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
     """Call ``fn`` in a fresh thread with FTZ+DAZ set before its OpenMP pool exists.
 
     Every worker of that pool then flushes, so multi-threaded ops are reliable. The calling
     thread's state is untouched.
     """
-    box: dict[str, object] = {}
+    box: dict[str, Any] = {}
 
     def target() -> None:
         try:
@@ -459,8 +466,9 @@ def run_with_hardware_ftz(fn: Callable[..., object], *args: object, **kwargs: ob
     t.start()
     t.join()
     if "error" in box:
-        raise box["error"]  # type: ignore[misc]
-    return box["value"]
+        raise box["error"]
+    value: R = box["value"]
+    return value
 
 
 def hardware_ftz_coverage(n: int = 1 << 22) -> float:

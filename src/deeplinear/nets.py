@@ -216,6 +216,11 @@ class DeepLinear(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------------
     def forward(self, x: Tensor, mode: Mode = "scaled", under: Under | None = None) -> Tensor:
+        """The net's outputs on ``x`` (batch, sizes[0]). ``mode="scaled"`` (the default, fast):
+        every hidden value in units of 2^-scale_exp with the semantics' flush as an explicit dead
+        zone; ``mode="exact"``: real float32 at true scale, the ground truth (slow on a CPU where
+        subnormals meet the matmul). ``under`` replaces the scaled mode's rule (training
+        surrogates). See :meth:`trace` for the layers' values."""
         return self.trace(x, mode, under)[-1][1]
 
     def trace(self, x: Tensor, mode: Mode = "scaled",
