@@ -116,7 +116,7 @@ def test_resume_is_bit_identical(tmp_path, rings, surrogate):
 def test_divergence_stops_with_a_clear_error_and_keeps_the_good_checkpoint(tmp_path, rings):
     cfg = Config(steps=200, lr=1e30, surrogate="smooth", eval_every=1, checkpoint_every=1)
     run = Run.open(tmp_path, {})
-    with pytest.raises(ValueError, match=r"diverged at step \d+.*lower --lr"):
+    with pytest.raises(ValueError, match=r"diverged at step \d+.*lower lr \(--lr\)"):
         train(deep(), rings, cfg, run=run, progress=False)
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
@@ -246,7 +246,7 @@ def test_bad_settings_are_one_line_errors(rings, model, cfg, match):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_cuda_without_a_gpu_names_the_fix(rings):
-    with pytest.raises(ValueError, match="no CUDA device here; use --device cpu"):
+    with pytest.raises(ValueError, match=r"no CUDA device here; use device cpu \(--device cpu\)"):
         train(deep(), rings, Config(device="cuda"), progress=False)
 
 

@@ -406,7 +406,8 @@ def test_load_dataset_errors() -> None:
 @pytest.mark.parametrize("name", ["spirals", "rings", "checkerboard", "parity", "digits"])
 def test_load_dataset_refuses_data_dir_for_built_in_sets(tmp_path: Path, name: str) -> None:
     for directory in (tmp_path, tmp_path / "does-not-exist"):
-        with pytest.raises(ValueError, match="--data-dir applies to mnist, fashion-mnist, kmnist"):
+        with pytest.raises(ValueError, match=r"data_dir \(--data-dir\) applies to mnist, "
+                                             r"fashion-mnist, kmnist"):
             data.load_dataset(name, data_dir=directory)
 
 

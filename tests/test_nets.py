@@ -169,7 +169,8 @@ def test_semantics_and_scale_set_later_are_checked_like_the_constructor_s():
     assert net.scale_exp == 120 and isinstance(net.scale_exp, int) and net.threshold == 2.0**-6
     with pytest.raises(ValueError, match="DeepLinear runs float32"):
         net.semantics = Semantics("float16", "ftz", "elementwise")
-    with pytest.raises(ValueError, match="scale exponent 300 \\(--scale-exp\\) is out of range"):
+    with pytest.raises(ValueError,
+                       match=r"scale exponent 300 \(scale_exp, --scale-exp\) is out of range"):
         net.scale_exp = 300
     with pytest.raises(ValueError, match=r"scale exponent must be an integer like 125, got 2\.5"):
         net.scale_exp = 2.5

@@ -111,7 +111,7 @@ def test_cli_data_dir_with_only_built_in_datasets_is_an_error(tmp_path, capsys):
     assert main(["reproduce", "--budget", "smoke", "--dataset", "checkerboard", "--data-dir",
                  str(tmp_path), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "checkerboard are built in, so drop --data-dir" in err
+    assert "\n" not in err and "checkerboard are built in, so drop it" in err
 
 
 @pytest.mark.parametrize("flags, named", [(["--semantics", "IEEE"], "study sets its own "

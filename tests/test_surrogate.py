@@ -127,7 +127,8 @@ def test_smooth_gradient_is_finite_for_every_accepted_tau(tau):
 
 def test_a_width_below_float32s_normals_says_which_tau_or_scale_would_do():
     """At --scale-exp 1 the threshold is 2**-125, and 0.3 of it is subnormal."""
-    with pytest.raises(ValueError, match=r"needs tau >= 0\.5 or a larger scale \(--scale-exp\)"):
+    with pytest.raises(ValueError,
+                       match=r"needs tau >= 0\.5 or a larger scale \(scale_exp, --scale-exp\)"):
         check_tau(0.3, 2.0**-125)
     check_tau(0.5, 2.0**-125)  # 2**-126 exactly: the smallest normal width
     with pytest.raises(ValueError, match=r"got tau=inf$"):

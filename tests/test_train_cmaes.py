@@ -192,7 +192,7 @@ def test_refuses_models_it_cannot_train():
         train(SoftmaxRegression(2, 2), rings(), Config(**FAST), progress=False)
     with pytest.raises(ValueError, match="fix the sizes"):
         train(DeepLinear([3, 8, 2]), rings(), Config(**FAST), progress=False)
-    with pytest.raises(ValueError, match="use --method es"):
+    with pytest.raises(ValueError, match=r"use ES for this net \(--method es\)"):
         train(net(sizes=[2, 128, 64, 2]), rings(), Config(**FAST), progress=False)
 
 

@@ -190,7 +190,7 @@ def test_tell_ranks_by_the_fitness_asked_with_the_noise_asked(monkeypatch, fitne
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_cuda_without_a_gpu_names_the_fix():
-    with pytest.raises(ValueError, match="no CUDA device here; use --device cpu"):
+    with pytest.raises(ValueError, match=r"no CUDA device here; use device cpu \(--device cpu\)"):
         train(net(), rings(), Config(**FAST, device="cuda"), progress=False)
 
 

@@ -707,8 +707,8 @@ def check_data_dir(names: Sequence[str], data_dir: str | os.PathLike[str] | None
     than ignore it, so a user who passes it learns it has no effect."""
     built_in = [n for n in names if n in DATASETS and n not in MNIST_LIKE]
     if data_dir is not None and built_in and len(built_in) == len(names):
-        raise DataError(f"--data-dir applies to {', '.join(MNIST_LIKE)}; {', '.join(built_in)} "
-                        "are built in, so drop --data-dir")
+        raise DataError(f"data_dir (--data-dir) applies to {', '.join(MNIST_LIKE)}; "
+                        f"{', '.join(built_in)} are built in, so drop it")
 
 
 def load_dataset(

@@ -158,7 +158,7 @@ class DeepLinear(nn.Module):
         high = round(-math.log2(semantics.fmt.min_subnormal))
         if not 0 <= k <= high:
             what = f"regime {regime.label}" if regime is not None else \
-                f"scale exponent {k} (--scale-exp)"
+                f"scale exponent {k} (scale_exp, --scale-exp)"
             raise ValueError(f"{what} is out of range for a net: 0 <= k <= {high} (2^-k must "
                              "be a nonzero float32 that moves hidden values toward "
                              f"underflow); the 2017 net uses {SCALE_EXP}")

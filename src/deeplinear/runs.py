@@ -355,7 +355,7 @@ def load_final(path: str | Path) -> dict[str, Any]:
     bad = nonfinite(payload["state_dict"].items())
     if bad:
         raise ValueError(f"{path}: non-finite weights in {', '.join(bad)}; the run diverged, "
-                         "retrain with a lower --lr")
+                         "retrain with a lower lr (--lr)")
     return payload
 
 

@@ -77,7 +77,8 @@ def check_tau(tau: float, threshold: float) -> None:
     tiny = torch.finfo(torch.float32).tiny
     if not (math.isfinite(tau) and tau * threshold >= tiny):
         low = f"; at a threshold of {threshold:.3g} that needs tau >= {tiny / threshold:.3g} " \
-              "or a larger scale (--scale-exp)" if tau * threshold < tiny and tau > 0 else ""
+              "or a larger scale (scale_exp, --scale-exp)" \
+            if tau * threshold < tiny and tau > 0 else ""
         raise ValueError(f"smooth surrogate needs a finite tau > 0 (in thresholds, e.g. "
                          f"{DEFAULT_TAU}) whose width tau * threshold is a normal float32, "
                          f"got tau={tau}{low}")

@@ -62,7 +62,8 @@ def check_device(name: str) -> torch.device:
         raise ValueError(f"unknown device {name!r}; use cpu, cuda or cuda:N")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device {name}: torch sees no CUDA device here; use --device cpu")
+            raise ValueError(f"device {name}: torch sees no CUDA device here; use device cpu "
+                             "(--device cpu)")
         if (device.index or 0) >= (count := torch.cuda.device_count()):
             raise ValueError(f"device {name}: torch sees {count} CUDA device(s) here; use cuda "
                              f"or cuda:N with N below {count}")
@@ -287,7 +288,7 @@ def check_trainable(model: nn.Module, data: Dataset, cfg: Any) -> None:
         model.check_float32()
     if cfg.batch_size > len(data.x_train):
         raise ValueError(f"batch_size {cfg.batch_size} exceeds the {len(data.x_train)} training "
-                         "samples; lower the batch size (--batch-size)")
+                         "samples; lower batch_size (--batch-size)")
     check_finite(model, "initialise the model again or load finite weights")
     use_threads(cfg)
 

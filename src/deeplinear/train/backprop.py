@@ -311,7 +311,7 @@ def _train(model: nn.Module, data: Dataset, cfg: Config, run: Run | None,
         loss = F.cross_entropy(forward(x[idx]), y[idx])
         value = float(loss.detach())
         if not math.isfinite(value):
-            raise ValueError(f"training diverged at step {s + 1}: loss is {value}; lower --lr "
+            raise ValueError(f"training diverged at step {s + 1}: loss is {value}; lower lr (--lr) "
                              f"({saved(last_ckpt)})")
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -322,8 +322,8 @@ def _train(model: nn.Module, data: Dataset, cfg: Config, run: Run | None,
         stop = stop_asked()
         is_ckpt = done % cfg.checkpoint_every == 0 or done == cfg.steps or stop
         if (is_eval or is_ckpt) and nonfinite(model.named_parameters()):
-            raise ValueError(f"training diverged at step {done}: non-finite weights; lower --lr "
-                             f"({saved(last_ckpt)})")
+            raise ValueError(f"training diverged at step {done}: non-finite weights; lower lr "
+                             f"(--lr) ({saved(last_ckpt)})")
         if is_eval:
             row = {"step": done, "epoch": done / per_epoch, "lr": lr,
                    "wall_s": wall0 + time.perf_counter() - t0, "loss": loss_sum / loss_n,

@@ -159,7 +159,7 @@ def train(model: DeepLinear, data: Dataset, cfg: Config, run: Run | None = None,
     layout = es.Layout.of(model.sizes)
     if layout.n > MAX_PARAMS:
         raise ValueError(f"CMA-ES keeps an n x n covariance and {model.sizes} has {layout.n} "
-                         f"parameters (at most {MAX_PARAMS}); use --method es for this net")
+                         f"parameters (at most {MAX_PARAMS}); use ES for this net (--method es)")
     x, y = data.x_train, data.y_train
 
     g = torch.Generator().manual_seed(cfg.seed)
