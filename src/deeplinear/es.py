@@ -174,7 +174,9 @@ def physical_memory() -> int | None:
 def noise_table(seed: int, size: int, device: str = "cpu") -> Tensor:
     """``size`` N(0, 1) float32 values, a pure function of ``seed`` (cached: it is read-only).
 
-    Drawn on the CPU and copied to ``device``, so a run on a GPU uses the very same noise."""
+    Drawn on the CPU and copied to ``device``, so a run on a GPU uses the very same noise. The
+    cache keeps the last four tables (128 MiB each at the default size, whatever the net's):
+    ``noise_table.cache_clear()`` frees them, e.g. in a notebook after a sweep over seeds."""
     if torch.device(device).type != "cpu":
         return noise_table(seed, size).to(device)
     return torch.randn(size, generator=torch.Generator().manual_seed(seed))
