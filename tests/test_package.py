@@ -45,3 +45,20 @@ def test_the_trainers_are_reached_from_the_package_without_importing_them_first(
             "dl.train.es.Config.__module__, dl.train.cmaes.Config.__module__)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == [f"deeplinear.train.{m}" for m in ("backprop", "es", "cmaes")]
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_stop_during_the_command_s_imports_is_one_line(tmp_path, sig):
+    """The CLI's imports take ~2 s; a Ctrl-C or SIGTERM inside them broke numpy halfway and
+    printed a page of traceback. Held until the imports finish, it is one line and exit 130."""
+    import signal
+    import time
+
+    p = subprocess.Popen([sys.executable, "-m", "deeplinear", "train", "--dataset", "spirals",
+                          "--out", str(tmp_path / "r")], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    time.sleep(0.2)
+    p.send_signal(getattr(signal, sig))
+    out, err = p.communicate(timeout=120)
+    assert (p.returncode, err, out) == (130, "deeplinear: interrupted\n", "")
+    assert not (tmp_path / "r").exists()
