@@ -263,6 +263,11 @@ def test_resume_with_a_torn_final_pt_is_one_line_naming_it(tmp_path, capsys, con
                  str(tmp_path), "--resume"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{final}: corrupt" in err
+    assert err.endswith("; delete it and run the same command again (that method is trained "
+                        "again)\n")
+    final.unlink()  # as it says
+    assert main(["reproduce", "--budget", "smoke", "--dataset", "checkerboard", "--out",
+                 str(tmp_path), "--resume"]) == 0
 
 
 def test_cli_trains_each_dataset_once_and_records_data_dir_absolute(tmp_path, monkeypatch):

@@ -391,3 +391,46 @@ def test_save_model_keeps_the_function_not_only_the_weights(tmp_path, kind):
     if kind == "deeplinear":
         with pytest.raises(ValueError, match="rebuild it with the same regime"):
             save_model(DeepLinear([3, 4, 2], regime="absorption:9"), tmp_path / "r.pt")
+
+
+def test_a_finished_run_whose_checkpoint_was_deleted_says_so(tmp_path):
+    """Deleting checkpoint.pt to save space leaves a finished run: neither --resume ("drop
+    --resume") nor a fresh start ("continue it with --resume") may send the user back and forth."""
+    run = Run.open(tmp_path, {"lr": 0.1})
+    run.checkpoint({"step": 1})
+    run.save_final({"step": 1})
+    (tmp_path / "checkpoint.pt").unlink()
+    for resume in (True, False):
+        with pytest.raises(OSError, match=r"holds a finished run \(final\.pt\) without its "
+                                          r"checkpoint, so it cannot be continued: evaluate it "
+                                          r"with deeplinear eval"):
+            Run.open(tmp_path, {"lr": 0.1}, resume=resume)
+
+
+def test_failing_to_write_final_pt_of_a_run_advises_resume(tmp_path, monkeypatch):
+    import errno
+
+    run = Run.open(tmp_path, {"lr": 0.1})
+    run.checkpoint({"step": 1})
+
+    def full(obj, f):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(OSError, match=r"free some space, then continue with --resume \(the "
+                                      r"run's checkpoint is intact\)$"):
+        run.save_final({"step": 1})
+
+
+def test_a_setup_error_is_not_replaced_by_a_failure_to_tidy_up(tmp_path, monkeypatch):
+    """A directory made unwritable mid-run: the discard after the real error must not raise
+    its own (it replaced the message with "[Errno 1] Operation not permitted: .../.lock")."""
+    import pathlib
+
+    run = Run.open(tmp_path / "r", {"lr": 0.1})
+
+    def refused(self, missing_ok=False):
+        raise PermissionError(1, "Operation not permitted", str(self))
+
+    monkeypatch.setattr(pathlib.Path, "unlink", refused)
+    run.discard_if_unstarted()  # no exception

@@ -95,8 +95,9 @@ def unlock_dir(d: Path, remove: bool = False) -> None:
     f = _LOCKED.pop(d.resolve(), None)
     if f is not None:
         f.close()
-        if remove:
-            (d / LOCK).unlink(missing_ok=True)
+        if remove:  # best effort: it runs while another error is being reported
+            with contextlib.suppress(OSError):
+                (d / LOCK).unlink(missing_ok=True)
 
 
 def first_line(e: BaseException) -> str:
@@ -121,8 +122,12 @@ def atomic_save(obj: Any, path: Path) -> None:
         full = (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or (
             "unexpected pos" in reason)  # how torch's zip writer meets a full disk
         fix = "free some space" if full else "make it writable"
-        then = ("the previous one is intact; " + fix + ", then continue with --resume"
-                if path.exists() else fix + ", then run the same command again")
+        if path.exists():
+            then = f"the previous one is intact; {fix}, then continue with --resume"
+        elif (path.parent / "checkpoint.pt").exists():  # e.g. final.pt of a run: resumable
+            then = f"{fix}, then continue with --resume (the run's checkpoint is intact)"
+        else:
+            then = f"{fix}, then run the same command again"
         free = shutil.disk_usage(path.parent).free / 2**20
         raise OSError(f"cannot write {path} ({reason}; {free:.1f} MiB free on its disk): "
                       f"{then}") from None
@@ -204,6 +209,8 @@ class Run:
             lock_dir(d)
         if resume:
             if not ckpt.exists():
+                if (d / "final.pt").exists():
+                    raise FileNotFoundError(_finished(d))
                 raise FileNotFoundError(f"cannot resume: no checkpoint in {d}; drop --resume")
             try:
                 saved = json.loads(cfg_path.read_text())
@@ -251,9 +258,9 @@ class Run:
         if (self.dir / "checkpoint.pt").exists() or (self.dir / "final.pt").exists():
             return
         unlock_dir(self.dir, remove=True)
-        for name in ("config.json", "metrics.jsonl"):
-            (self.dir / name).unlink(missing_ok=True)
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError):  # best effort, as above: the first error is the news
+            for name in ("config.json", "metrics.jsonl"):
+                (self.dir / name).unlink(missing_ok=True)
             self.dir.rmdir()
 
     def _truncate_metrics(self, step: int) -> None:
@@ -467,6 +474,8 @@ def _taken(d: Path, config: dict[str, Any], defaults: dict[str, Any]) -> str:
     """Why a fresh run may not start in ``d``, which holds one: with the same settings it can only
     be continued; with others (a sweep over, say, ``--lr`` into one default directory) the
     message names them, so the user sees that only another ``--out`` helps."""
+    if not (d / "checkpoint.pt").exists():
+        return _finished(d)
     try:
         saved = json.loads((d / "config.json").read_text())
     except (OSError, ValueError):
@@ -479,6 +488,13 @@ def _taken(d: Path, config: dict[str, Any], defaults: dict[str, Any]) -> str:
                 "another --out")
     return (f"{d} already holds a run with other settings ({', '.join(diff)}); pass another "
             "--out for this one")
+
+
+def _finished(d: Path) -> str:
+    """A run whose final.pt is there but whose checkpoint is gone (deleted to save space): done,
+    and neither a resume nor a fresh start in ``d`` is possible; its weights are usable."""
+    return (f"{d} holds a finished run (final.pt) without its checkpoint, so it cannot be "
+            f"continued: evaluate it with deeplinear eval {d}, or use another --out")
 
 
 def _changes(saved: dict[str, Any], config: dict[str, Any],
