@@ -752,6 +752,28 @@ def test_threads_hold_for_the_whole_command_final_evaluation_included(tmp_path, 
     assert seen == [2]
 
 
+def test_a_run_records_its_thread_count_and_a_resume_keeps_it(tmp_path, monkeypatch):
+    """Without --threads a run trains on torch's count; a wide net's sums depend on it, so it is
+    recorded, and a resume in a process (or on a machine) with another count uses the run's."""
+    import json
+
+    import deeplinear.cli.train as cli_train
+
+    seen, real = [], cli_train.final_results
+    monkeypatch.setattr(cli_train, "final_results",
+                        lambda *a, **k: seen.append(torch.get_num_threads()) or real(*a, **k))
+    rc, out = train(tmp_path, "--steps", "2")  # the module runs on 1 thread (its fixture)
+    assert rc == 0
+    assert json.loads((out / "config.json").read_text())["trainer"]["threads"] == 1
+    (out / "final.pt").unlink()  # the run is at its last checkpoint: a resume evaluates it
+    torch.set_num_threads(2)
+    try:
+        assert main(["train", "--out", str(out), "--resume"]) == 0
+    finally:
+        torch.set_num_threads(1)
+    assert seen == [1, 1]
+
+
 @pytest.fixture(scope="module")
 def settings_run(tmp_path_factory):
     """A run whose data, semantics and scale are all not the defaults: the flags must reach the

@@ -550,3 +550,29 @@ def test_cli_regimes_study_keeps_finished_models_and_resumes(tmp_path, capsys):
                                        "pass another --out) to start again\n")
     final.unlink()
     assert main([*args, "--resume"]) == 0 and (tmp_path / "regimes.md").read_text() == table
+
+
+def test_a_resumed_reproduction_keeps_the_thread_count_its_runs_were_trained_with(tmp_path):
+    from deeplinear.reproduce import SETTINGS_FILE, settle_threads
+
+    (tmp_path / SETTINGS_FILE).write_text('{"budget": "smoke"}')
+    assert settle_threads(tmp_path, None, 4, None) == 4  # fresh: the default
+    assert json.loads((tmp_path / SETTINGS_FILE).read_text()) == {"budget": "smoke", "threads": 4}
+    assert settle_threads(tmp_path, None, 2, recorded=1) == 1  # resumed elsewhere: the run's
+    assert settle_threads(tmp_path, 1, 2, recorded=1) == 1
+    with pytest.raises(ValueError, match=r"was reproduced with --threads 1, not 2: a wide net's "
+                                         r"sums depend on the count"):
+        settle_threads(tmp_path, 2, 2, recorded=1)
+
+
+def test_claim_hands_back_the_recorded_threads_and_compares_the_rest(out):
+    from deeplinear.reproduce import SETTINGS_FILE, claim
+
+    saved = json.loads((out / SETTINGS_FILE).read_text())
+    assert "threads" in saved
+    settings = {k: v for k, v in saved.items() if k != "threads"}
+    assert claim(out, ("checkerboard",), settings, resume=True) == saved["threads"]
+    assert json.loads((out / SETTINGS_FILE).read_text()) == saved  # kept for the next resume
+    with pytest.raises(ValueError, match="differs in seed"):
+        claim(out, ("checkerboard",), {**settings, "seed": 9}, resume=True)
+    (out / SETTINGS_FILE).write_text(json.dumps(saved))  # as it was

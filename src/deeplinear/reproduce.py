@@ -268,9 +268,12 @@ def command(datasets: tuple[str, ...], budget: str | Budget, seed: int, semantic
 SETTINGS_FILE = "reproduction.json"
 
 
-def claim(out: Path, datasets: tuple[str, ...], settings: dict[str, Any], resume: bool) -> None:
+def claim(out: Path, datasets: tuple[str, ...], settings: dict[str, Any],
+          resume: bool) -> int | None:
     """Refuse, before any training, an ``out`` holding runs of a reproduction made with other
     settings (or, without ``resume``, runs of one of ``datasets``), then record ``settings``.
+    Returns the thread count the runs there were trained with (None: no runs, or not recorded),
+    which :func:`settle_threads` then binds.
 
     Why up front: each method's run refuses on its own, but only when its turn comes (after
     earlier methods printed and trained), and it names trainer fields (``trainer.steps``) where
@@ -287,6 +290,7 @@ def claim(out: Path, datasets: tuple[str, ...], settings: dict[str, Any], resume
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path} is not a reproduction's settings ({e}); delete it or pass "
                              "another --out") from None
+    recorded = saved.pop("threads", None) if isinstance(saved, dict) else None
     if isinstance(saved, dict) and (diff := differences(saved, settings, {})):
         raise ValueError(f"{out} holds a reproduction that differs in {', '.join(diff)}; pass "
                          "another --out, or repeat its own settings to resume it")
@@ -303,7 +307,28 @@ def claim(out: Path, datasets: tuple[str, ...], settings: dict[str, Any], resume
                               "--resume to reuse its finished methods and continue the rest, or "
                               "pass another --out")
     if not runs or saved is not None:
-        atomic_write_text(json.dumps(settings, indent=1) + "\n", path)
+        kept = {"threads": recorded} if recorded is not None else {}
+        atomic_write_text(json.dumps({**settings, **kept}, indent=1) + "\n", path)
+    return recorded
+
+
+def settle_threads(out: Path, asked: int | None, default: int, recorded: int | None) -> int:
+    """The torch threads of this invocation, recorded beside the settings.
+
+    Why: a wide net's matmuls split their sums by thread count, so methods trained on 1 thread
+    and continued on 2 end on other weights (measured on Fashion-MNIST's 784-512-512-10). A
+    resume therefore keeps the count its runs were trained with: by default, and refused where
+    ``--threads`` asks for another."""
+    if recorded is not None and asked is not None and asked != recorded:
+        raise ValueError(f"{out} was reproduced with --threads {recorded}, not {asked}: a wide "
+                         "net's sums depend on the count; resume without --threads (or with "
+                         f"{recorded}), or pass another --out")
+    used = recorded if recorded is not None else asked or default
+    path = out / SETTINGS_FILE
+    if path.is_file():  # where claim recorded the settings
+        settings = json.loads(path.read_text())
+        atomic_write_text(json.dumps({**settings, "threads": used}, indent=1) + "\n", path)
+    return used
 
 
 def reported_datasets(out: Path) -> list[str]:
@@ -341,13 +366,13 @@ def reproduce(datasets: str | Sequence[str] = DEFAULT_DATASETS, budget: str | Bu
     steps = BUDGETS[budget] if isinstance(budget, str) else budget
     out = Path(out) if out is not None else default_out(budget)
     make_dir(out)
-    claim(out, datasets, {"budget": _label(budget), "seed": seed, "semantics": _label(semantics)},
-          resume)
+    recorded = claim(out, datasets, {"budget": _label(budget), "seed": seed,
+                                     "semantics": _label(semantics)}, resume)
     t0 = time.perf_counter()
     loaded = [load_dataset(name, data_dir=data_dir_for(name, data_dir), seed=seed)
               for name in datasets]
     shapes = [default_sizes(d.n_features, d.n_classes) for d in loaded]
-    used = threads or default_threads(shapes)
+    used = settle_threads(out, threads, default_threads(shapes), recorded)
     before = torch.get_num_threads()
     torch.set_num_threads(used)  # once, before any parallel op (see deeplinear.train.es)
     try:

@@ -131,8 +131,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--perturbation", choices=PERTURBATIONS, help="es only")
     t.add_argument("--rank", type=int, help="es only: rank of lowrank perturbations")
     t.add_argument("--threads", type=int,
-                   help="torch threads, set once at the start (default: torch's own; small nets "
-                        "often run faster on 1)")
+                   help="torch threads, set once at the start (default: torch's own, recorded "
+                        "in the run so that --resume elsewhere uses the same count: a wide "
+                        "net's sums depend on it; small nets often run faster on 1)")
     t.add_argument("--device", help="backprop, float-aware, es: cpu, cuda or cuda:N "
                    "to train on a GPU (the final exact-mode evaluation runs on the CPU)")
     t.add_argument("--sigma-scale", choices=SIGMA_SCALES,
@@ -419,6 +420,8 @@ def run(args: argparse.Namespace) -> int:
     if args.init_from is not None:  # the trainer starts from the loaded weights, not its init
         rescale = None if args.init_gain == "he" else args.init_gain
         args.init_gain = "he"
+    if args.threads is None and not args.resume and args.backend != "ray":
+        args.threads = torch.get_num_threads()  # recorded: a resume keeps it (see --help)
     cfg = make_config(trainer, args, surrogate)
     if args.threads is not None:  # checked by make_config, before torch is asked for them
         torch.set_num_threads(args.threads)  # the whole command's, from before data loading:
