@@ -56,7 +56,9 @@ def test_a_stop_during_the_command_s_imports_is_one_line(tmp_path, sig):
 
     p = subprocess.Popen([sys.executable, "-m", "deeplinear", "train", "--dataset", "spirals",
                           "--out", str(tmp_path / "r")], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+                         stderr=subprocess.PIPE, text=True,  # a background job ignores SIGINT:
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # not
+    # this command's (an ignored signal stays ignored, as it should)
     time.sleep(0.2)
     p.send_signal(getattr(signal, sig))
     out, err = p.communicate(timeout=120)

@@ -305,8 +305,9 @@ def test_a_failed_save_says_why_in_one_line_and_keeps_the_previous_file(tmp_path
         rf"cannot write {re.escape(str(path))} \(\[enforce fail at inline_container.cc:672\] . "
         r"unexpected pos 39744 vs 39632; [0-9.]+ MiB free on its disk\): the previous one is "
         r"intact; free some space, then continue with --resume", str(e.value)), str(e.value)
+    (tmp_path / "fresh").mkdir()
     with pytest.raises(OSError, match=r"free some space, then run the same command again$"):
-        atomic_save({"step": 1}, tmp_path / "final.pt")  # no earlier file: no --resume to offer
+        atomic_save({"step": 1}, tmp_path / "fresh" / "final.pt")  # nothing to --resume from
 
     def denied(obj, f):
         raise PermissionError(13, "Permission denied")
@@ -317,7 +318,8 @@ def test_a_failed_save_says_why_in_one_line_and_keeps_the_previous_file(tmp_path
         atomic_save({"step": 2}, path)
     monkeypatch.undo()
     assert load_file(path, "checkpoint", "") == {"step": 1}
-    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "fresh"]
+    assert not any((tmp_path / "fresh").iterdir())  # no temporary file left
 
 
 def test_a_run_directory_that_cannot_be_written_is_one_line(tmp_path):
