@@ -8,7 +8,6 @@ scheduler's time limit) is made a KeyboardInterrupt for the whole command, so it
 says everywhere, not only inside a trainer's loop (which stops after its step).
 """
 
-import importlib
 import signal
 import sys
 
@@ -26,8 +25,7 @@ def run() -> None:
         signal.signal(s, lambda signum, frame: held.append(signum))
     from deeplinear import cli
 
-    for name in cli.COMMANDS:
-        importlib.import_module(f"deeplinear.cli.{name}")
+    cli.import_commands()
     handlers = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: _terminated}
     for s in caught:
         signal.signal(s, handlers[s])

@@ -252,9 +252,7 @@ class Engine:
         A member whose weights overflow gets its own NaN or inf loss (the fitness shaping ranks
         it worst); no other member's value changes, as each row of a product is its own sum.
         """
-        n_in = self.strategy.layout.sizes[0]
-        if x.dim() != 2 or x.shape[1] != n_in:  # a lone row (n_in,) would count its features
-            raise ValueError(f"need x of shape (batch, {n_in}), got {tuple(x.shape)}")
+        self._check_x(x)  # first: a lone row (n_in,) would count its features as rows
         if len(y) != len(x):
             raise ValueError(f"got {len(x)} inputs but {len(y)} labels; pass one label per row")
         if len(x) == 0:
@@ -271,16 +269,20 @@ class Engine:
     @torch.no_grad()
     def logits(self, pop: Population, x: Tensor) -> Tensor:
         """Every member's output on ``x``, ``(pop.size, batch, classes)`` (a new tensor)."""
+        self._check_x(x)
         return torch.cat([out.clone() for _, out in self._chunks(pop, x)])
+
+    def _check_x(self, x: Tensor) -> None:
+        """``x`` of shape ``(batch, n_in)``: checked by each public entry; ``_chunks`` trusts it."""
+        n_in = self.strategy.layout.sizes[0]
+        if x.dim() != 2 or x.shape[1] != n_in:
+            raise ValueError(f"need x of shape (batch, {n_in}), got {tuple(x.shape)}")
 
     def _chunks(self, pop: Population, x: Tensor) -> Iterator[tuple[int, Tensor]]:
         """``(first member, logits of the chunk)``; the logits live in a reused buffer."""
         if pop.strategy != self.strategy:
             raise ValueError("population comes from another strategy than this engine's")
         self._follow_net()
-        n_in = self.strategy.layout.sizes[0]
-        if x.dim() != 2 or x.shape[1] != n_in:
-            raise ValueError(f"need x of shape (batch, {n_in}), got {tuple(x.shape)}")
         x = x.to(self.device, torch.float32).contiguous()
         c = self.members_per_chunk(len(x))
         base = None  # low rank: x @ W1, shared by every member

@@ -38,7 +38,6 @@ from deeplinear.runs import (
     Run,
     atomic_write_text,
     differences,
-    first_line,
     load_final,
     make_dir,
     model_spec,
@@ -127,13 +126,9 @@ def run_method(method: Method, data: Dataset, sizes: list[int], seed: int, out: 
                 **derived}  # older runs lack these; they follow from the settings above
     final = out / "final.pt"
     if resume and final.exists():
-        try:
-            payload = load_final(final)
-        except ValueError as e:  # a torn or foreign file: say how this command gets past it
-            again = ("its checkpoint is reused" if (out / "checkpoint.pt").exists()
-                     else "that method is trained again")
-            raise ValueError(f"{first_line(e).split('; ')[0]}; delete it and run the same "
-                             f"command again ({again})") from None
+        again = ("its checkpoint is reused" if (out / "checkpoint.pt").exists()
+                 else "that method is trained again")  # how this command gets past a torn file
+        payload = load_final(final, f"delete it and run the same command again ({again})")
         saved, asked = json.loads(json.dumps([payload.get("config", {}), config]))
         diff = differences(saved, asked, json.loads(json.dumps(defaults)))
         if diff:

@@ -334,22 +334,23 @@ def weights_file(path: str | Path) -> Path:
     return path
 
 
-def load_final(path: str | Path) -> dict[str, Any]:
+def load_final(path: str | Path, fix: str | None = None) -> dict[str, Any]:
     """A ``final.pt`` payload, checked: readable, complete, finite weights.
 
     A run's ``checkpoint.pt`` works too (with the run's ``config.json`` beside it), so an
     unfinished or killed run can be measured at its last checkpoint; a run directory without a
-    ``final.pt`` falls back to its checkpoint.
+    ``final.pt`` falls back to its checkpoint. ``fix`` replaces the advice for a damaged or
+    foreign file (a caller that knows a better way past it: ``reproduce`` retrains).
     """
     path = weights_file(path)
-    payload = load_file(path, "final.pt", "retrain or pass the right file")
+    payload = load_file(path, "final.pt", fix or "retrain or pass the right file")
     if isinstance(payload, dict) and "state_dict" not in payload and "step" in payload:
         payload = from_checkpoint(payload, path)
     missing = [k for k in ("state_dict", "model")
                if not isinstance(payload, dict) or k not in payload]
     if missing:
         raise ValueError(f"{path}: not a deeplinear final.pt (missing {', '.join(missing)}); "
-                         "pass the final.pt that deeplinear train or reproduce wrote")
+                         f"{fix or 'pass the final.pt that deeplinear train or reproduce wrote'}")
     spec = payload["model"]
     malformed = [k for k, ok in (
         ("state_dict", isinstance(payload["state_dict"], dict)),
@@ -357,8 +358,8 @@ def load_final(path: str | Path) -> dict[str, Any]:
         ("semantics", isinstance(payload.get("semantics") or {}, dict)),
         ("data", isinstance(payload.get("data", {}), dict))) if not ok]
     if malformed:
-        raise ValueError(f"{path}: malformed {', '.join(malformed)} entry; pass the final.pt "
-                         "that deeplinear train or reproduce wrote")
+        raise ValueError(f"{path}: malformed {', '.join(malformed)} entry; "
+                         f"{fix or 'pass the final.pt that deeplinear train or reproduce wrote'}")
     bad = nonfinite(payload["state_dict"].items())
     if bad:
         raise ValueError(f"{path}: non-finite weights in {', '.join(bad)}; the run diverged, "

@@ -14,6 +14,7 @@ import os
 import re
 import sys
 from pathlib import Path
+from types import ModuleType
 from typing import NoReturn
 
 from deeplinear import __version__
@@ -77,6 +78,11 @@ def summary(doc: str | None) -> str | None:
     return doc.splitlines()[0].replace("``", "") if doc else None
 
 
+def import_commands() -> list[ModuleType]:
+    """Every subcommand's module, imported (torch, matplotlib, ...: the CLI's ~2 s of start-up)."""
+    return [importlib.import_module(f"deeplinear.cli.{name}") for name in COMMANDS]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="deeplinear",
@@ -84,8 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"deeplinear {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMANDS:
-        importlib.import_module(f"deeplinear.cli.{name}").add_parser(sub)
+    for module in import_commands():
+        module.add_parser(sub)
     for p in sub.choices.values():  # an unknown flag is reported by the subcommand it was given to
         p.set_defaults(command_parser=p)
     return parser
