@@ -5,8 +5,7 @@ import pytest
 import torch
 from helpers import ENGINE_BATCH as BATCH
 from helpers import ENGINE_SIZES as SIZES
-from helpers import engine_setup as setup
-from helpers import one_by_one
+from helpers import engine_setup, one_by_one
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -40,7 +39,7 @@ def one_thread():
 
 @pytest.mark.parametrize("semantics", [TF_GPU, IEEE, CPU_FTZ_DAZ], ids=["tf_gpu", "ieee", "daz"])
 def test_full_rank_is_bit_identical_to_the_net_member_by_member(semantics):
-    net, s, pop, x, y = setup(semantics)
+    net, s, pop, x, y = engine_setup(semantics)
     engine = Engine(net, s)
     out = engine.logits(pop, x)
     with one_thread():
@@ -74,7 +73,7 @@ def tiny_layer1(semantics, rank=0):
     layer and no output bias, so whether a product is flushed decides units and shows in the
     logits; the biases are not perturbed (their sigma factor is 0)."""
     sizes = [24, 40, 5]
-    net = setup(semantics, sizes=sizes)[0]
+    net = engine_setup(semantics, sizes=sizes)[0]
     net.scale_exp = 4
     with torch.no_grad():
         net.biases[0].copy_(net.biases[0].sign() * 2.0**-122)
@@ -114,7 +113,7 @@ def test_layer1_products_below_the_smallest_normal_are_flushed_as_the_net_does(r
 
 
 def test_full_rank_2017_shapes_are_bit_identical_to_the_net():
-    net, s, pop, x, _y = setup(sizes=[784, 512, 10], pop=4, sigma=0.1, table_size=1 << 20)
+    net, s, pop, x, _y = engine_setup(sizes=[784, 512, 10], pop=4, sigma=0.1, table_size=1 << 20)
     x = torch.rand(100, 784, generator=torch.Generator().manual_seed(3))
     with one_thread():
         ref = one_by_one(net, pop, x)
@@ -126,7 +125,7 @@ def test_full_rank_2017_shapes_are_bit_identical_to_the_net():
 def test_small_and_one_column_products_are_bit_identical_to_the_net(sizes, batch):
     """Products under 400 multiply-adds (torch's bmm runs its own loop there) and a layer one
     unit wide (mm treats it as a matrix-vector product) round as the net's ``h @ w``."""
-    net, s, pop, x, _y = setup(sizes=sizes, pop=6)
+    net, s, pop, x, _y = engine_setup(sizes=sizes, pop=6)
     x = torch.rand(batch, sizes[0], generator=torch.Generator().manual_seed(3)) * 2
     with one_thread():
         ref = one_by_one(net, pop, x)
@@ -137,7 +136,7 @@ def test_small_and_one_column_products_are_bit_identical_to_the_net(sizes, batch
 def test_a_lone_member_is_bit_identical_to_the_net(sizes):
     """One member: a bmm over one matrix would run as a multi-threaded mm (the 2017 shapes split
     their sums across threads), so it runs twice in one batch."""
-    net, s, pop, x, _y = setup(sizes=sizes, pop=2, table_size=1 << 20)
+    net, s, pop, x, _y = engine_setup(sizes=sizes, pop=2, table_size=1 << 20)
     x = torch.rand(100, sizes[0], generator=torch.Generator().manual_seed(3))
     member = pop.member(1)
     with one_thread():
@@ -146,14 +145,14 @@ def test_a_lone_member_is_bit_identical_to_the_net(sizes):
 
 
 def test_lowrank_with_a_one_unit_layer_does_not_depend_on_the_chunk():
-    net, s, pop, x, _y = setup(sizes=[24, 40, 1, 5], rank=1, pop=14)
+    net, s, pop, x, _y = engine_setup(sizes=[24, 40, 1, 5], rank=1, pop=14)
     whole = Engine(net, s, chunk=4).logits(pop, x)
     assert torch.equal(Engine(net, s, chunk=6).logits(pop, x), whole)
 
 
 @pytest.mark.parametrize("rank", [0, 1, 2])
 def test_chunking_does_not_change_a_bit(rank):
-    net, s, pop, x, y = setup(rank=rank, pop=14)
+    net, s, pop, x, y = engine_setup(rank=rank, pop=14)
     whole = Engine(net, s).losses(pop, x, y, with_accuracy=True)
     for chunk in (2, 4, 6):
         parts = Engine(net, s, chunk=chunk).losses(pop, x, y, with_accuracy=True)
@@ -165,7 +164,7 @@ def test_chunking_does_not_change_a_bit(rank):
 def test_full_rank_is_bit_identical_for_any_chunk_and_population(pop, chunk):
     """Chunks that do not divide the population (a last chunk of one pair) and chunks larger than
     the population give the members' own forward passes exactly."""
-    net, s, p, x, _y = setup(pop=pop)
+    net, s, p, x, _y = engine_setup(pop=pop)
     with one_thread():
         ref = one_by_one(net, p, x)
     assert torch.equal(Engine(net, s, chunk=chunk).logits(p, x), ref)
@@ -173,7 +172,7 @@ def test_full_rank_is_bit_identical_for_any_chunk_and_population(pop, chunk):
 
 @pytest.mark.parametrize("rank", [0, 2])
 def test_buffers_are_allocated_once_and_reused(rank):
-    net, s, pop, x, y = setup(rank=rank, pop=14)
+    net, s, pop, x, y = engine_setup(rank=rank, pop=14)
     engine = Engine(net, s, chunk=4)
     engine.losses(pop, x, y)
     first = {k: v.data_ptr() for k, v in engine._bufs.items()}
@@ -183,7 +182,7 @@ def test_buffers_are_allocated_once_and_reused(rank):
 
 
 def test_every_member_starts_on_a_cache_line(monkeypatch):
-    net, s, pop, x, y = setup(pop=8)
+    net, s, pop, x, y = engine_setup(pop=8)
     assert s.layout.n % ALIGN  # 2,477 parameters: back to back, members would start misaligned
     seen = []
 
@@ -207,7 +206,7 @@ def test_a_diverged_member_is_nan_alone_and_its_error_is_nan_too():
     """sigma 10**12.4: 13 of 20 members overflow to NaN logits. The others keep their own exact
     losses; a NaN member's argmax still names a class (accuracy up to 42% here), so its error
     fitness is NaN, to rank worst as its loss does."""
-    net, s, pop, x, y = setup(sigma=10**12.4, pop=20)
+    net, s, pop, x, y = engine_setup(sigma=10**12.4, pop=20)
     loss, acc = Engine(net, s, chunk=4).losses(pop, x, y, with_accuracy=True)
     with one_thread():
         logits = one_by_one(net, pop, x)
@@ -243,7 +242,7 @@ def test_lowrank_is_exactly_its_claimed_formulation(semantics, rank, sizes):
     layer's width (7 > 5 outputs) is allowed: the perturbation is then full rank. Ranks 1-2 are
     left to the tolerance test below: for products that narrow MKL picks kernels whose sums run
     in another order than a member's own ``h @ A`` (last bits, measured up to 5e-6)."""
-    net, s, pop, x, _y = setup(semantics, rank=rank, sizes=sizes)
+    net, s, pop, x, _y = engine_setup(semantics, rank=rank, sizes=sizes)
     rule, layout = net.under(), s.layout
     factors = pop.lowrank_factors(range(s.pairs))
     refs = []
@@ -268,7 +267,7 @@ def test_lowrank_is_exactly_its_claimed_formulation(semantics, rank, sizes):
 @pytest.mark.parametrize("rank", [1, 2])
 def test_lowrank_matches_the_explicit_perturbed_net_to_float_tolerance(sizes, rank):
     # IEEE: no threshold a rounding error could cross
-    net, s, pop, x, _y = setup(IEEE, rank=rank, sizes=sizes)
+    net, s, pop, x, _y = engine_setup(IEEE, rank=rank, sizes=sizes)
     out = Engine(net, s).logits(pop, x)
     ref = one_by_one(net, pop, x)  # x @ (W + A @ Bs.T), materialised
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
@@ -279,7 +278,7 @@ def test_lowrank_matches_the_explicit_perturbed_net_to_float_tolerance(sizes, ra
 def test_every_flush_goes_through_the_engines_rule(rank):
     """``bench.ftz_share`` times the flush by swapping ``Engine.rule`` for the identity: swapped,
     the engine must compute the float-blind net (no flush left anywhere), full rank bit for bit."""
-    net, s, pop, x, _y = setup(TF_GPU, rank=rank)
+    net, s, pop, x, _y = engine_setup(TF_GPU, rank=rank)
     engine = Engine(net, s)
     real = engine.logits(pop, x)
     engine.rule = lambda u: u
@@ -309,7 +308,7 @@ def test_inplace_rule_is_the_dead_zone():
 
 
 def test_engine_refuses_mismatched_inputs():
-    net, s, pop, x, y = setup()
+    net, s, pop, x, y = engine_setup()
     with pytest.raises(ValueError, match="do not match"):
         Engine(DeepLinear([24, 8, 5]), s)
     with pytest.raises(ValueError, match="batch, 24"):

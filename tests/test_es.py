@@ -348,3 +348,9 @@ def test_a_strategy_refuses_a_device_or_table_this_machine_lacks():
         with pytest.raises(ValueError, match=r"noise table of \d+ values needs [0-9.]+ GiB, more "
                                              r"than this machine's [0-9.]+ GiB; lower table_size"):
             es.Strategy(layout, pop=4, table_size=too_big)
+        too_many = 2 * (memory // es.MEMBER_BYTES // 2 + 1)
+        with pytest.raises(ValueError, match=r"a population of \d+ needs about [0-9.]+ GiB for "
+                                             r"its offsets, losses and ranks, more than this "
+                                             r"machine's [0-9.]+ GiB; lower pop \(--pop\)"):
+            es.Strategy(layout, pop=too_many)
+        es.Strategy(layout, pop=2 * (too_many // 8))  # a quarter of the machine is allowed

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from deeplinear.arithmetic import CPU_FTZ_DAZ, FORMATS, IEEE, TF_GPU, Semantics
+from deeplinear.es import physical_memory
 from deeplinear.nets import DeepLinear
 from deeplinear.probes import (
     BLOG_EXAMPLES,
@@ -242,3 +243,14 @@ def test_implicit_activation_takes_a_list_and_probe_report_a_whole_n():
         implicit_activation(net, x0, d, [[0.0]], layer=0, unit=1)
     with pytest.raises(ValueError, match=r"n must be a positive whole number of inputs, got 1\.5"):
         probe_report([4, 8, 3], ["TF_GPU"], n=1.5)
+
+
+def test_probe_report_refuses_inputs_larger_than_this_machine():
+    memory = physical_memory()
+    if not memory:
+        pytest.skip("the OS does not say how much memory this machine has")
+    n = memory // (8 * 4) + 1  # x and y of width 4 together just over the machine
+    with pytest.raises(ValueError, match=rf"n={n} inputs of width 4 need [0-9.]+ GiB for x and y "
+                                         r"alone, more than this machine's [0-9.]+ GiB; lower n "
+                                         r"\(--n\)"):
+        probe_report([4, 8, 3], ["TF_GPU"], n=n)

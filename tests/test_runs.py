@@ -166,15 +166,57 @@ def test_resume_drops_a_last_metrics_line_cut_short(tmp_path):
     (lambda d: (d / "metrics.jsonl").write_text('{"loss": 1}\n{"step": 2}\n'),
      "metrics.jsonl: line 1 is not a metrics row"),
     (lambda d: (d / "metrics.jsonl").unlink(), "metrics.jsonl: missing"),
-    (lambda d: (d / "config.json").unlink(), "config.json: missing"),
+    (lambda d: (d / "metrics.jsonl").write_text(""),
+     "metrics.jsonl: 0 rows up to step 1, but the checkpoint was written after 1"),
     (lambda d: (d / "config.json").write_text("[1, 2]"), "config.json: not a run's config"),
+    (lambda d: (d / "config.json").write_text("{lr"), "config.json: not valid JSON"),
 ])
 def test_resume_with_damaged_run_files_is_one_line_naming_the_file(tmp_path, damage, message):
-    Run.open(tmp_path, {"lr": 0.1}).checkpoint({"step": 1})
+    run = Run.open(tmp_path, {"lr": 0.1})
+    run.log({"step": 1})
+    run.checkpoint({"step": 1})
     damage(tmp_path)
     with pytest.raises((ValueError, FileNotFoundError), match=message) as e:
         Run.open(tmp_path, {"lr": 0.1}, resume=True)
     assert len(str(e.value).splitlines()) == 1 and "another --out" in str(e.value)
+
+
+def test_resume_counts_the_metrics_rows_the_checkpoint_saw(tmp_path):
+    run = Run.open(tmp_path, {"lr": 0.1})
+    for step in (1, 2, 3):
+        run.log({"step": step})
+    run.checkpoint({"step": 3})
+    run.log({"step": 4})  # after the checkpoint: dropped on resume, not missed
+    resumed = Run.open(tmp_path, {"lr": 0.1}, resume=True)
+    assert resumed.rows == 3 and resumed.metrics() == [{"step": s} for s in (1, 2, 3)]
+    resumed.log({"step": 4})
+    resumed.checkpoint({"step": 4})
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines[:1] + lines[2:]) + "\n")
+    with pytest.raises(ValueError, match=r"3 rows up to step 4, but the checkpoint was written "
+                                         r"after 4, so part of the run's history is lost"):
+        Run.open(tmp_path, {"lr": 0.1}, resume=True)
+    # a checkpoint from before the count was recorded resumes as it did
+    atomic_save({"step": 4, "run_config": {"lr": 0.1}}, tmp_path / "checkpoint.pt")
+    assert Run.open(tmp_path, {"lr": 0.1}, resume=True).rows == 3
+
+
+def test_resume_restores_a_deleted_config_from_the_checkpoints_copy(tmp_path):
+    config = {"lr": 0.1, "sizes": (2, 3)}
+    Run.open(tmp_path, config).checkpoint({"step": 1})
+    written = (tmp_path / "config.json").read_text()
+    (tmp_path / "config.json").unlink()
+    with pytest.raises(ValueError, match=r"config differs in lr"):  # still judged, not rewritten
+        Run.open(tmp_path, {**config, "lr": 0.2}, resume=True)
+    assert not (tmp_path / "config.json").exists()
+    assert Run.open(tmp_path, config, resume=True).resumed_state["step"] == 1
+    assert (tmp_path / "config.json").read_text() == written
+    # a checkpoint without the copy (an earlier version's) cannot restore it
+    (tmp_path / "config.json").unlink()
+    atomic_save({"step": 1}, tmp_path / "checkpoint.pt")
+    with pytest.raises(ValueError, match=r"config.json: missing; restore it or start the run "
+                                         r"again in another --out"):
+        Run.open(tmp_path, config, resume=True)
 
 
 def test_resume_refuses_a_checkpoint_copied_from_another_run(tmp_path):

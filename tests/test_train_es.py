@@ -202,23 +202,35 @@ def test_a_cuda_device_this_machine_lacks_names_the_ones_it_has(monkeypatch):
         train(net(), rings(), Config(**FAST, device="cuda:2"), progress=False)
 
 
+# torch's per-backend fp32_precision settings arrived in 2.9; older versions have only the others
+FP32_PRECISION_API = hasattr(torch.backends.mkldnn, "matmul")
+needs_fp32_precision = pytest.mark.skipif(not FP32_PRECISION_API,
+                                          reason="torch < 2.9 has no fp32_precision settings")
+
+
 @pytest.fixture
 def restore_matmul_precision():
     yield
-    torch.backends.cuda.matmul.fp32_precision = "none"
-    torch.backends.mkldnn.matmul.fp32_precision = "none"
+    if FP32_PRECISION_API:
+        torch.backends.cuda.matmul.fp32_precision = "none"
+        torch.backends.mkldnn.matmul.fp32_precision = "none"
+    torch.backends.cuda.matmul.allow_tf32 = False
     torch.set_float32_matmul_precision("highest")
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 @pytest.mark.parametrize("reduce, says", [
-    (lambda: torch.set_float32_matmul_precision("high"), r"precision is 'high'.*'highest'"),
-    (lambda: setattr(torch.backends.cuda.matmul, "allow_tf32", True), r"precision is 'high'"),
-    (lambda: setattr(torch.backends.cuda.matmul, "fp32_precision", "tf32"),
-     r"torch.backends.cuda.matmul.fp32_precision is 'tf32'.*'ieee'"),
-    (lambda: setattr(torch.backends.mkldnn.matmul, "fp32_precision", "bf16"),
-     r"torch.backends.mkldnn.matmul.fp32_precision is 'bf16'"),
-], ids=["precision_high", "allow_tf32", "cuda_fp32_precision", "mkldnn_bf16"])
+    pytest.param(lambda: torch.set_float32_matmul_precision("high"),
+                 r"precision is 'high'.*'highest'", id="precision_high"),
+    pytest.param(lambda: setattr(torch.backends.cuda.matmul, "allow_tf32", True),
+                 r"precision is 'high'", id="allow_tf32"),
+    pytest.param(lambda: setattr(torch.backends.cuda.matmul, "fp32_precision", "tf32"),
+                 r"torch.backends.cuda.matmul.fp32_precision is 'tf32'.*'ieee'",
+                 id="cuda_fp32_precision", marks=needs_fp32_precision),
+    pytest.param(lambda: setattr(torch.backends.mkldnn.matmul, "fp32_precision", "bf16"),
+                 r"torch.backends.mkldnn.matmul.fp32_precision is 'bf16'",
+                 id="mkldnn_bf16", marks=needs_fp32_precision),
+])
 def test_reduced_precision_float32_matmuls_are_refused(device, reduce, says, monkeypatch,
                                                         restore_matmul_precision):
     """TF32 (or oneDNN's bfloat16 passes) would round every product's inputs: no float32

@@ -169,6 +169,7 @@ class Run:
     dir: Path
     config: dict[str, Any]
     resumed_state: dict[str, Any] | None = None
+    rows: int = 0  # metrics rows in the file, recorded in each checkpoint
 
     @classmethod
     def open(cls, directory: str | Path, config: dict[str, Any], resume: bool = False,
@@ -212,12 +213,23 @@ class Run:
                 if (d / "final.pt").exists():
                     raise FileNotFoundError(_finished(d))
                 raise FileNotFoundError(f"cannot resume: no checkpoint in {d}; drop --resume")
+            state = load_file(ckpt, "checkpoint", "start the run again in another --out")
+            if not isinstance(state, dict) or "step" not in state:
+                raise ValueError(f"{ckpt}: not a deeplinear checkpoint (no step); start the run "
+                                 "again in another --out")
+            # the checkpoint's copy of the config, as JSON would give it back (tuples as lists)
+            recorded = json.loads(json.dumps(state["run_config"])) if "run_config" in state \
+                else None
             try:
                 saved = json.loads(cfg_path.read_text())
+            except FileNotFoundError:
+                if recorded is None:  # a checkpoint from before run_config was saved in it
+                    raise ValueError(f"{cfg_path}: missing; restore it or start the run again "
+                                     "in another --out") from None
+                saved = recorded  # written back below, once the settings are known to match
             except (OSError, ValueError) as e:
-                why = "missing" if isinstance(e, FileNotFoundError) else f"not valid JSON ({e})"
-                raise ValueError(f"{cfg_path}: {why}; restore it or start the run again in "
-                                 "another --out") from None
+                raise ValueError(f"{cfg_path}: not valid JSON ({e}); restore it or start the "
+                                 "run again in another --out") from None
             if not isinstance(saved, dict):
                 raise ValueError(f"{cfg_path}: not a run's config (a JSON object); restore it or "
                                  "start the run again in another --out")
@@ -225,16 +237,19 @@ class Run:
             if diff:
                 raise ValueError(f"cannot resume {d}: config differs in {', '.join(diff)}; "
                                  "resume with the run's own settings or start another --out")
-            state = load_file(ckpt, "checkpoint", "start the run again in another --out")
-            if not isinstance(state, dict) or "step" not in state:
-                raise ValueError(f"{ckpt}: not a deeplinear checkpoint (no step); start the run "
-                                 "again in another --out")
-            if "run_config" in state and _changes(
-                    json.loads(json.dumps(state["run_config"])), config, defaults or {}):
+            if recorded is not None and _changes(recorded, config, defaults or {}):
                 raise ValueError(f"{ckpt}: written by another run than {cfg_path} describes; "
                                  "restore this run's checkpoint or start again in another --out")
+            if not cfg_path.exists():
+                atomic_write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n", cfg_path)
             run = cls(d, config, state)
-            run._truncate_metrics(state["step"])
+            run.rows = run._truncate_metrics(state["step"])
+            expected = state.get("metrics_rows", 0)  # checkpoints before it was recorded: 0
+            if run.rows < expected:
+                raise ValueError(f"{d / 'metrics.jsonl'}: {run.rows} rows up to step "
+                                 f"{state['step']}, but the checkpoint was written after "
+                                 f"{expected}, so part of the run's history is lost; restore it "
+                                 "or start the run again in another --out")
             return run
         if (d / "checkpoint.pt").exists() or (d / "final.pt").exists():
             raise FileExistsError(_taken(d, config, defaults or {}))
@@ -263,9 +278,10 @@ class Run:
                 (self.dir / name).unlink(missing_ok=True)
             self.dir.rmdir()
 
-    def _truncate_metrics(self, step: int) -> None:
-        """Keep the rows up to the checkpoint's ``step``. A last line cut short (the process died
-        while appending it) is dropped; damage anywhere else is an error naming the line."""
+    def _truncate_metrics(self, step: int) -> int:
+        """Keep the rows up to the checkpoint's ``step`` and return how many. A last line cut
+        short (the process died while appending it) is dropped; damage anywhere else is an error
+        naming the line."""
         path = self.dir / "metrics.jsonl"
         fix = "restore it or start the run again in another --out"
         try:
@@ -286,10 +302,12 @@ class Run:
             if row["step"] <= step:
                 rows.append(line)
         atomic_write_text("".join(r + "\n" for r in rows), path)
+        return len(rows)
 
     def log(self, row: dict[str, Any]) -> None:
         with open(self.dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row, sort_keys=True) + "\n")
+        self.rows += 1
 
     def metrics(self) -> list[dict[str, Any]]:
         text = (self.dir / "metrics.jsonl").read_text()
@@ -297,8 +315,10 @@ class Run:
 
     def checkpoint(self, state: dict[str, Any]) -> None:
         """Save resumable state; must contain ``step``. The run's config is saved with it, so a
-        checkpoint copied in from another run is refused on resume instead of half-loaded."""
-        atomic_save({**state, "run_config": self.config}, self.dir / "checkpoint.pt")
+        checkpoint copied in from another run is refused on resume instead of half-loaded; so is
+        the count of metrics rows, so a resume notices history lost from ``metrics.jsonl``."""
+        atomic_save({**state, "run_config": self.config, "metrics_rows": self.rows},
+                    self.dir / "checkpoint.pt")
 
     def resumed(self, *keys: str) -> dict[str, Any] | None:
         """The checkpoint's state when resuming (else None), checked to hold ``keys``: a
