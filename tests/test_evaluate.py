@@ -149,6 +149,25 @@ def test_paired_p_value_is_the_exact_two_sided_binomial_test(n10, n01):
     assert r == {**evaluate.paired(b, a), "a_only": n10, "b_only": n01}  # symmetric p
 
 
+@settings(deadline=None)
+@given(st.integers(1, 5000).flatmap(lambda n: st.tuples(st.integers(0, n), st.just(n))))
+def test_interval_is_the_wilson_score_interval(kn):
+    k, n = kn
+    expected = binomtest(k, n).proportion_ci(0.95, method="wilson")
+    lo, hi = evaluate.interval(k / n, n)
+    assert lo == pytest.approx(expected.low, abs=1e-4) and hi == pytest.approx(expected.high,
+                                                                               abs=1e-4)
+    assert 0 <= lo <= k / n <= hi <= 1
+
+
+def test_interval_of_known_cases_and_bad_input():
+    assert evaluate.interval(0.5, 100) == pytest.approx((0.4038, 0.5962), abs=1e-4)
+    assert evaluate.interval(0.0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    for acc, n in ((0.5, 0), (1.5, 10), (0.5, 2.5), (float("nan"), 10)):
+        with pytest.raises(ValueError, match="need an accuracy in \\[0, 1\\] over n >= 1"):
+            evaluate.interval(acc, n)
+
+
 def test_paired_needs_the_same_samples():
     with pytest.raises(ValueError, match="same length"):
         evaluate.paired(torch.ones(3, dtype=torch.bool), torch.ones(4, dtype=torch.bool))

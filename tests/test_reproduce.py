@@ -1,4 +1,5 @@
 import json
+import math
 import re
 import shutil
 import time
@@ -333,10 +334,11 @@ def test_the_report_tables_show_each_methods_own_figures(out):
         if line.startswith("| "):
             cells = [c.strip() for c in line.strip("|").split("|")]
             rows.setdefault(cells[0], []).append(cells[1:])
-    methods = results["tasks"][0]["methods"]
+    methods, n = results["tasks"][0]["methods"], results["tasks"][0]["n_test"]
     ported = 0
     for name, r in methods.items():
-        assert rows[name][0][:2] == [report._pct(r["train_acc"]), report._pct(r["test_acc"])]
+        assert rows[name][0][:3] == [report._pct(r["train_acc"]), report._pct(r["test_acc"]),
+                                     report._interval(r["test_acc"], n)]
         if r.get("portability"):
             ported += 1
             shown = rows[name][1]
@@ -498,10 +500,32 @@ def test_results_table_columns_are_train_then_test():
                               "evaluated_in": "float32", "run": "d/m"},
                         "older": {"train_acc": 0.5, "test_acc": 0.4}}}  # results before "run"
     table = report.results_table(task)
-    assert table.splitlines()[0] == ("| method | train | test | wall (s) | evaluated in | run "
-                                     "directory |")
-    assert table.splitlines()[2] == "| m | 90.0% | 80.0% | 1.2 | float32 | `d/m` |"
-    assert table.splitlines()[3] == "| older | 50.0% | 40.0% | 0.0 |  | — |"
+    assert table.splitlines()[0] == ("| method | train | test | test, 95% interval | wall (s) | "
+                                     "evaluated in | run directory |")
+    assert table.splitlines()[2] == "| m | 90.0% | 80.0% | — | 1.2 | float32 | `d/m` |"
+    assert table.splitlines()[3] == "| older | 50.0% | 40.0% | — | 0.0 |  | — |"
+    task["n_test"] = 100  # recorded since: the Wilson interval of 80 of 100 is 71.1-86.7%
+    row = report.results_table(task).splitlines()[2]
+    assert row.startswith("| m | 90.0% | 80.0% | 71.1-86.7 |")
+
+
+def test_paired_tests_count_the_test_samples_each_method_alone_gets_right(out):
+    """The paired table agrees with the accuracy table: over the same n test samples, 'only A
+    right' minus 'only B right' is the difference of their counts of correct answers."""
+    results = json.loads((out / "results.json").read_text())
+    task = results["tasks"][0]
+    methods, n = task["methods"], task["n_test"]
+    assert n == len(load_dataset("checkerboard").y_test)
+    pairs = task["paired"]
+    assert len(pairs) == math.comb(len(methods), 2)
+    for p in pairs:
+        a, b = methods[p["a"]]["test_acc"], methods[p["b"]]["test_acc"]
+        assert p["a_only"] - p["b_only"] == round(n * a) - round(n * b)
+        assert 0 < p["p_value"] <= 1
+    md = (out / "report.md").read_text()
+    assert "| A / B | only A right | only B right | p (exact McNemar) |" in md
+    assert md.count(f"| {pairs[0]['a']} / {pairs[0]['b']} | {pairs[0]['a_only']} |") == 1
+    assert f"Wilson score interval over the {n} test samples" in md
 
 
 def test_html_tables_have_a_header_row():

@@ -19,6 +19,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from deeplinear.evaluate import interval
+
 DPI = 110  # every PNG of a report or probe: small files, readable when embedded in HTML
 
 
@@ -99,15 +101,33 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def _interval(acc: float | None, n: int | None) -> str:
+    if acc is None or n is None:  # results written before the test size was recorded
+        return "—"
+    lo, hi = interval(acc, n)
+    return f"{100 * lo:.1f}-{100 * hi:.1f}"
+
+
 def results_table(task: dict[str, Any]) -> str:
     rows = []
     for name, r in task["methods"].items():
         rows.append([
             name, _pct(r.get("train_acc")), _pct(r.get("test_acc")),
+            _interval(r.get("test_acc"), task.get("n_test")),
             f"{r.get('wall_s', 0):.1f}", r.get("evaluated_in", ""),
             f"`{r['run']}`" if "run" in r else "—",
         ])
-    return _table(["method", "train", "test", "wall (s)", "evaluated in", "run directory"], rows)
+    return _table(["method", "train", "test", "test, 95% interval", "wall (s)", "evaluated in",
+                   "run directory"], rows)
+
+
+def paired_table(task: dict[str, Any]) -> str:
+    """The exact McNemar test of each pair of methods (``reproduce.paired_tests``)."""
+    rows = [[f"{p['a']} / {p['b']}", str(p["a_only"]), str(p["b_only"]),
+             f"{p['p_value']:.2g}" if p["p_value"] > 0 else "< 1e-300"]
+            for p in task.get("paired", [])]
+    return _table(["A / B", "only A right", "only B right", "p (exact McNemar)"], rows) if rows \
+        else ""
 
 
 def portability_table(task: dict[str, Any]) -> str:
@@ -127,6 +147,16 @@ def render(results: dict[str, Any], out: Path) -> tuple[Path, Path]:
     for task in results["tasks"]:
         md.append(f"## {task['dataset']}\n\n{task['description']}\n")
         md.append(results_table(task) + "\n")
+        if "n_test" in task:
+            md.append(f"Test, 95% interval: Wilson score interval over the {task['n_test']} test "
+                      "samples; it covers the draw of the test set, not the seed-to-seed spread "
+                      "of training (one seed per method).\n")
+        pairs = paired_table(task)
+        if pairs:
+            md.append("Paired: each pair of methods on the same test samples; p is the chance "
+                      "of a split at least this uneven between the samples only one of the two "
+                      "gets right, were both equally good (exact McNemar test).\n\n"
+                      + pairs + "\n")
         port = portability_table(task)
         if port:
             md.append("Portability: test accuracy of the same weights in true float32 under each "

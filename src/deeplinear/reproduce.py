@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -190,6 +191,18 @@ def decision_grid(model: nn.Module, data: Dataset, n: int = 200) -> tuple[Any, A
     return xx.numpy(), yy.numpy(), zz.numpy()
 
 
+def paired_tests(models: dict[str, nn.Module], data: Dataset) -> list[dict[str, Any]]:
+    """Every pair of methods scored on the same test samples (:func:`evaluate.paired`, exact
+    McNemar): which of the table's differences this test set can tell from chance. Deep linear
+    nets run in exact mode, as for their test accuracy."""
+    correct = {}
+    for name, model in models.items():
+        mode: Mode = "exact" if isinstance(model, DeepLinear) else "scaled"
+        correct[name] = evaluate.logits(model, data.x_test, mode).argmax(1) == data.y_test
+    return [{"a": a, "b": b, **evaluate.paired(correct[a], correct[b])}
+            for a, b in itertools.combinations(correct, 2)]
+
+
 def run_task(name: str, data: Dataset, steps: Budget, semantics: Semantics, seed: int, out: Path,
              resume: bool, data_dir: str | None = None,
              count: tuple[int, int] | None = None) -> dict[str, Any]:
@@ -208,7 +221,8 @@ def run_task(name: str, data: Dataset, steps: Budget, semantics: Semantics, seed
     aware = models["deep linear, float-aware backprop"]
     assert isinstance(aware, DeepLinear)  # methods() builds it
     task: dict[str, Any] = {
-        "dataset": name, "sizes": sizes,
+        "dataset": name, "sizes": sizes, "n_test": len(data.y_test),
+        "paired": paired_tests(models, data),
         "description": (f"{data.n_features} features, {data.n_classes} classes, "
                         f"{len(data.y_train)} train / {len(data.y_test)} test; deep linear "
                         f"sizes {'-'.join(map(str, sizes))}, scale 2^{aware.scale_exp}."
