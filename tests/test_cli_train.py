@@ -870,8 +870,13 @@ def test_train_help_shows_each_methods_defaults_from_the_trainers_configs(capsys
 def test_the_slow_final_evaluation_is_announced_unless_quiet(tmp_path, capsys):
     args = ["train", "--dataset", "rings", "--sizes", "2,8,2", "--steps", "2", "--n-test", "40"]
     assert main([*args, "--out", str(tmp_path / "a")]) == 0
-    note = ("evaluating 40 test samples in exact float32 under TF_GPU, IEEE, CPU_FTZ_DAZ and "
-            "collapsed\n")
+    note = "evaluating 40 test samples in exact mode under TF_GPU, IEEE, CPU_FTZ_DAZ, collapsed\n"
     assert note in capsys.readouterr().err
     assert main([*args, "--out", str(tmp_path / "b"), "--quiet"]) == 0
     assert "evaluating" not in capsys.readouterr().err
+    # eval announces it too, naming the semantics it was asked for
+    assert main(["eval", str(tmp_path / "a")]) == 0
+    assert note in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "a"), "--semantics", "IEEE,collapsed"]) == 0
+    assert "evaluating 40 test samples in exact mode under IEEE, collapsed\n" in \
+        capsys.readouterr().err

@@ -455,7 +455,8 @@ def test_progress_numbers_every_method_and_announces_the_slow_exact_evaluation(t
     assert [line.split("]")[0] for line in numbered] == [f"[{i}/10" for i in range(1, 11)]
     assert numbered[0] == "[1/10] checkerboard: softmax regression"
     assert numbered[5] == "[6/10] parity: softmax regression"
-    evaluating = [line for line in lines if line.startswith("  evaluating in exact float32")]
+    announced = "  evaluating in exact mode under TF_GPU, IEEE, CPU_FTZ_DAZ, collapsed"
+    evaluating = [line for line in lines if line == announced]
     assert len(evaluating) == 6  # the three deep linear nets of each dataset
 
 

@@ -139,14 +139,9 @@ def portability(net: DeepLinear, data: Dataset, batch_size: int = BATCH) -> dict
         raise ValueError(f"portability runs a DeepLinear under each float semantics; a "
                          f"{type(net).__name__} has none: score it with evaluate.accuracy")
     check_fits(net, data)
-    own = semantics_name(net)
+    own, variants = _variants(net)
     acc: dict[str, float] = {}
     seconds: dict[str, float] = {}
-    variants: dict[str, DeepLinear | Semantics] = dict(PRESETS)
-    if net.regime is not None:  # a regime is its own arithmetic: no float32 preset replaces it
-        own, variants = net.regime.label, {net.regime.label: net}
-    elif own == "custom":
-        variants = {own: net, **PRESETS}
     for name, variant in variants.items():
         t0 = time.perf_counter()
         other = variant if isinstance(variant, DeepLinear) else _with_semantics(net, variant)
@@ -156,6 +151,21 @@ def portability(net: DeepLinear, data: Dataset, batch_size: int = BATCH) -> dict
     acc[COLLAPSED] = collapsed_accuracy(net, data.x_test, data.y_test)
     seconds[COLLAPSED] = time.perf_counter() - t0
     return {"own": own, "test_acc": acc, "seconds": seconds, "n_test": len(data.y_test)}
+
+
+def _variants(net: DeepLinear) -> tuple[str, dict[str, DeepLinear | Semantics]]:
+    """The net's own arithmetic's name, and what :func:`portability` runs its weights under."""
+    own = semantics_name(net)
+    if net.regime is not None:  # a regime is its own arithmetic: no float32 preset replaces it
+        return net.regime.label, {net.regime.label: net}
+    if own == "custom":
+        return own, {own: net, **PRESETS}
+    return own, dict(PRESETS)
+
+
+def portability_names(net: DeepLinear) -> list[str]:
+    """The columns :func:`portability` measures for ``net``, in order (for progress messages)."""
+    return [*_variants(net)[1], COLLAPSED]
 
 
 def collapsed_accuracy(net: DeepLinear, x: Tensor, y: Tensor) -> float:

@@ -153,7 +153,7 @@ def run_method(method: Method, data: Dataset, sizes: list[int], seed: int, out: 
     res: dict[str, Any] = {"curve": curve, "wall_s": wall}
     if isinstance(model, DeepLinear):
         # tens of seconds on a large test set (subnormal arithmetic): not in silence
-        print(f"  evaluating in exact float32 under {', '.join(PRESETS)} and collapsed",
+        print(f"  evaluating in exact mode under {', '.join(evaluate.portability_names(model))}",
               flush=True)
         n = TRAIN_EVAL_N  # exact mode runs subnormal arithmetic: a subset of a large train set
         res["train_acc"] = evaluate.accuracy(model, data.x_train[:n], data.y_train[:n], "exact")

@@ -305,8 +305,8 @@ def final_results(model: nn.Module, data: Any, progress: bool = False) -> dict[s
 
     if isinstance(model, DeepLinear):
         if progress:  # subnormal arithmetic: ~10-20 s on a Fashion-MNIST test set, not in silence
-            print(f"evaluating {len(data.y_test)} test samples in exact float32 under "
-                  f"{', '.join(PRESETS)} and collapsed", file=sys.stderr, flush=True)
+            print(f"evaluating {len(data.y_test)} test samples in exact mode under "
+                  f"{', '.join(evaluate.portability_names(model))}", file=sys.stderr, flush=True)
         return evaluate.portability(model, data)
     return {"test_acc": {"float32": evaluate.accuracy(model, data.x_test, data.y_test)}}
 
