@@ -254,3 +254,10 @@ def test_probe_report_refuses_inputs_larger_than_this_machine():
                                          r"alone, more than this machine's [0-9.]+ GiB; lower n "
                                          r"\(--n\)"):
         probe_report([4, 8, 3], ["TF_GPU"], n=n)
+
+
+def test_probe_report_shows_progress_on_stderr_unless_asked_not_to(capsys):
+    probe_report([4, 8, 3], ["TF_GPU", "IEEE"], n=8)
+    assert capsys.readouterr().err.startswith("probe 1/10 ")  # five diagnostics per semantics
+    probe_report([4, 8, 3], ["TF_GPU", "IEEE"], n=8, progress=False)
+    assert capsys.readouterr().err == ""
