@@ -194,6 +194,14 @@ def test_refuses_models_it_cannot_train():
         train(DeepLinear([3, 8, 2]), rings(), Config(**FAST), progress=False)
     with pytest.raises(ValueError, match=r"use ES for this net \(--method es\)"):
         train(net(sizes=[2, 128, 64, 2]), rings(), Config(**FAST), progress=False)
+    memory = es.physical_memory()
+    if memory:  # a population whose candidates do not fit in RAM
+        n = es.Layout.of(SIZES).n
+        pop = memory // (n * cmaes.CANDIDATE_PARAM_BYTES) + 1
+        with pytest.raises(ValueError, match=rf"a CMA-ES population of {pop} over {n} parameters "
+                                             r"needs about [0-9.]+ GiB, more than this "
+                                             r"machine's [0-9.]+ GiB; lower pop \(--pop\)"):
+            train(net(), rings(), Config(**{**FAST, "pop": pop}), progress=False)
 
 
 def test_without_the_cma_package_the_error_says_how_to_install_it(monkeypatch):

@@ -65,6 +65,11 @@ from deeplinear.train import (
 from deeplinear.train.backprop import calibrate_fresh
 
 MAX_PARAMS = 5000  # full covariance: 200 MB of float64 and an O(n^3) eigendecomposition
+# Host memory per candidate and parameter in a generation: cma keeps several float64 copies of
+# each candidate (measured with `deeplinear train --method cma-es --dataset spirals --sizes
+# 2,16,16,2 --steps 2`, 354 parameters: peak resident 673 MB at pop 4000, 1443 MB at 16000, so
+# ~180 bytes a candidate and parameter)
+CANDIDATE_PARAM_BYTES = 200
 
 
 @dataclass
@@ -160,6 +165,11 @@ def train(model: DeepLinear, data: Dataset, cfg: Config, run: Run | None = None,
     if layout.n > MAX_PARAMS:
         raise ValueError(f"CMA-ES keeps an n x n covariance and {model.sizes} has {layout.n} "
                          f"parameters (at most {MAX_PARAMS}); use ES for this net (--method es)")
+    memory, need = es.physical_memory(), (cfg.pop or 0) * layout.n * CANDIDATE_PARAM_BYTES
+    if memory and need > memory:  # else the OOM killer ends the run without a word
+        raise ValueError(f"a CMA-ES population of {cfg.pop} over {layout.n} parameters needs "
+                         f"about {need / 2**30:.1f} GiB, more than this machine's "
+                         f"{memory / 2**30:.1f} GiB; lower pop (--pop)")
     x, y = data.x_train, data.y_train
 
     g = torch.Generator().manual_seed(cfg.seed)
