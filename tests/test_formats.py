@@ -361,3 +361,19 @@ def test_a_float64_signalling_nan_stays_a_quiet_nan_in_every_format():
     assert fm.to_bits(x, "float32").item() == 0x7FC00000
     assert fm.to_bits(x, "float8_e5m2").item() == 0x7E
     assert fm.cast(x, "bfloat16").isnan().all()
+
+
+@pytest.mark.parametrize("name", ["float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2"])
+def test_round_precision_is_the_cast_without_its_range_at_any_scale(name):
+    """Inside the normal range it is the format's own cast (here torch's, round to nearest even);
+    and it commutes with powers of two, far outside any format's range."""
+    fmt = FORMATS[name]
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(1 << 14, generator=g, dtype=torch.float64) * 4
+    x = torch.cat([x, torch.tensor([0.0, -0.0, 1.0, 1 + 2.0**-fmt.precision])])  # a tie
+    normal = (x.abs() >= fmt.min_normal) | (x == 0)
+    r = fm.round_precision(x, fmt)
+    assert torch.equal(r[normal], x[normal].to(fmt.dtype).double())
+    for e in (-300, -140, 90, 300):
+        assert torch.equal(fm.round_precision(torch.ldexp(x, torch.tensor(e)), fmt),
+                           torch.ldexp(r, torch.tensor(e)))

@@ -89,15 +89,36 @@ def test_float32_facts_on_normal_inputs() -> None:
         s = rg.strength(Regime("ftz-deadzone", k), z)
         inside, resid = dead_zone_theory(t)
         assert s.threshold == t
-        assert abs(s.zeroed - inside) < 0.005 and abs(s.residual - resid) < 0.004
+        assert abs(s.zeroed - inside) < 0.005 and abs(s.residual**2 - resid) < 0.004
     assert round(dead_zone_theory(0.5)[0], 2) == 0.38 and round(dead_zone_theory(1)[0], 2) == 0.68
     assert round(dead_zone_theory(0.5)[1], 3) == 0.031 and round(dead_zone_theory(1)[1], 3) == 0.199
     weak = rg.strength(Regime("subnormal-staircase", 125), z)
-    assert weak.max_error <= 2.0**-25 and weak.residual < 1e-12 and weak.zeroed == 0
+    assert weak.max_error <= 2.0**-25 and weak.residual**2 < 1e-12 and weak.zeroed == 0
     strong = rg.sweep("subnormal-staircase", params=[141, 145, 149], z=z)
     for s, half_step in zip(strong, (2.0**-9, 2.0**-5, 0.5), strict=True):
         assert 0.99 * half_step < s.max_error <= half_step
-    assert strong[0].residual < 1e-5 < strong[1].residual < 1e-3 < 0.05 < strong[2].residual
+    r2 = [s.residual**2 for s in strong]  # 1 - R^2
+    assert r2[0] < 1e-5 < r2[1] < 1e-3 < 0.05 < r2[2]
+
+
+@pytest.mark.parametrize("format", ["float16", "bfloat16", "float8_e4m3fn", "float8_e5m2"])
+def test_strength_is_the_regimes_own_effect_not_the_formats_rounding(format) -> None:
+    """Against z rounded to the format: a regime that touches no N(0,1) value changes nothing
+    (against z itself every value of a narrow format 'changed'), and a dead zone changes
+    exactly the values it zeroes."""
+    z = rg.normal_sample(1 << 16, seed=5)
+    fmt = FORMATS[format]
+    k = int(math.log2(fmt.max)) - 3
+    none = rg.strength(Regime("saturation", k, format), z)
+    assert none.threshold >= 8  # no N(0,1) value reaches the clamp
+    # only values in the format's subnormal range at that scale may change (float8_e4m3fn's
+    # range is narrow enough for some of 2^16 samples to land there: 0.02%)
+    subnormal = math.ldexp(fmt.min_normal, -k)
+    assert none.changed <= float((z.abs() < subnormal).double().mean()) < 0.001
+    assert none.zeroed == 0 and none.max_error < subnormal
+    dead = rg.strength(Regime("ftz-deadzone", -3 - fmt.min_exp, format), z)  # below 2^-3
+    assert 0 < dead.zeroed == dead.changed < 0.5, dead
+    assert dead.max_error < 0.2
 
 
 def test_no_samples_is_a_one_line_error() -> None:
@@ -117,7 +138,7 @@ def test_strength_grows_with_the_parameter() -> None:
     z = rg.normal_sample(1 << 15, seed=4)
     for kind in KINDS:
         rows = rg.sweep(kind, "float16", z=z)
-        res = [s.residual for s in rows]
+        res = [s.residual**2 for s in rows]  # 1 - R^2
         assert res[-1] > 0.05 and res[0] < 0.01, (kind, res)
         text = rg.format_sweep(rows)
         assert len(text.splitlines()) == len(rows) + 1 and rows[0].regime in text

@@ -85,6 +85,19 @@ def round_to(x: Tensor, fmt: Format | str, *, ftz: bool = False,
     return r if x.dtype == torch.float64 else r.float()
 
 
+def round_precision(x: Tensor, fmt: Format | str) -> Tensor:
+    """``x`` (float64) rounded to nearest-even to ``fmt``'s significand bits with an unbounded
+    exponent: the format's rounding without its range (no subnormal grid, flush or overflow).
+
+    Why: scaling by a power of two commutes with it, so it is the part of a cast that a regime
+    at any scale shares, and what is left is the regime's own effect (:mod:`deeplinear.regimes`).
+    """
+    fmt = _format(fmt)
+    mantissa, exponent = torch.frexp(_float64(x))  # x = mantissa * 2**exponent, |m| in [0.5, 1)
+    return torch.ldexp(torch.round(torch.ldexp(mantissa, torch.tensor(fmt.precision))),
+                       exponent - fmt.precision)
+
+
 def quantize(x: Tensor, sem: Semantics | str) -> Tensor:
     """:func:`round_to` under a :class:`~deeplinear.arithmetic.Semantics` (or a preset's name):
     its format, its underflow (any flushing mode flushes; DAZ cannot matter for a cast to a
