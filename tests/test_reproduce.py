@@ -115,16 +115,14 @@ def test_cli_data_dir_with_only_built_in_datasets_is_an_error(tmp_path, capsys):
     assert "\n" not in err and "checkerboard are built in, so drop it" in err
 
 
-@pytest.mark.parametrize("flags, named", [(["--semantics", "IEEE"], "study sets its own "
-                                                                    "semantics per regime)"),
-                                          (["--threads", "2", "--semantics", "IEEE"],
-                                           "--semantics, --threads apply to --study methods only "
-                                           "(the regimes study sets its own semantics per regime, "
-                                           "sets its own threads); drop them"),
+@pytest.mark.parametrize("flags, named", [(["--semantics", "IEEE"],
+                                           "--semantics applies to --study methods only (the "
+                                           "regimes study sets its own semantics per regime); "
+                                           "drop it"),
                                           (["--threads", "0"], "--threads must be between 1 and")])
 def test_cli_regimes_study_refuses_the_methods_flags(tmp_path, capsys, flags, named):
-    """The regimes study sets its own semantics and threads: a flag it would ignore is refused,
-    not dropped silently."""
+    """The regimes study sets its own semantics: a flag it would ignore is refused, not dropped
+    silently."""
     assert main(["reproduce", "--study", "regimes", "--out", str(tmp_path), *flags]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and named in err
@@ -575,6 +573,31 @@ def test_cli_regimes_study_keeps_finished_models_and_resumes(tmp_path, capsys):
                                        "pass another --out) to start again\n")
     final.unlink()
     assert main([*args, "--resume"]) == 0 and (tmp_path / "regimes.md").read_text() == table
+
+
+def test_cli_regimes_study_trains_on_the_default_or_recorded_threads(tmp_path, capsys):
+    """Small nets' default is one thread, as in the methods study; --threads is taken; a resume
+    keeps the count the partial results were written with and refuses another."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        args = ["reproduce", "--study", "regimes", "--budget", "smoke", "--dataset", "parity"]
+        assert main([*args, "--out", str(tmp_path / "a")]) == 0
+        assert json.loads((tmp_path / "a" / "regimes_parity.json").read_text())["threads"] == 1
+        assert main([*args, "--out", str(tmp_path / "b"), "--threads", "2"]) == 0
+        final = tmp_path / "b" / "regimes_parity.json"
+        assert json.loads(final.read_text())["threads"] == 2
+        capsys.readouterr()
+        assert main([*args, "--out", str(tmp_path / "b"), "--resume", "--threads", "1"]) == 2
+        assert capsys.readouterr().err == (
+            f"deeplinear reproduce: error: {final} was written with --threads 2, not 1: a wide "
+            "net's sums depend on the count; resume without --threads (or with 2), or pass "
+            "another --out\n")
+        torch.set_num_threads(1)
+        assert main([*args, "--out", str(tmp_path / "b"), "--resume"]) == 0  # on its 2
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_a_resumed_reproduction_keeps_the_thread_count_its_runs_were_trained_with(tmp_path):

@@ -54,13 +54,9 @@ def run(args: argparse.Namespace) -> int:
         args.out = str(default_out(args.budget))
     check_threads(args.threads, "--threads")
     if args.study == "regimes":
-        ignored = [(flag, why) for flag, given, why in (
-            ("--semantics", args.semantics != "TF_GPU", "sets its own semantics per regime"),
-            ("--threads", args.threads is not None, "sets its own threads")) if given]
-        if ignored:
-            flags, whys = (", ".join(part) for part in zip(*ignored, strict=True))
-            raise ValueError(f"{flags} apply to --study methods only (the regimes study {whys}); "
-                             "drop them")
+        if args.semantics != "TF_GPU":
+            raise ValueError("--semantics applies to --study methods only (the regimes study sets "
+                             "its own semantics per regime); drop it")
         return run_regimes_study(datasets, args)
     if args.resume and not any(Path(args.out).glob("*/*/*.pt")):
         print(f"nothing to resume in {args.out}: starting a new reproduction", file=sys.stderr)
@@ -79,11 +75,36 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def study_threads(partial: Path, asked: int | None, default: int) -> int:
+    """The torch threads a regimes study trains with: those its partial results were written
+    with (a resume), else ``--threads``, else the methods study's default.
+
+    Why: the study records its thread count and a resume must match it (a wide net's sums depend
+    on it); before this default the study took torch's own count, on which small nets train
+    slower (:func:`deeplinear.reproduce.default_threads`)."""
+    import json
+
+    try:
+        recorded = json.loads(partial.read_text()).get("threads")
+    except (OSError, ValueError, AttributeError):
+        recorded = None  # none yet; a damaged file is named by the study itself
+    if recorded is not None and asked is not None and asked != recorded:
+        raise ValueError(f"{partial} was written with --threads {recorded}, not {asked}: a wide "
+                         "net's sums depend on the count; resume without --threads (or with "
+                         f"{recorded}), or pass another --out")
+    return recorded if isinstance(recorded, int) else asked or default
+
+
 def run_regimes_study(datasets: tuple[str, ...], args: argparse.Namespace) -> int:
     """Write ``regimes_<dataset>.json`` and ``regimes.md`` (the regime x method table)."""
     import json
 
+    import torch
+
+    from deeplinear.data import load_dataset
+    from deeplinear.nets import default_sizes
     from deeplinear.regimes import format_study, study
+    from deeplinear.reproduce import default_threads
     from deeplinear.runs import atomic_write_text, make_dir
 
     out = make_dir(Path(args.out))
@@ -98,6 +119,10 @@ def run_regimes_study(datasets: tuple[str, ...], args: argparse.Namespace) -> in
         partial = partials[name]
         if args.resume and final.exists() and not partial.exists():
             partial = final  # checked against the settings like any partial (and named)
+        data = load_dataset(name, data_dir=data_dir_for(name, args.data_dir), seed=args.seed)
+        torch.set_num_threads(study_threads(  # for the whole command, as --threads promises
+            partial, args.threads, default_threads([default_sizes(data.n_features,
+                                                                  data.n_classes)])))
         try:
             result = study(name, budget=args.budget, seed=args.seed,
                            data_dir=data_dir_for(name, args.data_dir), progress=True,
