@@ -151,7 +151,8 @@ def test_a_closed_pipe_is_not_an_error(float_aware_run):
                           "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     p.stdout.close()
     assert p.wait(timeout=120) == 141
-    assert p.stderr.read() == b""
+    err = p.stderr.read().decode().splitlines()
+    assert len(err) == 1 and err[0].startswith("evaluating ")  # its announcement, no error
 
 
 def test_baseline_eval_does_not_claim_exact_mode(tmp_path, capsys):
@@ -880,3 +881,23 @@ def test_the_slow_final_evaluation_is_announced_unless_quiet(tmp_path, capsys):
     assert main(["eval", str(tmp_path / "a"), "--semantics", "IEEE,collapsed"]) == 0
     assert "evaluating 40 test samples in exact mode under IEEE, collapsed\n" in \
         capsys.readouterr().err
+
+
+def test_a_net_that_flushes_nothing_is_called_a_linear_model(tmp_path, capsys):
+    """At --scale-exp 100 the dead zone is 1.5e-8 wide in the net's units and training leaves it
+    at once: the net computes its collapsed map, and the command says so (on stderr)."""
+    args = ["train", "--dataset", "spirals", "--sizes", "2,16,16,2", "--steps", "50",
+            "--n-test", "200", "--quiet"]
+    assert main([*args, "--scale-exp", "100", "--out", str(tmp_path / "k100")]) == 0
+    out, err = capsys.readouterr()
+    results = torch.load(tmp_path / "k100" / "final.pt", weights_only=False)["results"]
+    assert results["occupancy"][:-1] == [0.0, 0.0]
+    acc = results["test_acc"]
+    assert acc["TF_GPU"] == acc["collapsed"]
+    assert ("note: no hidden value is flushed on the test set, so this net computes its collapsed "
+            "affine map, a linear model; its dead zone is |u| < 1.49012e-08 in the net's units "
+            "at --scale-exp 100 (the 2017 setting is 125)\n") in err
+    assert main([*args, "--out", str(tmp_path / "k125")]) == 0  # flushes: no note
+    assert "note:" not in capsys.readouterr().err
+    assert main([*args, "--semantics", "IEEE", "--out", str(tmp_path / "ieee")]) == 0
+    assert "note:" not in capsys.readouterr().err  # no dead zone to be outside of

@@ -302,13 +302,34 @@ def final_results(model: nn.Module, data: Any, progress: bool = False) -> dict[s
     """Exact-mode accuracies of the trained model (portability table for a deep linear net)."""
     from deeplinear import evaluate
     from deeplinear.nets import DeepLinear
+    from deeplinear.probes import occupancy
 
     if isinstance(model, DeepLinear):
         if progress:  # subnormal arithmetic: ~10-20 s on a Fashion-MNIST test set, not in silence
             print(f"evaluating {len(data.y_test)} test samples in exact mode under "
                   f"{', '.join(evaluate.portability_names(model))}", file=sys.stderr, flush=True)
-        return evaluate.portability(model, data)
+        return {**evaluate.portability(model, data),
+                "occupancy": occupancy(model, data.x_test, "exact")}
     return {"test_acc": {"float32": evaluate.accuracy(model, data.x_test, data.y_test)}}
+
+
+def linear_note(model: nn.Module, results: dict[str, Any]) -> str | None:
+    """A note for a trained net whose semantics flush but whose hidden values are never flushed
+    on the test set: it computes its collapsed affine map, a linear model, whatever it reports.
+
+    Why: nothing else says so. At a small ``--scale-exp`` the dead zone is tiny in the net's
+    units and training moves every hidden value out of it (spirals at k=100: 56.2% under every
+    semantics and collapsed, ``flushed: 0`` throughout, found by a teacher's audit)."""
+    from deeplinear.nets import DeepLinear
+
+    hidden = results.get("occupancy", [])[:-1]
+    if not (isinstance(model, DeepLinear) and model.semantics.flushes and hidden
+            and not any(hidden)):
+        return None
+    return (f"note: no hidden value is flushed on the test set, so this net computes its "
+            f"collapsed affine map, a linear model; its dead zone is |u| < {model.threshold:g} "
+            f"in the net's units at --scale-exp {model.scale_exp} (the 2017 setting is "
+            f"{SCALE_EXP})")
 
 
 def format_results(results: dict[str, Any]) -> str:
@@ -493,4 +514,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"{args.method} {args.model} {'-'.join(map(str, sizes))} on {args.dataset}: "
           f"{cfg.steps} steps, {rows[-1]['wall_s'] if rows else 0:.1f} s; run in {out}")
     print(format_results(results))
+    if (note := linear_note(model, results)) is not None:
+        print(note, file=sys.stderr)
     return 0
