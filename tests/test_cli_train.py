@@ -889,7 +889,7 @@ def test_a_net_that_flushes_nothing_is_called_a_linear_model(tmp_path, capsys):
     args = ["train", "--dataset", "spirals", "--sizes", "2,16,16,2", "--steps", "50",
             "--n-test", "200", "--quiet"]
     assert main([*args, "--scale-exp", "100", "--out", str(tmp_path / "k100")]) == 0
-    out, err = capsys.readouterr()
+    err = capsys.readouterr().err
     results = torch.load(tmp_path / "k100" / "final.pt", weights_only=False)["results"]
     assert results["occupancy"][:-1] == [0.0, 0.0]
     acc = results["test_acc"]

@@ -97,3 +97,37 @@ def test_collapse_gap_of_one_row_and_of_float64_inputs():
     x = torch.rand(4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     gap = collapse_gap(net, x)  # one row: was an IndexError from argmax(1)
     assert gap.argmax_agreement == 1.0 and gap.relative < 1e-6
+
+
+def test_the_collapse_plot_puts_ieee_on_the_diagonal_and_ftz_off_it(monkeypatch, tmp_path):
+    """Each net's points are (collapsed map, executed output) for every output of every input;
+    IEEE's lie on the diagonal (to rounding), TF_GPU's do not; the legend carries each gap."""
+    from deeplinear import report
+    from deeplinear.collapse import plot_collapse
+    from deeplinear.probes import make_nets, probe_inputs
+
+    figs = []
+    monkeypatch.setattr(report, "save_figure", lambda fig, path: figs.append(fig) or path)
+    nets = make_nets("16,32,32,4", ["TF_GPU", "IEEE"], seed=0)
+    x = probe_inputs(16, 64)
+    assert plot_collapse(tmp_path / "c.png", nets, x, title="toy") == tmp_path / "c.png"
+    ax = figs[0].axes[0]
+    for points, (name, net) in zip(ax.collections, nets.items(), strict=True):
+        lin, out = points.get_offsets().T
+        w, b = collapse(net)
+        assert torch.equal(torch.tensor(lin), (x.double() @ w + b).reshape(-1))
+        assert torch.equal(torch.tensor(out), net(x, mode="exact").double().reshape(-1))
+        gap = collapse_gap(net, x)
+        assert f"{name}: gap {gap.relative:.2g}" in points.get_label()
+        off = abs(torch.tensor(out - lin)).max()
+        assert (off < 1e-5) == (name == "IEEE")
+    report.plt.close(figs[0])
+
+
+def test_probe_inputs_are_the_probes_own_x():
+    from deeplinear.probes import make_nets, probe_inputs, probe_report
+
+    net = make_nets("8,16,3", ["TF_GPU"], seed=2)["TF_GPU"]
+    rep = probe_report("8,16,3", ["TF_GPU"], seed=2, n=32, progress=False)
+    assert rep["semantics"]["TF_GPU"]["collapse_gap"] == collapse_gap(
+        net, probe_inputs(8, 32, seed=2)).as_dict()

@@ -18,6 +18,7 @@ from deeplinear.probes import (
     law_sides,
     make_nets,
     occupancy,
+    plot_implicit_activation,
     probe_report,
     unit_ray,
 )
@@ -261,3 +262,22 @@ def test_probe_report_shows_progress_on_stderr_unless_asked_not_to(capsys):
     assert capsys.readouterr().err.startswith("probe 1/10 ")  # five diagnostics per semantics
     probe_report([4, 8, 3], ["TF_GPU", "IEEE"], n=8, progress=False)
     assert capsys.readouterr().err == ""
+
+
+def test_the_activation_plot_with_inputs_starts_its_ray_there_and_draws_the_collapse(
+        monkeypatch, tmp_path):
+    from deeplinear import report
+
+    figs = []
+    monkeypatch.setattr(report, "save_figure", lambda fig, path: figs.append(fig) or path)
+    nets = make_nets("4,8,8,3", ["TF_GPU", "IEEE"], seed=0)
+    x = torch.rand(20, 4, generator=torch.Generator().manual_seed(1))
+    plot_implicit_activation(tmp_path / "a.png", nets, inputs=x)
+    plot_implicit_activation(tmp_path / "b.png", nets)
+    with_inputs, without = figs
+    assert len(with_inputs.axes) == 3 and len(without.axes) == 2
+    assert "x0 the first input" in with_inputs.axes[1].get_title()
+    assert "x0 uniform [0, 1]" in without.axes[1].get_title()
+    assert with_inputs.axes[2].get_title().startswith("collapse: executed vs affine map")
+    for fig in figs:
+        report.plt.close(fig)

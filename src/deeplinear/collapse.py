@@ -8,7 +8,10 @@ under IEEE (plain rounding), order one under FTZ, where underflow is doing real 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -61,3 +64,41 @@ def collapse_gap(net: DeepLinear, x: Tensor, mode: Mode = "exact") -> CollapseGa
         max_abs=float(diff.abs().max()),
         argmax_agreement=float((out.argmax(-1) == lin.argmax(-1)).double().mean()),
     )
+
+
+@torch.no_grad()
+def draw_collapse(ax: Any, nets: Mapping[str, DeepLinear], x: Tensor, mode: Mode = "exact",
+                  limit: int = 2000) -> None:
+    """On a matplotlib ``ax``: each net's executed outputs on ``x`` (up to ``limit`` rows) against
+    its collapsed map's, every output coordinate one point, one colour per net.
+
+    Why a picture: on the diagonal the net *is* its affine map (IEEE: plain rounding); every
+    point off it is underflow at work (FTZ: whole rows pulled to the flushed values)."""
+    x = x[:limit]
+    lo, hi = float("inf"), float("-inf")
+    for name, net in nets.items():
+        w, b = collapse(net)
+        lin = (net.check_input(x).double() @ w + b).reshape(-1)
+        out = net(x, mode=mode).double().reshape(-1)
+        gap = collapse_gap(net, x, mode)
+        agree = 100 * gap.argmax_agreement
+        ax.scatter(lin.numpy(), out.numpy(), s=3, alpha=0.5,
+                   label=f"{name}: gap {gap.relative:.2g}, argmax {agree:.0f}%")
+        lo, hi = min(lo, float(lin.min()), float(out.min())), max(hi, float(lin.max()),
+                                                                  float(out.max()))
+    ax.plot([lo, hi], [lo, hi], color="k", lw=0.8, ls=":", label="executed = collapsed")
+    ax.set(title=f"collapse: executed vs affine map ({mode} mode)",
+           xlabel="collapsed map x @ W + b (float64)", ylabel="executed net output")
+    ax.legend(fontsize=7, markerscale=3)
+
+
+def plot_collapse(path: str | Path, nets: Mapping[str, DeepLinear], x: Tensor,
+                  mode: Mode = "exact", title: str | None = None) -> Path:
+    """PNG of :func:`draw_collapse`: e.g. one net under each semantics (``probes.make_nets``)."""
+    from deeplinear.report import plt, save_figure
+
+    fig, ax = plt.subplots(figsize=(5.6, 4.8), constrained_layout=True)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    draw_collapse(ax, nets, x, mode)
+    return save_figure(fig, Path(path))

@@ -374,6 +374,13 @@ def default_n_fit(n_in: int) -> int:
     return 4 * (n_in + 1)
 
 
+def probe_inputs(width: int, n: int, seed: int = 0) -> Tensor:
+    """The ``n`` pixel-like inputs (uniform [0, 1]) :func:`probe_report` measures as ``x`` with
+    ``seed`` (its generator's first draw): ``deeplinear probe --plot`` shows the collapse on
+    them."""
+    return torch.rand(n, width, generator=torch.Generator().manual_seed(seed + 1))
+
+
 def probe_report(sizes: Sequence[int] | str,
                  semantics: Sequence[str | Semantics] = tuple(PRESETS), seed: int = 0,
                  n: int = 256, n_fit: int | None = None, scale_exp: int = SCALE_EXP,
@@ -443,14 +450,19 @@ def probe_report(sizes: Sequence[int] | str,
 def plot_implicit_activation(path: str | Path, nets: Mapping[str, DeepLinear],
                              occupancy_by_name: Mapping[str, Sequence[float]] | None = None,
                              unit: int = 0, seed: int = 0, points: int = 1201,
-                             mode: Mode = "exact", title: str | None = None) -> Path:
+                             mode: Mode = "exact", title: str | None = None,
+                             inputs: Tensor | None = None) -> Path:
     """PNG of what underflow does, one line per semantics; ``title`` says whose weights.
 
-    Left: layer-1 ``unit`` along :func:`unit_ray`, ``u -> h`` (the implicit activation itself).
-    Middle: the layer-2 unit with the largest float-blind value along ``x = s * x0`` for a random
-    pixel-like ``x0`` (``Generator(seed)``), ``s`` from 0 to 2: underflow composed through a
-    layer, against the float-blind line. Right, if given: dead-zone occupancy per layer.
+    Left: layer-1 ``unit`` along :func:`unit_ray`, ``u -> h`` (the implicit activation itself:
+    the ray is built so that ``u`` sweeps the dead zone, so this panel shows the semantics, the
+    same for any weights). Middle: the layer-2 unit with the largest float-blind value along
+    ``x = s * x0``, ``s`` from 0 to 2, ``x0`` the first row of ``inputs`` or else a random
+    pixel-like one (``Generator(seed)``): underflow composed through a layer, against the
+    float-blind line. Then, if given, dead-zone occupancy per layer; and with ``inputs``, the
+    collapse (:func:`deeplinear.collapse.draw_collapse`: executed outputs against the affine map).
     """
+    from deeplinear.collapse import draw_collapse
     from deeplinear.report import plt, save_figure
 
     path = Path(path)
@@ -459,10 +471,12 @@ def plot_implicit_activation(path: str | Path, nets: Mapping[str, DeepLinear],
     t = torch.linspace(-3 * thr, 3 * thr, points, dtype=torch.float64)
     x0, d = unit_ray(first, unit)
     s = torch.linspace(0, 2, points, dtype=torch.float64)
-    pixels = torch.rand(first.sizes[0], generator=torch.Generator().manual_seed(seed))
+    pixels = (torch.rand(first.sizes[0], generator=torch.Generator().manual_seed(seed))
+              if inputs is None else first.check_input(inputs)[0])
+    along = "x0 uniform [0, 1]" if inputs is None else "x0 the first input"
     lin = _float_blind(first, s[:, None] * pixels.double(), layers=2)
     deep_unit = int(lin[-1].abs().argmax())
-    panels = 3 if occupancy_by_name else 2
+    panels = 2 + bool(occupancy_by_name) + (inputs is not None)
     fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.4), constrained_layout=True)
     if title:
         fig.suptitle(title, fontsize=10)
@@ -483,7 +497,7 @@ def plot_implicit_activation(path: str | Path, nets: Mapping[str, DeepLinear],
                       f"{thr:g} in units of 2^-{first.scale_exp})",
                 xlabel="u (pre-underflow, scaled units)", ylabel="h (executed)")
     layer2 = "output" if len(first.weights) == 2 else "layer 2"
-    axes[1].set(title=f"{layer2} unit {deep_unit} along x = s * x0 (x0 uniform [0, 1])",
+    axes[1].set(title=f"{layer2} unit {deep_unit} along x = s * x0 ({along})",
                 xlabel="s", ylabel="h (executed, scaled units)")
     if occupancy_by_name:
         ax = axes[2]
@@ -498,4 +512,6 @@ def plot_implicit_activation(path: str | Path, nets: Mapping[str, DeepLinear],
                       [f"layer {i + 1}" for i in range(layers - 1)] + ["output"])
         ax.set(title="dead-zone occupancy (fraction of values zeroed)", ylim=(0, 1))
         ax.legend(fontsize=8)
+    if inputs is not None:
+        draw_collapse(axes[-1], nets, inputs, mode)
     return save_figure(fig, path)

@@ -237,7 +237,8 @@ def run_task(name: str, data: Dataset, steps: Budget, semantics: Semantics, seed
     ]
     task["plots"].append(probes.plot_implicit_activation(
         out / f"{name}_activation.png", same_weights_under_presets(aware),
-        title=f"{name}: the float-aware backprop net's weights under each semantics").name)
+        title=f"{name}: the float-aware backprop net's weights under each semantics",
+        inputs=data.x_test).name)
     if data.n_features == 2:
         panels = {n: decision_grid(m, data) for n, m in models.items()}
         task["plots"].append(plot_decision_regions(

@@ -18,7 +18,7 @@ from typing import Any
 from deeplinear.arithmetic import FORMATS, PRESETS
 from deeplinear.cli import seed, semantics_names, summary
 from deeplinear.nets import SCALE_EXP, SIZES_2017, parse_sizes
-from deeplinear.probes import make_nets, plot_implicit_activation, probe_report
+from deeplinear.probes import make_nets, plot_implicit_activation, probe_inputs, probe_report
 from deeplinear.regimes import KINDS, format_probe_report, plot_sweeps
 from deeplinear.regimes import probe_report as regime_probe
 
@@ -176,7 +176,8 @@ def run(args: argparse.Namespace) -> int:
         plot_implicit_activation(plot, nets, {k: v["occupancy"]
                                               for k, v in report["semantics"].items()},
                                  title=f"a He-initialised {'-'.join(map(str, sizes))} net "
-                                       f"(seed {args.seed}) under each semantics")
+                                       f"(seed {args.seed}) under each semantics",
+                                 inputs=probe_inputs(sizes[0], net["n"], args.seed))
         report["plot"] = str(plot)
     if args.json:
         print(json.dumps(report, indent=2))
