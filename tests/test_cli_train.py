@@ -901,3 +901,19 @@ def test_a_net_that_flushes_nothing_is_called_a_linear_model(tmp_path, capsys):
     assert "note:" not in capsys.readouterr().err
     assert main([*args, "--semantics", "IEEE", "--out", str(tmp_path / "ieee")]) == 0
     assert "note:" not in capsys.readouterr().err  # no dead zone to be outside of
+
+
+def test_the_linear_note_names_what_the_dead_zone_still_flushes():
+    from deeplinear.cli.train import linear_note
+    from deeplinear.nets import DeepLinear
+
+    net = DeepLinear([2, 4, 4, 2], scale_exp=110)
+    res = {"own": "TF_GPU", "test_acc": {"TF_GPU": 0.562, "IEEE": 0.562, "collapsed": 0.562},
+           "occupancy": [0.0016, 0.0021, 0.0]}
+    assert linear_note(net, res) == (
+        "note: this net scores what its collapsed affine map, a linear model, scores (56.20%), "
+        "with 0.2% / 0.2% of its hidden values flushed (per layer); its dead zone is |u| < "
+        "1.52588e-05 in the net's units at --scale-exp 110 (the 2017 setting is 125)")
+    assert linear_note(net, {**res, "test_acc": {"TF_GPU": 0.6, "collapsed": 0.562}}) is None
+    net.semantics = "IEEE"
+    assert linear_note(net, {**res, "own": "IEEE"}) is None  # no dead zone: nothing to say

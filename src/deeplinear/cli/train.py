@@ -28,6 +28,7 @@ from torch import nn
 from deeplinear.arithmetic import PRESETS, get_semantics
 from deeplinear.cli import absolute_path, preset, seed, summary
 from deeplinear.es import SIGMA_SCALES
+from deeplinear.evaluate import COLLAPSED
 from deeplinear.nets import MODELS, SCALE_EXP, build_model
 from deeplinear.surrogate import FLOAT_AWARE, KINDS
 
@@ -314,23 +315,27 @@ def final_results(model: nn.Module, data: Any, progress: bool = False) -> dict[s
 
 
 def linear_note(model: nn.Module, results: dict[str, Any]) -> str | None:
-    """A note for a trained net whose semantics flush but whose hidden values are never flushed
-    on the test set: it computes its collapsed affine map, a linear model, whatever it reports.
+    """A note for a trained net whose semantics flush but which scores exactly what its collapsed
+    affine map scores on the test set: what the dead zone did, and where it is.
 
     Why: nothing else says so. At a small ``--scale-exp`` the dead zone is tiny in the net's
-    units and training moves every hidden value out of it (spirals at k=100: 56.2% under every
-    semantics and collapsed, ``flushed: 0`` throughout, found by a teacher's audit)."""
+    units and training moves the hidden values out of it (spirals at k=100: 56.2% under every
+    semantics and collapsed, ``flushed: 0`` throughout; found by a teacher's audit)."""
     from deeplinear.nets import DeepLinear
 
-    hidden = results.get("occupancy", [])[:-1]
+    acc, hidden = results["test_acc"], results.get("occupancy", [])[:-1]
     if not (isinstance(model, DeepLinear) and model.semantics.flushes and hidden
-            and not any(hidden)):
+            and acc.get(results.get("own")) == acc.get(COLLAPSED)):
         return None
-    return (f"note: no hidden value is flushed on the test set, so this net computes its "
-            f"collapsed affine map, a linear model; its dead zone is |u| < {model.threshold:g} "
-            f"in the net's units at --scale-exp {model.scale_exp} (the 2017 setting is "
-            f"{SCALE_EXP})")
-
+    where = (f"its dead zone is |u| < {model.threshold:g} in the net's units at --scale-exp "
+             f"{model.scale_exp} (the 2017 setting is {SCALE_EXP})")
+    if not any(hidden):
+        return ("note: no hidden value is flushed on the test set, so this net computes its "
+                f"collapsed affine map, a linear model; {where}")
+    flushed = " / ".join(f"{100 * h:.1f}%" for h in hidden)
+    return (f"note: this net scores what its collapsed affine map, a linear model, scores "
+            f"({100 * acc[COLLAPSED]:.2f}%), with {flushed} of its hidden values flushed (per "
+            f"layer); {where}")
 
 def format_results(results: dict[str, Any]) -> str:
     own = results.get("own")
