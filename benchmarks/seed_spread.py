@@ -20,21 +20,34 @@ from pathlib import Path
 from typing import Any
 
 
-def settings(header: str) -> str:
-    """A reproduction's command with its ``--seed`` taken out: what the runs must share."""
-    command = header.split("`")[1]
-    words = command.split()
+def settings(header: str) -> tuple[str, int]:
+    """A reproduction's command with its ``--seed`` taken out (what the runs must share), and
+    the seed."""
+    parts = header.split("`")
+    words = parts[1].split() if len(parts) > 2 else []
+    if "--seed" not in words[:-1]:
+        raise SystemExit(f"not a reproduction's header (no `deeplinear reproduce ... --seed N`): "
+                         f"{header[:80]!r}")
     i = words.index("--seed")
-    return " ".join(words[:i] + words[i + 2:])
+    return " ".join(words[:i] + words[i + 2:]), int(words[i + 1])
 
 
 def spread(dirs: list[Path]) -> dict[str, Any]:
     """Per dataset and method: each seed's test accuracy and their summary statistics."""
-    runs = [json.loads((d / "results.json").read_text()) for d in dirs]
-    shared = {settings(r["header"]) for r in runs}
+    if len(dirs) < 2:
+        raise SystemExit("a spread needs at least two reproductions (one --out per seed)")
+    runs = []
+    for d in dirs:
+        try:
+            runs.append(json.loads((d / "results.json").read_text()))
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"{d}: no readable results.json ({e}); pass the --out of a "
+                             "finished reproduction") from None
+    commands, seeds = zip(*(settings(r["header"]) for r in runs), strict=True)
+    shared = set(commands)
     if len(shared) != 1:
         raise SystemExit(f"the reproductions differ in more than --seed: {sorted(shared)}")
-    seeds = [int(r["header"].split("--seed ")[1].split()[0]) for r in runs]
+    seeds = list(seeds)
     if len(set(seeds)) != len(seeds):
         raise SystemExit(f"two reproductions have the same seed: {seeds}")
     out: dict[str, Any] = {"command": shared.pop(), "seeds": seeds,
@@ -47,7 +60,7 @@ def spread(dirs: list[Path]) -> dict[str, Any]:
                 per_method.setdefault(method, []).append(m["test_acc"])
         out["tasks"][name] = {
             method: {"test_acc": accs, "mean": statistics.fmean(accs),
-                     "sd": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                     "sd": statistics.stdev(accs),
                      "min": min(accs), "max": max(accs)}
             for method, accs in per_method.items()}
     return out

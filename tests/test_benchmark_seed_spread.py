@@ -51,3 +51,14 @@ def test_spread_refuses_runs_that_differ_in_more_than_the_seed(seeds, tmp_path):
         spread.spread([seeds / "seed0", other])
     with pytest.raises(SystemExit, match="the same seed"):
         spread.spread([seeds / "seed0", seeds / "seed0"])
+
+
+def test_spread_refuses_what_is_not_a_set_of_reproductions(seeds, tmp_path):
+    spread = load_benchmark("seed_spread")
+    with pytest.raises(SystemExit, match="at least two reproductions"):
+        spread.spread([seeds / "seed0"])
+    with pytest.raises(SystemExit, match=r"no readable results\.json"):
+        spread.spread([seeds / "seed0", tmp_path])
+    (tmp_path / "results.json").write_text(json.dumps({"header": "no command here", "tasks": []}))
+    with pytest.raises(SystemExit, match="not a reproduction's header"):
+        spread.spread([seeds / "seed0", tmp_path])

@@ -45,6 +45,27 @@ def test_plot_writes_a_png(tmp_path, capsys):
     assert str(path) in capsys.readouterr().out
 
 
+def test_the_plots_collapse_panel_shows_the_probes_own_inputs(tmp_path, monkeypatch):
+    """Its points are the nets' outputs on the very inputs the table measured (seed 3 here)."""
+    import torch
+
+    from deeplinear import report
+    from deeplinear.probes import make_nets, probe_inputs
+
+    figs = []
+    monkeypatch.setattr(report, "save_figure", lambda fig, path: figs.append(fig) or path)
+    assert main([*SMALL, "--seed", "3", "--semantics", "TF_GPU,IEEE", "--plot",
+                 str(tmp_path / "p.png")]) == 0
+    panel = figs[0].axes[-1]
+    assert panel.get_title().startswith("collapse: executed vs affine map")
+    x = probe_inputs(64, 32, seed=3)
+    for points, net in zip(panel.collections, make_nets("64,32,10", ["TF_GPU", "IEEE"], 3).values(),
+                           strict=True):
+        assert torch.equal(torch.tensor(points.get_offsets()[:, 1]),
+                           net(x, mode="exact").double().reshape(-1))
+    report.plt.close(figs[0])
+
+
 @pytest.mark.parametrize("args, words", [
     (["--semantics", "GPU"], "unknown semantics"),
     (["--sizes", "64,x,10"], "bad sizes"),

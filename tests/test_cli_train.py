@@ -622,6 +622,33 @@ def test_resume_with_out_alone_takes_the_runs_own_settings(tmp_path, flags):
     assert (out / "final.pt").exists()
 
 
+def test_resume_restores_a_deleted_config_from_the_checkpoint(tmp_path, capsys):
+    """deeplinear train --out RUN --resume with config.json gone: the checkpoint's copy fills the
+    settings and is written back; a changed flag is still refused; an old checkpoint without a
+    copy says so."""
+    rc, out = train(tmp_path, "--steps", "4", "--checkpoint-every", "2")
+    assert rc == 0
+    written = (out / "config.json").read_text()
+    (out / "final.pt").unlink()
+    (out / "config.json").unlink()
+    capsys.readouterr()
+    assert main(["train", "--out", str(out), "--resume", "--lr", "0.5"]) == 2
+    assert "differs in trainer.lr (run: 0.01, now: 0.5)" in capsys.readouterr().err
+    assert not (out / "config.json").exists()
+    assert main(["train", "--out", str(out), "--resume", "--quiet"]) == 0
+    assert (out / "config.json").read_text() == written and (out / "final.pt").exists()
+    (out / "final.pt").unlink()
+    (out / "config.json").unlink()
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    del state["run_config"]
+    torch.save(state, out / "checkpoint.pt")
+    capsys.readouterr()
+    assert main(["train", "--out", str(out), "--resume"]) == 2
+    assert capsys.readouterr().err == (
+        f"deeplinear train: error: {out}/config.json: missing, and {out}/checkpoint.pt (from an "
+        "earlier version) keeps no copy; restore it or start the run again in another --out\n")
+
+
 def test_resume_with_out_alone_from_an_init_from_run(tmp_path):
     rc, source = train(tmp_path, "--steps", "2", name="source")
     assert rc == 0
@@ -915,5 +942,7 @@ def test_the_linear_note_names_what_the_dead_zone_still_flushes():
         "with 0.2% / 0.2% of its hidden values flushed (per layer); its dead zone is |u| < "
         "1.52588e-05 in the net's units at --scale-exp 110 (the 2017 setting is 125)")
     assert linear_note(net, {**res, "test_acc": {"TF_GPU": 0.6, "collapsed": 0.562}}) is None
+    # a tie on a few samples by a net that flushes most of its values says nothing about it
+    assert linear_note(net, {**res, "occupancy": [0.738, 0.707, 0.5]}) is None
     net.semantics = "IEEE"
     assert linear_note(net, {**res, "own": "IEEE"}) is None  # no dead zone: nothing to say

@@ -131,3 +131,15 @@ def test_probe_inputs_are_the_probes_own_x():
     rep = probe_report("8,16,3", ["TF_GPU"], seed=2, n=32, progress=False)
     assert rep["semantics"]["TF_GPU"]["collapse_gap"] == collapse_gap(
         net, probe_inputs(8, 32, seed=2)).as_dict()
+
+
+def test_the_collapse_plot_draws_at_most_its_limit_of_rows(monkeypatch, tmp_path):
+    from deeplinear import report
+    from deeplinear.collapse import draw_collapse
+    from deeplinear.probes import make_nets, probe_inputs
+
+    nets = make_nets("4,8,3", ["TF_GPU"], seed=0)
+    fig, ax = report.plt.subplots()
+    draw_collapse(ax, nets, probe_inputs(4, 50), limit=20)
+    assert len(ax.collections[0].get_offsets()) == 20 * 3  # 20 rows, 3 outputs each
+    report.plt.close(fig)

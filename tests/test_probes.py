@@ -15,6 +15,7 @@ from deeplinear.probes import (
     find_counterexamples,
     homogeneity_defect,
     implicit_activation,
+    input_bytes,
     law_sides,
     make_nets,
     occupancy,
@@ -250,16 +251,22 @@ def test_probe_report_refuses_inputs_larger_than_this_machine():
     memory = physical_memory()
     if not memory:
         pytest.skip("the OS does not say how much memory this machine has")
-    n = memory // (8 * 4) + 1  # x and y of width 4 together just over the machine
-    with pytest.raises(ValueError, match=rf"n={n} inputs of width 4 need [0-9.]+ GiB for x and y "
-                                         r"alone, more than this machine's [0-9.]+ GiB; lower n "
+    assert input_bytes([4, 8, 3]) == 16 * 4 + 28 * 8
+    n = memory // input_bytes([4, 8, 3]) + 1  # just over the machine
+    with pytest.raises(ValueError, match=rf"n={n} inputs of a 4-8-3 net need about [0-9.]+ GiB, "
+                                         r"more than this machine's [0-9.]+ GiB; lower n "
                                          r"\(--n\)"):
         probe_report([4, 8, 3], ["TF_GPU"], n=n)
+    wide = memory // input_bytes([2, 20000, 2]) + 1  # the hidden width counts too
+    with pytest.raises(ValueError, match=rf"n={wide} inputs of a 2-20000-2 net"):
+        probe_report([2, 20000, 2], ["TF_GPU"], n=wide)
 
 
 def test_probe_report_shows_progress_on_stderr_unless_asked_not_to(capsys):
     probe_report([4, 8, 3], ["TF_GPU", "IEEE"], n=8)
-    assert capsys.readouterr().err.startswith("probe 1/10 ")  # five diagnostics per semantics
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("probe 1/10 ")  # five diagnostics per semantics
+    assert lines[-1].startswith("probe 10/10 ")  # the last one always shows
     probe_report([4, 8, 3], ["TF_GPU", "IEEE"], n=8, progress=False)
     assert capsys.readouterr().err == ""
 

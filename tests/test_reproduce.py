@@ -346,6 +346,17 @@ def test_the_report_tables_show_each_methods_own_figures(out):
                 if r.get("portability")}) > 1
 
 
+def test_the_activation_figure_starts_at_and_collapses_the_test_inputs(tmp_path, monkeypatch):
+    from deeplinear import probes
+
+    seen = []
+    real = probes.plot_implicit_activation
+    monkeypatch.setattr(probes, "plot_implicit_activation",
+                        lambda *a, **k: seen.append(k.get("inputs")) or real(*a, **k))
+    reproduce(("checkerboard",), TINY, tmp_path, seed=0)
+    assert torch.equal(seen[0], load_dataset("checkerboard", seed=0).x_test)
+
+
 def test_same_weights_under_presets_gives_one_net_per_preset_and_leaves_the_net():
     from deeplinear.arithmetic import PRESETS
     from deeplinear.nets import DeepLinear

@@ -167,7 +167,13 @@ def test_resume_drops_a_last_metrics_line_cut_short(tmp_path):
      "metrics.jsonl: line 1 is not a metrics row"),
     (lambda d: (d / "metrics.jsonl").unlink(), "metrics.jsonl: missing"),
     (lambda d: (d / "metrics.jsonl").write_text(""),
-     "metrics.jsonl: 0 rows up to step 1, but the checkpoint was written after 1"),
+     "metrics.jsonl: 0 rows up to step 1, but the checkpoint was written after 1, so the run's "
+     "history was cut"),
+    (lambda d: (d / "metrics.jsonl").write_text('{"step": 1}\n{"step": 1}\n'),
+     r"metrics.jsonl: line 2 \(step 1\) does not follow step 1"),
+    (lambda d: (d / "metrics.jsonl").write_text('{"step": 0}\n{"step": 1}\n'),
+     "metrics.jsonl: 2 rows up to step 1, but the checkpoint was written after 1, so the run's "
+     "history was added to"),
     (lambda d: (d / "config.json").write_text("[1, 2]"), "config.json: not a run's config"),
     (lambda d: (d / "config.json").write_text("{lr"), "config.json: not valid JSON"),
 ])
@@ -194,7 +200,7 @@ def test_resume_counts_the_metrics_rows_the_checkpoint_saw(tmp_path):
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     (tmp_path / "metrics.jsonl").write_text("\n".join(lines[:1] + lines[2:]) + "\n")
     with pytest.raises(ValueError, match=r"3 rows up to step 4, but the checkpoint was written "
-                                         r"after 4, so part of the run's history is lost"):
+                                         r"after 4, so the run's history was cut"):
         Run.open(tmp_path, {"lr": 0.1}, resume=True)
     # a checkpoint from before the count was recorded resumes as it did
     atomic_save({"step": 4, "run_config": {"lr": 0.1}}, tmp_path / "checkpoint.pt")

@@ -76,13 +76,15 @@ def draw_collapse(ax: Any, nets: Mapping[str, DeepLinear], x: Tensor, mode: Mode
     point off it is underflow at work (FTZ: whole rows pulled to the flushed values)."""
     x = x[:limit]
     lo, hi = float("inf"), float("-inf")
-    for name, net in nets.items():
+    markers = ("o", "x", "+", "^")  # nets that compute the same (TF_GPU, CPU_FTZ_DAZ) stay seen
+    for i, (name, net) in enumerate(nets.items()):
         w, b = collapse(net)
         lin = (net.check_input(x).double() @ w + b).reshape(-1)
         out = net(x, mode=mode).double().reshape(-1)
         gap = collapse_gap(net, x, mode)
         agree = 100 * gap.argmax_agreement
-        ax.scatter(lin.numpy(), out.numpy(), s=3, alpha=0.5,
+        ax.scatter(lin.numpy(), out.numpy(), s=12 if i else 3, alpha=0.5,
+                   marker=markers[i % len(markers)], linewidths=0.6,
                    label=f"{name}: gap {gap.relative:.2g}, argmax {agree:.0f}%")
         lo, hi = min(lo, float(lin.min()), float(out.min())), max(hi, float(lin.max()),
                                                                   float(out.max()))

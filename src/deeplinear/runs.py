@@ -244,11 +244,12 @@ class Run:
                 atomic_write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n", cfg_path)
             run = cls(d, config, state)
             run.rows = run._truncate_metrics(state["step"])
-            expected = state.get("metrics_rows", 0)  # checkpoints before it was recorded: 0
-            if run.rows < expected:
+            expected = state.get("metrics_rows")  # checkpoints before it was recorded: None
+            if expected is not None and run.rows != expected:
                 raise ValueError(f"{d / 'metrics.jsonl'}: {run.rows} rows up to step "
                                  f"{state['step']}, but the checkpoint was written after "
-                                 f"{expected}, so part of the run's history is lost; restore it "
+                                 f"{expected}, so the run's history was "
+                                 f"{'cut' if run.rows < expected else 'added to'}; restore it "
                                  "or start the run again in another --out")
             return run
         if (d / "checkpoint.pt").exists() or (d / "final.pt").exists():
@@ -289,7 +290,8 @@ class Run:
         except FileNotFoundError:
             raise FileNotFoundError(f"{path}: missing, so the run's history is lost; {fix}"
                                     ) from None
-        rows = []
+        rows: list[str] = []
+        last = 0
         for i, line in enumerate(lines):
             try:
                 row = json.loads(line)
@@ -299,6 +301,10 @@ class Run:
                 if i == len(lines) - 1:
                     break
                 raise ValueError(f"{path}: line {i + 1} is not a metrics row; {fix}")
+            if i > 0 and row["step"] <= last:  # every trainer logs at growing steps
+                raise ValueError(f"{path}: line {i + 1} (step {row['step']}) does not follow "
+                                 f"step {last}; {fix}")
+            last = row["step"]
             if row["step"] <= step:
                 rows.append(line)
         atomic_write_text("".join(r + "\n" for r in rows), path)
