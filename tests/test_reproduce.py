@@ -17,6 +17,7 @@ from deeplinear.cli import main
 from deeplinear.data import DataError, load_dataset
 from deeplinear.nets import SoftmaxRegression
 from deeplinear.reproduce import (
+    BUDGETS,
     SETTINGS_FILE,
     Budget,
     Method,
@@ -635,3 +636,15 @@ def test_claim_hands_back_the_recorded_threads_and_compares_the_rest(out):
     with pytest.raises(ValueError, match="differs in seed"):
         claim(out, ("checkerboard",), {**settings, "seed": 9}, resume=True)
     (out / SETTINGS_FILE).write_text(json.dumps(saved))  # as it was
+
+
+def test_a_budget_gives_a_dataset_its_own_es_settings(tmp_path):
+    quick = BUDGETS["quick"]
+    assert quick.es_for("spirals")["steps"] == 8000 and quick.es_for("digits")["steps"] == 4000
+    assert quick.es_for("spirals")["pop"] == quick.es["pop"]  # only what it names changes
+    budget = Budget(2, {"steps": 2, "pop": 4}, {"checkerboard": {"steps": 3}})
+    reproduce(("checkerboard", "parity"), budget, tmp_path, seed=0)
+    steps = {name: json.loads((tmp_path / name / "deep-linear-openai-es" / "config.json")
+                              .read_text())["trainer"]["steps"]
+             for name in ("checkerboard", "parity")}
+    assert steps == {"checkerboard": 3, "parity": 2}
