@@ -44,8 +44,9 @@ class CollapseGap:
 
 
 @torch.no_grad()
-def collapse_gap(net: DeepLinear, x: Tensor, mode: Mode = "exact") -> CollapseGap:
-    """The float net on ``x`` (shape ``(batch, sizes[0])``, or one row) against its collapse.
+def collapse_outputs(net: DeepLinear, x: Tensor, mode: Mode = "exact") -> tuple[Tensor, Tensor]:
+    """The float net's outputs on ``x`` (shape ``(batch, sizes[0])``, or one row) and its
+    collapse's, both float64.
 
     Both sides see the same float32 inputs (the net rounds ``x`` to float32 before layer 1).
     """
@@ -56,14 +57,21 @@ def collapse_gap(net: DeepLinear, x: Tensor, mode: Mode = "exact") -> CollapseGa
     if not bool(torch.isfinite(x).all()):
         raise ValueError("inputs contain NaN or infinity: the collapse gap needs finite inputs "
                          "(drop or impute those rows)")
-    lin = x.double() @ w + b
-    out = net(x, mode=mode).double()
+    return net(x, mode=mode).double(), x.double() @ w + b
+
+
+def _gap(out: Tensor, lin: Tensor) -> CollapseGap:
     diff = out - lin
     return CollapseGap(
         relative=float(diff.norm() / lin.norm().clamp_min(1e-300)),
         max_abs=float(diff.abs().max()),
         argmax_agreement=float((out.argmax(-1) == lin.argmax(-1)).double().mean()),
     )
+
+
+def collapse_gap(net: DeepLinear, x: Tensor, mode: Mode = "exact") -> CollapseGap:
+    """How far the float net on ``x`` is from its collapse (:func:`collapse_outputs`)."""
+    return _gap(*collapse_outputs(net, x, mode))
 
 
 @torch.no_grad()
@@ -78,10 +86,9 @@ def draw_collapse(ax: Any, nets: Mapping[str, DeepLinear], x: Tensor, mode: Mode
     lo, hi = float("inf"), float("-inf")
     markers = ("o", "x", "+", "^")  # nets that compute the same (TF_GPU, CPU_FTZ_DAZ) stay seen
     for i, (name, net) in enumerate(nets.items()):
-        w, b = collapse(net)
-        lin = (net.check_input(x).double() @ w + b).reshape(-1)
-        out = net(x, mode=mode).double().reshape(-1)
-        gap = collapse_gap(net, x, mode)
+        out, lin = collapse_outputs(net, x, mode)  # one exact forward per net, for gap and points
+        gap = _gap(out, lin)
+        out, lin = out.reshape(-1), lin.reshape(-1)
         agree = 100 * gap.argmax_agreement
         ax.scatter(lin.numpy(), out.numpy(), s=12 if i else 3, alpha=0.5,
                    marker=markers[i % len(markers)], linewidths=0.6,

@@ -174,6 +174,16 @@ def physical_memory() -> int | None:
         return None
 
 
+def check_memory(need: int, what: str, fix: str, use: str = "") -> None:
+    """Refuse, in one line, work that needs more than this machine's RAM: ``"{what} X GiB{use},
+    more than this machine's Y GiB; {fix}"``. Why: past RAM the OOM killer ends the process
+    without a word (where overcommit lets it allocate), or torch raises deep inside."""
+    memory = physical_memory()
+    if memory and need > memory:
+        raise ValueError(f"{what} {need / 2**30:.1f} GiB{use}, more than this machine's "
+                         f"{memory / 2**30:.1f} GiB; {fix}")
+
+
 @functools.lru_cache(maxsize=4)
 def noise_table(seed: int, size: int, device: str = "cpu") -> Tensor:
     """``size`` N(0, 1) float32 values, a pure function of ``seed`` (cached: it is read-only).
@@ -279,16 +289,10 @@ class Strategy:
         if self.rank < 0:
             raise ValueError(f"rank must be 0 (full-rank noise) or >= 1, got {self.rank}")
         _ = self.scale  # building it checks sigma_scale and sigma_blocks, with their own errors
-        memory = physical_memory()
-        if memory and MEMBER_BYTES * self.pop > memory:  # else the OOM killer ends it, silently
-            raise ValueError(f"a population of {self.pop} needs about "
-                             f"{MEMBER_BYTES * self.pop / 2**30:.1f} GiB for its offsets, "
-                             f"losses and ranks, more than this machine's "
-                             f"{memory / 2**30:.1f} GiB; lower pop (--pop)")
-        if memory and 4 * self.table_size > memory:
-            raise ValueError(f"a noise table of {self.table_size} values needs "
-                             f"{4 * self.table_size / 2**30:.1f} GiB, more than this machine's "
-                             f"{memory / 2**30:.1f} GiB; lower table_size (default {TABLE_SIZE})")
+        check_memory(MEMBER_BYTES * self.pop, f"a population of {self.pop} needs about",
+                     "lower pop (--pop)", use=" for its offsets, losses and ranks")
+        check_memory(4 * self.table_size, f"a noise table of {self.table_size} values needs",
+                     f"lower table_size (default {TABLE_SIZE})")
         if self.table_size <= self.noise_dim:
             raise ValueError(f"noise table of {self.table_size} values is too small for "
                              f"{self.noise_dim} noise values per member; raise table_size or "

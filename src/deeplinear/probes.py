@@ -40,7 +40,7 @@ from torch import Tensor
 from deeplinear import arithmetic as ar
 from deeplinear.arithmetic import PRESETS, Semantics, preset_name
 from deeplinear.collapse import collapse_gap
-from deeplinear.es import physical_memory
+from deeplinear.es import check_memory
 from deeplinear.nets import SCALE_EXP, DeepLinear, Mode, parse_sizes
 from deeplinear.runs import Progress
 
@@ -406,11 +406,8 @@ def probe_report(sizes: Sequence[int] | str,
     n = whole
     nets = make_nets(sizes, semantics, seed, scale_exp)
     sizes = parse_sizes(sizes)
-    memory, need = physical_memory(), n * input_bytes(sizes)
-    if memory and need > memory:  # else the OOM killer ends it, silently
-        raise ValueError(f"n={n} inputs of a {'-'.join(map(str, sizes))} net need about "
-                         f"{need / 2**30:.1f} GiB, more than this machine's "
-                         f"{memory / 2**30:.1f} GiB; lower n (--n)")
+    check_memory(n * input_bytes(sizes),
+                 f"n={n} inputs of a {'-'.join(map(str, sizes))} net need about", "lower n (--n)")
     n_fit = default_n_fit(sizes[0]) if n_fit is None else n_fit
     check_fit_size(n_fit, sizes[0])
     g = torch.Generator().manual_seed(seed + 1)

@@ -237,7 +237,9 @@ class Run:
             if diff:
                 raise ValueError(f"cannot resume {d}: config differs in {', '.join(diff)}; "
                                  "resume with the run's own settings or start another --out")
-            if recorded is not None and _changes(recorded, config, defaults or {}):
+            # (saved is recorded where config.json was missing: judged just above)
+            if recorded is not None and recorded is not saved and _changes(
+                    recorded, config, defaults or {}):
                 raise ValueError(f"{ckpt}: written by another run than {cfg_path} describes; "
                                  "restore this run's checkpoint or start again in another --out")
             if not cfg_path.exists():

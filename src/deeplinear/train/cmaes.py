@@ -165,11 +165,9 @@ def train(model: DeepLinear, data: Dataset, cfg: Config, run: Run | None = None,
     if layout.n > MAX_PARAMS:
         raise ValueError(f"CMA-ES keeps an n x n covariance and {model.sizes} has {layout.n} "
                          f"parameters (at most {MAX_PARAMS}); use ES for this net (--method es)")
-    memory, need = es.physical_memory(), (cfg.pop or 0) * layout.n * CANDIDATE_PARAM_BYTES
-    if memory and need > memory:  # else the OOM killer ends the run without a word
-        raise ValueError(f"a CMA-ES population of {cfg.pop} over {layout.n} parameters needs "
-                         f"about {need / 2**30:.1f} GiB, more than this machine's "
-                         f"{memory / 2**30:.1f} GiB; lower pop (--pop)")
+    es.check_memory((cfg.pop or 0) * layout.n * CANDIDATE_PARAM_BYTES,
+                    f"a CMA-ES population of {cfg.pop} over {layout.n} parameters needs about",
+                    "lower pop (--pop)")
     x, y = data.x_train, data.y_train
 
     g = torch.Generator().manual_seed(cfg.seed)
