@@ -6,7 +6,8 @@ a ReLU MLP (:func:`deeplinear.regimes.study`).
     python benchmarks/regimes_study.py --dataset fashion-mnist --sizes 784,512,512,10 \\
         --methods float-aware                                    # ES there: hours per regime
 
-Writes the JSON result next to ``--out`` and prints the table as Markdown.
+Writes the JSON result to ``--out`` and its figure beside it (``.png``), and prints the table as
+Markdown.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import time
 from pathlib import Path
 
 from deeplinear.nets import parse_sizes
-from deeplinear.regimes import STUDY_METHODS, STUDY_REGIMES, Regime, format_study, study
+from deeplinear.regimes import STUDY_METHODS, STUDY_REGIMES, Regime, format_study, plot_study, study
 from deeplinear.reproduce import BUDGETS
 
 
@@ -57,8 +58,9 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
+    plot = plot_study(out.with_suffix(".png"), result)
     print(format_study(result))
-    print(f"\n{result['wall_s']:.0f} s; JSON in {out}")
+    print(f"\n{result['wall_s']:.0f} s; JSON in {out}, figure in {plot}")
 
 
 if __name__ == "__main__":

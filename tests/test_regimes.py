@@ -326,6 +326,44 @@ def test_study_smoke() -> None:
         rg.study("spirals", regimes, budget="smoke", methods=("SGD",))
 
 
+def test_study_takes_the_budgets_generations_for_its_dataset(monkeypatch) -> None:
+    """The study's ES runs the budget's generations for the dataset (the quick budget's 8000 on
+    spirals, as the methods study), with the study's own sigma and lr."""
+    import dataclasses
+
+    from deeplinear.reproduce import BUDGETS
+
+    smoke = dataclasses.replace(BUDGETS["smoke"], es_per_dataset={"spirals": {"steps": 6}})
+    monkeypatch.setitem(BUDGETS, "smoke", smoke)
+    r = rg.study("spirals", (Regime("ftz-deadzone", 125),), budget="smoke", n_train=200,
+                 n_test=100, methods=("OpenAI-ES",))
+    assert r["rows"][0]["detail"] == "pop 8, 6 generations, full noise"
+    assert r["budget"]["es"] == {**rg.STUDY_ES, "steps": 6, "pop": 8, "init_gain": 2.0,
+                                 "batch_size": 200}  # no batch larger than the 200 samples
+
+
+def test_draw_study_draws_each_cell_and_baseline() -> None:
+    """Bar lengths are the exact accuracies, the marks the collapsed ones, in the table's order."""
+    from deeplinear.report import plt
+
+    rows = [{"regime": reg, "method": m, "test_acc": acc, "collapsed_acc": acc / 2}
+            for reg, m, acc in (("a", "ES", 0.9), ("a", "BP", 0.8), ("b", "ES", 0.7),
+                                ("b", "BP", 0.6))]
+    result = {"dataset": "d", "sizes": [2, 4, 2], "seed": 3, "budget": {"budget": "quick"},
+              "rows": rows, "baselines": {"softmax regression": 0.55, "ReLU MLP": 0.95}}
+    fig, ax = plt.subplots()
+    rg.draw_study(ax, result)
+    bars = sorted((p.get_y() + p.get_height() / 2, p.get_width()) for p in ax.patches)
+    assert [w for _, w in bars] == pytest.approx([90, 80, 70, 60])  # regime a first, ES above BP
+    width = {round(y, 9): w for y, w in bars}
+    marks = [(float(x), round(float(y), 9)) for line in ax.lines[:2]
+             for x, y in zip(line.get_xdata(), line.get_ydata(), strict=True)]
+    assert len(marks) == 4 and all(x == pytest.approx(width[y] / 2) for x, y in marks)
+    assert [line.get_xdata()[0] for line in ax.lines[2:]] == pytest.approx([55, 95])
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["a", "b"]
+    plt.close(fig)
+
+
 def test_a_study_killed_midway_resumes_from_its_partial_results(tmp_path, monkeypatch) -> None:
     """Each finished model is saved; a study given them trains only the rest, to the same table
     (each model depends only on the settings), and refuses partial results of other settings."""

@@ -497,7 +497,8 @@ def test_regimes_study_runs_with_the_seed_given(tmp_path, monkeypatch):
         calls.append((name, kw))
         return {"dataset": name, "sizes": [2, 8, 2], "n_train": 1, "n_test": 1,
                 "seed": kw.get("seed", 0), "budget": {"budget": kw["budget"]}, "baselines": {},
-                "rows": []}
+                "rows": [{"regime": "r", "method": "m", "test_acc": 0.5, "scaled_acc": 0.5,
+                          "collapsed_acc": 0.5}]}
 
     monkeypatch.setattr(rg, "study", fake_study)
     assert main(["reproduce", "--study", "regimes", "--dataset", "spirals", "--seed", "7",
@@ -568,6 +569,8 @@ def test_cli_regimes_study_keeps_finished_models_and_resumes(tmp_path, capsys):
     assert main(args) == 0
     table = (tmp_path / "regimes.md").read_text()
     assert not (tmp_path / "regimes_spirals.partial.json").exists()
+    assert "\n![regimes_spirals.png](regimes_spirals.png)\n" in table
+    assert (tmp_path / "regimes_spirals.png").read_bytes()[:4] == b"\x89PNG"
     capsys.readouterr()
     assert main(args) == 2  # not written over without being asked
     err = capsys.readouterr().err

@@ -697,7 +697,9 @@ def study(dataset: str = "spirals", regimes: Sequence[Regime] = STUDY_REGIMES,
     if unknown or not methods:
         raise ValueError(f"unknown methods {unknown or '(none)'}; use {', '.join(STUDY_METHODS)}")
     b = BUDGETS[budget]
-    es_settings = {**STUDY_ES, "steps": b.es["steps"], "pop": b.es["pop"], **(es_overrides or {})}
+    budget_es = b.es_for(dataset)  # its generations and pop; the study's own sigma and lr
+    es_settings = {**STUDY_ES, "steps": budget_es["steps"], "pop": budget_es["pop"],
+                   **(es_overrides or {})}
     threads = torch.get_num_threads()  # backprop's; ES's own count, if any, is in es_settings
     data = load_dataset(dataset, data_dir=data_dir, seed=seed, n_train=n_train, n_test=n_test)
     es_settings["batch_size"] = min(es_settings["batch_size"], len(data.y_train))  # small sets
@@ -794,11 +796,17 @@ def _resumed_study(partial: Path, keys: Mapping[str, Any]
     return baselines, rows
 
 
-def format_study(result: Mapping[str, Any]) -> str:
-    """Markdown: regime x method -> test accuracy in exact arithmetic (scaled | collapsed)."""
+def _study_grid(result: Mapping[str, Any]
+                ) -> tuple[list[str], list[str], dict[tuple[str, str], Mapping[str, Any]]]:
+    """A study's methods and regimes in the order trained, and its row for each pair."""
     methods = list(dict.fromkeys(r["method"] for r in result["rows"]))
     regimes = list(dict.fromkeys(r["regime"] for r in result["rows"]))
-    cell = {(r["regime"], r["method"]): r for r in result["rows"]}
+    return methods, regimes, {(r["regime"], r["method"]): r for r in result["rows"]}
+
+
+def format_study(result: Mapping[str, Any]) -> str:
+    """Markdown: regime x method -> test accuracy in exact arithmetic (scaled | collapsed)."""
+    methods, regimes, cell = _study_grid(result)
     lines = [f"{result['dataset']}, deep linear {'-'.join(map(str, result['sizes']))}, "
              f"{result['n_train']} train / {result['n_test']} test, seed {result['seed']}, "
              f"budget {result['budget']['budget']}. Test accuracy in the regime's exact float "
@@ -813,3 +821,42 @@ def format_study(result: Mapping[str, Any]) -> str:
     lines.append("")
     lines += [f"- {name}: {100 * acc:.1f}%" for name, acc in result["baselines"].items()]
     return "\n".join(lines)
+
+
+def draw_study(ax: Any, result: Mapping[str, Any]) -> None:
+    """The study's table on ``ax``: per regime a bar for each method's exact-arithmetic test
+    accuracy, a black mark at the accuracy of the affine map its weights collapse to (the gap is
+    what the regime bought), the baselines as vertical lines. Why a picture: the table's
+    question, "which regimes does training exploit, and by how much over linear", is a comparison
+    of lengths."""
+    methods, regimes, cell = _study_grid(result)
+    height = 0.8 / len(methods)
+    for j, method in enumerate(methods):
+        ys = [i + (j - (len(methods) - 1) / 2) * height for i in range(len(regimes))]
+        rows = [cell[reg, method] for reg in regimes]
+        ax.barh(ys, [100 * r["test_acc"] for r in rows], height=0.9 * height, color=f"C{j}",
+                label=f"{method} (exact)")
+        ax.plot([100 * r["collapsed_acc"] for r in rows], ys, "k|", markersize=30 * height,
+                markeredgewidth=2, label="its collapsed affine map" if j == 0 else None)
+    for k, (name, acc) in enumerate(result["baselines"].items()):
+        ax.axvline(100 * acc, color="0.4", ls=("--", ":")[k % 2], lw=1,
+                   label=f"{name} {100 * acc:.1f}%")
+    ax.set_yticks(range(len(regimes)), regimes, fontsize=8)
+    ax.invert_yaxis()  # the table's order, top to bottom
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("test accuracy (%)")
+    ax.set_title(f"{result['dataset']}, deep linear {'-'.join(map(str, result['sizes']))}: "
+                 f"regimes x training (seed {result['seed']}, budget "
+                 f"{result['budget']['budget']})", fontsize=9)
+    ax.grid(axis="x", alpha=0.3)
+
+
+def plot_study(path: str | Path, result: Mapping[str, Any]) -> Path:
+    """:func:`draw_study` as a PNG at ``path``, its legend below the axes."""
+    from deeplinear.report import plt, save_figure
+
+    n = len(result["rows"])
+    fig, ax = plt.subplots(figsize=(7.5, 1.8 + 0.55 * n), layout="constrained")
+    draw_study(ax, result)
+    fig.legend(fontsize=7, loc="outside lower center", ncol=2, markerscale=0.5)
+    return save_figure(fig, Path(path))

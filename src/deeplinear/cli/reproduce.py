@@ -96,14 +96,15 @@ def study_threads(partial: Path, asked: int | None, default: int) -> int:
 
 
 def run_regimes_study(datasets: tuple[str, ...], args: argparse.Namespace) -> int:
-    """Write ``regimes_<dataset>.json`` and ``regimes.md`` (the regime x method table)."""
+    """Write ``regimes_<dataset>.json`` and ``.png`` and ``regimes.md`` (the regime x method
+    tables, each with its figure)."""
     import json
 
     import torch
 
     from deeplinear.data import load_dataset
     from deeplinear.nets import default_sizes
-    from deeplinear.regimes import format_study, study
+    from deeplinear.regimes import format_study, plot_study, study
     from deeplinear.reproduce import default_threads
     from deeplinear.runs import atomic_write_text, make_dir
 
@@ -114,7 +115,8 @@ def run_regimes_study(datasets: tuple[str, ...], args: argparse.Namespace) -> in
     if taken and not args.resume:
         raise FileExistsError(f"{out} already holds a regimes study ({taken[0].name}); add "
                               "--resume to reuse its finished models, or pass another --out")
-    tables = []
+    tables: list[str] = []
+    plots: list[str] = []
     for name, final in zip(datasets, finals, strict=True):
         partial = partials[name]
         if args.resume and final.exists() and not partial.exists():
@@ -135,7 +137,9 @@ def run_regimes_study(datasets: tuple[str, ...], args: argparse.Namespace) -> in
         if partial != final:
             partial.unlink(missing_ok=True)
         tables.append(format_study(result))
-    (out / "regimes.md").write_text("# Regimes study\n\n" + "\n\n".join(tables) + "\n")
+        plots.append(plot_study(out / f"regimes_{name}.png", result).name)
+    sections = [f"{table}\n\n![{plot}]({plot})" for table, plot in zip(tables, plots, strict=True)]
+    (out / "regimes.md").write_text("# Regimes study\n\n" + "\n\n".join(sections) + "\n")
     print("\n\n".join(tables))
     print(f"wrote {out}/regimes.md")
     return 0
