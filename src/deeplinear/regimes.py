@@ -386,7 +386,9 @@ def format_probe_report(report: Mapping[str, Any]) -> str:
     lines = [f"Implicit activations f in {fmt} on {report['n']} inputs ({report['inputs']}, "
              f"seed {report['seed']}), against q = z rounded to {fmt}'s precision:",
              "changed/zeroed = fractions of values f changes/zeroes; residual = sqrt(1 - R^2) "
-             "of the best affine fit f ~ a q + b (as the net probe's)"]
+             "of the best affine fit f ~ a q + b (as the net probe's); q has no subnormal "
+             "grid, so values a regime's scale puts below the format's smallest normal count as "
+             "changed (with a tiny max |f-q|)"]
     for kind, rows in report["sweeps"].items():
         lines += ["", kind, format_sweep(rows)]
     return "\n".join(lines)
