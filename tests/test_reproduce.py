@@ -120,6 +120,8 @@ def test_cli_data_dir_with_only_built_in_datasets_is_an_error(tmp_path, capsys):
                                            "--semantics applies to --study methods only (the "
                                            "regimes study sets its own semantics per regime); "
                                            "drop it"),
+                                          (["--semantics", "TF_GPU"], "--semantics applies to "
+                                           "--study methods only"),  # even its default, named
                                           (["--threads", "0"], "--threads must be between 1 and")])
 def test_cli_regimes_study_refuses_the_methods_flags(tmp_path, capsys, flags, named):
     """The regimes study sets its own semantics: a flag it would ignore is refused, not dropped
@@ -465,9 +467,10 @@ def test_progress_numbers_every_method_and_announces_the_slow_exact_evaluation(t
     assert [line.split("]")[0] for line in numbered] == [f"[{i}/10" for i in range(1, 11)]
     assert numbered[0] == "[1/10] checkerboard: softmax regression"
     assert numbered[5] == "[6/10] parity: softmax regression"
-    announced = "  evaluating in exact mode under TF_GPU, IEEE, CPU_FTZ_DAZ, collapsed"
-    evaluating = [line for line in lines if line == announced]
-    assert len(evaluating) == 6  # the three deep linear nets of each dataset
+    announced = [f"  evaluating {n} test samples in exact mode under TF_GPU, IEEE, CPU_FTZ_DAZ, "
+                 "collapsed" for n in (500, 64)]  # checkerboard's test set, then parity's
+    evaluating = [line for line in lines if "in exact mode" in line]
+    assert evaluating == [announced[0]] * 3 + [announced[1]] * 3  # each dataset's 3 deep nets
 
 
 def test_another_dataset_joins_a_reproduction_whose_report_keeps_every_dataset(out, tmp_path,
@@ -623,7 +626,7 @@ def test_a_resumed_reproduction_keeps_the_thread_count_its_runs_were_trained_wit
     assert json.loads((tmp_path / SETTINGS_FILE).read_text()) == {"budget": "smoke", "threads": 4}
     assert settle_threads(tmp_path, None, 2, recorded=1) == 1  # resumed elsewhere: the run's
     assert settle_threads(tmp_path, 1, 2, recorded=1) == 1
-    with pytest.raises(ValueError, match=r"was reproduced with --threads 1, not 2: a wide net's "
+    with pytest.raises(ValueError, match=r"was written with --threads 1, not 2: a wide net's "
                                          r"sums depend on the count"):
         settle_threads(tmp_path, 2, 2, recorded=1)
 

@@ -82,7 +82,7 @@ class BenchConfig:
     exact_batch: int = 100
     exact_nets: tuple[str, ...] = ()  # () : the same as nets
     device: str = "cpu"
-    peak_n: int | None = None  # sgemm size for the peak; None: 2048 on CPU, 8192 on CUDA
+    peak_n: int | None = None  # sgemm size for the peak; None: PEAK_N of the device
     threads: int | None = None  # None: torch's default
     min_time: float = 1.0
     repeats: int = 3
@@ -117,9 +117,12 @@ class BenchConfig:
     @classmethod
     def quick(cls, **overrides: Any) -> BenchConfig:
         """A subset that runs in well under a minute on 2 cores."""
-        base = {"pops": (100,), "batches": (100,), "target_pop": None, "ftz_pop": 100,
-                "min_time": 0.2, "repeats": 2}
-        return cls(**(base | overrides))
+        return cls(**(QUICK | overrides))
+
+
+QUICK: dict[str, Any] = {"pops": (100,), "batches": (100,), "target_pop": None, "ftz_pop": 100,
+                         "min_time": 0.2, "repeats": 2}  # BenchConfig.quick over the defaults
+PEAK_N = {"cpu": 2048, "cuda": 8192}  # sgemm size of the peak: big enough to reach it on each
 
 
 # --- counting and measuring ---------------------------------------------------------------------
@@ -214,7 +217,7 @@ def peak_memory(device: str) -> Iterator[dict[str, float | None]]:
 
 def sgemm_peak(device: str, min_time: float = 0.5, n: int | None = None) -> dict[str, float]:
     """This machine's float32 GEMM rate: ``torch.mm`` of two ``n x n`` matrices, in GFLOP/s."""
-    n = n or (8192 if device == "cuda" else 2048)
+    n = n or PEAK_N[device]
     g = torch.Generator().manual_seed(0)
     a = torch.randn(n, n, generator=g).to(device)
     b = torch.randn(n, n, generator=g).to(device)

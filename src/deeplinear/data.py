@@ -36,6 +36,8 @@ from torch import Tensor
 
 from deeplinear.arithmetic import integer
 
+NUMPY_SEEDS = 2**32  # numpy's RandomState takes seeds in [0, 2**32): scikit-learn's split, CMA-ES
+
 
 class DataError(ValueError):
     """A dataset is missing, corrupt or misnamed; the message says which file and what to do."""
@@ -726,7 +728,7 @@ def load_dataset(
     """
     check_data_dir([name], data_dir)
     k = integer(seed)
-    if k is None or not 0 <= k < 2**32:
+    if k is None or not 0 <= k < NUMPY_SEEDS:
         raise DataError(f"data seed must be an integer in [0, 2**32) (scikit-learn's range, "
                         f"which splits digits), got {seed!r}")
     seed = k

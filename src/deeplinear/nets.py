@@ -38,6 +38,7 @@ count (the trainers' ``threads``, ``--threads``).
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -262,6 +263,13 @@ class DeepLinear(nn.Module):
         if i == 0:
             return (dead_zone(m, self.semantics.fmt.min_normal) if flush_matmul else m) + b
         return (f(m) if flush_matmul else m) + f(b)
+
+    def with_semantics(self, semantics: Semantics | str) -> DeepLinear:
+        """A copy with the same weights (no gradients) under ``semantics``: what these weights
+        compute on other hardware (portability, the probe's nets)."""
+        other = copy.deepcopy(self).requires_grad_(False)
+        other.semantics = semantics
+        return other
 
     def check_float32(self) -> None:
         """A one-line error for a net cast to another dtype (``net.double()``), which no float32

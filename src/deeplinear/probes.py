@@ -25,7 +25,6 @@ layer would have produced without underflow, in either mode and under every sema
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import time
@@ -361,12 +360,7 @@ def make_nets(sizes: Sequence[int] | str,
     sems = _resolve(semantics)
     first = next(iter(sems.values()))
     base = DeepLinear(sizes, scale_exp, first, generator=torch.Generator().manual_seed(seed))
-    nets = {}
-    for name, sem in sems.items():
-        net = copy.deepcopy(base)
-        net.semantics = sem
-        nets[name] = net.requires_grad_(False)
-    return nets
+    return {name: base.with_semantics(sem) for name, sem in sems.items()}
 
 
 def default_n_fit(n_in: int) -> int:
@@ -386,7 +380,13 @@ def probe_inputs(width: int, n: int, seed: int = 0) -> Tensor:
     """The ``n`` pixel-like inputs (uniform [0, 1]) :func:`probe_report` measures as ``x`` with
     ``seed`` (its generator's first draw): ``deeplinear probe --plot`` shows the collapse on
     them."""
-    return torch.rand(n, width, generator=torch.Generator().manual_seed(seed + 1))
+    return torch.rand(n, width, generator=_input_generator(seed))
+
+
+def _input_generator(seed: int) -> torch.Generator:
+    """The generator of :func:`probe_report`'s inputs, ``x`` its first draw (the nets' weights
+    take ``seed`` itself)."""
+    return torch.Generator().manual_seed(seed + 1)
 
 
 def probe_report(sizes: Sequence[int] | str,
@@ -410,7 +410,7 @@ def probe_report(sizes: Sequence[int] | str,
                  f"n={n} inputs of a {'-'.join(map(str, sizes))} net need about", "lower n (--n)")
     n_fit = default_n_fit(sizes[0]) if n_fit is None else n_fit
     check_fit_size(n_fit, sizes[0])
-    g = torch.Generator().manual_seed(seed + 1)
+    g = _input_generator(seed)
     x, y = torch.rand(n, sizes[0], generator=g), torch.rand(n, sizes[0], generator=g)
     x_fit = torch.rand(n_fit, sizes[0], generator=g)
     bar = Progress(total=5 * len(nets), desc="probe") if progress else None

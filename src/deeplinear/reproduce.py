@@ -10,7 +10,6 @@ methods are loaded from ``final.pt``, unfinished ones resume from their checkpoi
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import itertools
 import json
@@ -160,9 +159,7 @@ def run_method(method: Method, data: Dataset, sizes: list[int], seed: int, out: 
     t0 = time.perf_counter()
     res: dict[str, Any] = {"curve": curve, "wall_s": wall}
     if isinstance(model, DeepLinear):
-        # tens of seconds on a large test set (subnormal arithmetic): not in silence
-        print(f"  evaluating in exact mode under {', '.join(evaluate.portability_names(model))}",
-              flush=True)
+        print(f"  {evaluate.exact_notice(model, len(data.y_test))}", flush=True)
         n = TRAIN_EVAL_N  # exact mode runs subnormal arithmetic: a subset of a large train set
         res["train_acc"] = evaluate.accuracy(model, data.x_train[:n], data.y_train[:n], "exact")
         res["portability"] = port = evaluate.portability(model, data)
@@ -180,11 +177,7 @@ def run_method(method: Method, data: Dataset, sizes: list[int], seed: int, out: 
 
 def same_weights_under_presets(net: DeepLinear) -> dict[str, DeepLinear]:
     """One copy of a trained net per preset semantics: what the same weights compute elsewhere."""
-    nets = {}
-    for name, sem in PRESETS.items():
-        nets[name] = copy.deepcopy(net).requires_grad_(False)
-        nets[name].semantics = sem
-    return nets
+    return {name: net.with_semantics(sem) for name, sem in PRESETS.items()}
 
 
 @torch.no_grad()
@@ -330,6 +323,17 @@ def claim(out: Path, datasets: tuple[str, ...], settings: dict[str, Any],
     return recorded
 
 
+def kept_threads(where: Path, asked: int | None, default: int, recorded: int | None) -> int:
+    """The threads a resumed study keeps: those ``where`` was written with, else ``asked``
+    (``--threads``), else ``default``; ``--threads`` asking for another than the recorded count is
+    refused in one line (why: :func:`settle_threads`)."""
+    if recorded is not None and asked is not None and asked != recorded:
+        raise ValueError(f"{where} was written with --threads {recorded}, not {asked}: a wide "
+                         "net's sums depend on the count; resume without --threads (or with "
+                         f"{recorded}), or pass another --out")
+    return recorded if recorded is not None else asked or default
+
+
 def settle_threads(out: Path, asked: int | None, default: int, recorded: int | None) -> int:
     """The torch threads of this invocation, recorded beside the settings.
 
@@ -337,11 +341,7 @@ def settle_threads(out: Path, asked: int | None, default: int, recorded: int | N
     and continued on 2 end on other weights (measured on Fashion-MNIST's 784-512-512-10). A
     resume therefore keeps the count its runs were trained with: by default, and refused where
     ``--threads`` asks for another."""
-    if recorded is not None and asked is not None and asked != recorded:
-        raise ValueError(f"{out} was reproduced with --threads {recorded}, not {asked}: a wide "
-                         "net's sums depend on the count; resume without --threads (or with "
-                         f"{recorded}), or pass another --out")
-    used = recorded if recorded is not None else asked or default
+    used = kept_threads(out, asked, default, recorded)
     path = out / SETTINGS_FILE
     if path.is_file():  # where claim recorded the settings
         settings = json.loads(path.read_text())

@@ -19,6 +19,7 @@ from typing import NoReturn
 
 from deeplinear import __version__
 from deeplinear.arithmetic import PRESETS
+from deeplinear.data import NUMPY_SEEDS
 
 COMMANDS = ("probe", "train", "eval", "reproduce", "bench")
 
@@ -36,7 +37,8 @@ def absolute_path(text: str) -> str:
     return str(Path(text).resolve())
 
 
-MAX_SEED = 2**32 - 1
+MAX_SEED = NUMPY_SEEDS - 1
+SEMANTICS = "TF_GPU"  # the commands' default semantics: the 2017 paper's
 
 
 def seed(text: str) -> int:

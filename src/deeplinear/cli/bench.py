@@ -12,7 +12,7 @@ import sys
 from dataclasses import fields
 from typing import Any
 
-from deeplinear.bench import MODES, NETS, BenchConfig, format_report, run_bench
+from deeplinear.bench import MODES, NETS, PEAK_N, QUICK, BenchConfig, format_report, run_bench
 from deeplinear.cli import summary
 
 
@@ -29,23 +29,29 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "bench", help="ES engine throughput vs this machine's GEMM peak",
         description=summary(__doc__))
     p.add_argument("--quick", action="store_true",
-                   help="a fast subset: pop 100, batch 100, short timings, no pop-1000 target")
+                   help=f"a fast subset: pop {QUICK['pops'][0]}, batch {QUICK['batches'][0]}, "
+                        f"{QUICK['min_time']} s timings, no pop-{BenchConfig.target_pop} target")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="where the engine and the sgemm peak run (default cpu)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: torch's own choice)")
     p.add_argument("--nets", nargs="+", default=None, metavar="NET",
                    help=f"{' and/or '.join(NETS)} and/or layer widths like 64,256,10 "
-                        "(default: 2017 small)")
+                        f"(default: {' '.join(BenchConfig.nets)})")
     p.add_argument("--modes", nargs="+", choices=MODES, default=None,
                    help="full and/or lowrank (default: both)")
-    p.add_argument("--pops", type=_ints, default=None, help="populations (default: 100,500,2000)")
-    p.add_argument("--batches", type=_ints, default=None, help="batch sizes (default: 100,1000)")
-    p.add_argument("--rank", type=int, default=None, help="low-rank perturbation rank (default 1)")
+    p.add_argument("--pops", type=_ints, default=None,
+                   help=f"populations (default: {','.join(map(str, BenchConfig.pops))})")
+    p.add_argument("--batches", type=_ints, default=None,
+                   help=f"batch sizes (default: {','.join(map(str, BenchConfig.batches))})")
+    p.add_argument("--rank", type=int, default=None,
+                   help=f"low-rank perturbation rank (default {BenchConfig.rank})")
     p.add_argument("--min-time", type=float, default=None,
-                   help="seconds each row is repeated for, at least (default 1, quick 0.2)")
+                   help="seconds each row is repeated for, at least (default "
+                        f"{BenchConfig.min_time:g}, quick {QUICK['min_time']})")
     p.add_argument("--peak-n", type=int, default=None,
-                   help="matrix size of the sgemm peak (default 2048 on CPU, 8192 on CUDA)")
+                   help=f"matrix size of the sgemm peak (default {PEAK_N['cpu']} on CPU, "
+                        f"{PEAK_N['cuda']} on CUDA)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=run)
 

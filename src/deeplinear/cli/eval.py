@@ -77,10 +77,8 @@ def evaluate_payload(payload: dict[str, Any], semantics: str, dataset: str | Non
                              f"no float semantics to choose; drop --semantics {semantics}")
         return {"test_acc": {"float32": evaluate.accuracy(model, data.x_test, data.y_test)},
                 "dataset": data.name, "n_test": len(data.y_test)}
-    if progress:  # subnormal arithmetic: ~30 s for Fashion-MNIST's test set, not in silence
-        print(f"evaluating {len(data.y_test)} test samples in exact mode under "
-              f"{', '.join(names or evaluate.portability_names(model))}", file=sys.stderr,
-              flush=True)
+    if progress:
+        print(evaluate.exact_notice(model, len(data.y_test), names), file=sys.stderr, flush=True)
     if names is None:
         res = evaluate.portability(model, data)
     else:

@@ -8,6 +8,7 @@ or as JSON, and optionally draws the implicit activation to a PNG.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import os
@@ -25,7 +26,8 @@ from deeplinear.regimes import probe_report as regime_probe
 # The net probe's flags: None in the parser, so that giving one in regime mode is an error
 # rather than silently ignored; these are the defaults their help documents.
 NET_DEFAULTS: dict[str, Any] = {"sizes": ",".join(map(str, SIZES_2017)), "semantics": "all",
-                                "n": 256, "n_fit": None, "scale_exp": SCALE_EXP}
+                                "n": inspect.signature(probe_report).parameters["n"].default,
+                                "n_fit": None, "scale_exp": SCALE_EXP}
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from deeplinear.arithmetic import PRESETS, get_semantics
-from deeplinear.cli import absolute_path, preset, seed, summary
+from deeplinear.cli import SEMANTICS, absolute_path, preset, seed, summary
 from deeplinear.data import DATASETS, check_data_dir, data_dir_for
 from deeplinear.reproduce import BUDGETS, DEFAULT_DATASETS, command, default_out, reproduce
 from deeplinear.train import check_threads, stopped_prefix
@@ -28,8 +28,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="seed of data, init, batches and noise (default 0)")
     p.add_argument("--data-dir", default=None, type=absolute_path,
                    help="directory holding the IDX files")
-    p.add_argument("--semantics", default="TF_GPU", type=preset, choices=list(PRESETS),
-                   help="the deep linear nets' semantics (default: %(default)s)")
+    p.add_argument("--semantics", default=None, type=preset, choices=list(PRESETS),
+                   help=f"the deep linear nets' semantics (default: {SEMANTICS})")
     p.add_argument("--study", default="methods", choices=["methods", "regimes"],
                    help="methods: the 2017 table (default); regimes: every float nonlinearity "
                         "(FTZ dead zone, subnormal staircase, absorption, saturation) x ES and "
@@ -54,13 +54,13 @@ def run(args: argparse.Namespace) -> int:
         args.out = str(default_out(args.budget))
     check_threads(args.threads, "--threads")
     if args.study == "regimes":
-        if args.semantics != "TF_GPU":
+        if args.semantics is not None:
             raise ValueError("--semantics applies to --study methods only (the regimes study sets "
                              "its own semantics per regime); drop it")
         return run_regimes_study(datasets, args)
     if args.resume and not any(Path(args.out).glob("*/*/*.pt")):
         print(f"nothing to resume in {args.out}: starting a new reproduction", file=sys.stderr)
-    semantics = get_semantics(args.semantics)
+    semantics = get_semantics(args.semantics or SEMANTICS)
     try:
         reproduce(datasets, args.budget, args.out, args.seed, args.data_dir, args.resume,
                   semantics, args.threads)
@@ -84,15 +84,13 @@ def study_threads(partial: Path, asked: int | None, default: int) -> int:
     slower (:func:`deeplinear.reproduce.default_threads`)."""
     import json
 
+    from deeplinear.reproduce import kept_threads
+
     try:
         recorded = json.loads(partial.read_text()).get("threads")
     except (OSError, ValueError, AttributeError):
         recorded = None  # none yet; a damaged file is named by the study itself
-    if recorded is not None and asked is not None and asked != recorded:
-        raise ValueError(f"{partial} was written with --threads {recorded}, not {asked}: a wide "
-                         "net's sums depend on the count; resume without --threads (or with "
-                         f"{recorded}), or pass another --out")
-    return recorded if isinstance(recorded, int) else asked or default
+    return kept_threads(partial, asked, default, recorded if isinstance(recorded, int) else None)
 
 
 def run_regimes_study(datasets: tuple[str, ...], args: argparse.Namespace) -> int:

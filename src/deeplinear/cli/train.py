@@ -26,7 +26,8 @@ from typing import Any
 from torch import nn
 
 from deeplinear.arithmetic import PRESETS, get_semantics
-from deeplinear.cli import absolute_path, preset, seed, summary
+from deeplinear.cli import SEMANTICS, absolute_path, preset, seed, summary
+from deeplinear.data import DATASETS, MNIST_LIKE
 from deeplinear.es import SIGMA_SCALES
 from deeplinear.evaluate import COLLAPSED
 from deeplinear.nets import MODELS, SCALE_EXP, build_model
@@ -72,14 +73,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    "deeplinear, backprop for mlp and softmax")
     p.add_argument("--surrogate", choices=SURROGATES, default=None,
                    help=f"float-aware gradient of the underflow (default {FLOAT_AWARE})")
-    p.add_argument("--dataset", default=None, help="spirals, rings, checkerboard, parity, "
-                   "digits, mnist, fashion-mnist or kmnist (required, except with --resume: "
-                   "--out RUN --resume continues a run with its own settings)")
+    p.add_argument("--dataset", default=None, help=f"{', '.join(DATASETS)} (required, except "
+                   "with --resume: --out RUN --resume continues a run with its own settings)")
     p.add_argument("--data-dir", default=None, type=absolute_path,
-                   help="directory with the MNIST-format IDX files (mnist, fashion-mnist, kmnist); "
-                   "without it they are downloaded into $DEEPLINEAR_CACHE (default "
-                   "~/.cache/deeplinear) from $DEEPLINEAR_MIRROR (comma-separated base URLs) or "
-                   "the built-in mirrors")
+                   help="directory with the MNIST-format IDX files "
+                   f"({', '.join(MNIST_LIKE)}); without it they are downloaded into "
+                   "$DEEPLINEAR_CACHE (default ~/.cache/deeplinear) from $DEEPLINEAR_MIRROR "
+                   "(comma-separated base URLs) or the built-in mirrors")
     p.add_argument("--data-seed", type=seed, default=None,
                    help="seed of synthetic data and of --n-train/--n-test subsets (default 0)")
     p.add_argument("--n-train", type=int, default=None, help="random subset of the train split")
@@ -88,7 +88,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="layer widths, input first, e.g. 784,512,512,10 (default: two hidden "
                         "layers sized for the dataset)")
     p.add_argument("--semantics", default=None, type=preset, choices=list(PRESETS),
-                   help="float semantics of a deep linear net (default TF_GPU)")
+                   help=f"float semantics of a deep linear net (default {SEMANTICS})")
     p.add_argument("--scale-exp", type=int, default=None,
                    help=f"deep linear: the scale 2^k (default {SCALE_EXP})")
     p.add_argument("--seed", type=seed, default=None,
@@ -202,7 +202,7 @@ def check_model_flags(args: argparse.Namespace) -> None:
         raise ValueError("--rank applies to --method es --perturbation lowrank; use those or "
                          "drop --rank")
     args.method = args.method or default_method(args.model)
-    args.semantics = args.semantics or "TF_GPU"
+    args.semantics = args.semantics or SEMANTICS
     args.scale_exp = SCALE_EXP if args.scale_exp is None else args.scale_exp
 
 
@@ -306,9 +306,8 @@ def final_results(model: nn.Module, data: Any, progress: bool = False) -> dict[s
     from deeplinear.probes import occupancy
 
     if isinstance(model, DeepLinear):
-        if progress:  # subnormal arithmetic: ~10-20 s on a Fashion-MNIST test set, not in silence
-            print(f"evaluating {len(data.y_test)} test samples in exact mode under "
-                  f"{', '.join(evaluate.portability_names(model))}", file=sys.stderr, flush=True)
+        if progress:
+            print(evaluate.exact_notice(model, len(data.y_test)), file=sys.stderr, flush=True)
         return {**evaluate.portability(model, data),
                 "occupancy": occupancy(model, data.x_test, "exact")}
     return {"test_acc": {"float32": evaluate.accuracy(model, data.x_test, data.y_test)}}

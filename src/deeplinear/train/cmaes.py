@@ -41,7 +41,7 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from deeplinear import es
-from deeplinear.data import Dataset
+from deeplinear.data import NUMPY_SEEDS, Dataset
 from deeplinear.engine import (
     CHUNK_CACHE_BYTES,
     member_accuracy,
@@ -93,7 +93,7 @@ class Config:
             raise ValueError(f"pop must be >= 2, got {self.pop}")
         if not (self.sigma > 0 and math.isfinite(self.sigma)):
             raise ValueError(f"sigma must be a positive number, got {self.sigma}")
-        if not 0 <= self.seed < 2**32:  # numpy's RandomState takes no other seed
+        if not 0 <= self.seed < NUMPY_SEEDS:
             raise ValueError(f"seed must be in [0, 2**32) for CMA-ES, got {self.seed}")
 
 
