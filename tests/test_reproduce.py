@@ -79,7 +79,7 @@ def test_resume_reuses_finished_methods(out):
 def test_cli_rejects_unknown_dataset(capsys):
     assert main(["reproduce", "--dataset", "nope"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "unknown dataset nope" in err
+    assert err.count("\n") == 1 and "unknown dataset 'nope'" in err
 
 
 def test_reproduce_takes_one_dataset_name_and_refuses_unknown_ones_before_writing(tmp_path):

@@ -404,6 +404,8 @@ def matmul(a: Tensor, b: Tensor, sem: Semantics | str) -> Tensor:
 # keeps one pool per master thread, so a fresh Python thread that sets the flag *before* its first
 # parallel op gets a pool in which every worker flushes. That is what run_with_hardware_ftz does.
 
+NO_FTZ = "this CPU does not support flush-to-zero (needs SSE3 on x86)"
+
 
 @contextlib.contextmanager
 def hardware_ftz(enabled: bool = True) -> Iterator[None]:
@@ -414,7 +416,7 @@ def hardware_ftz(enabled: bool = True) -> Iterator[None]:
     """
     threads, before = torch.get_num_threads(), ftz_is_on()
     if not torch.set_flush_denormal(enabled):
-        raise RuntimeError("this CPU does not support flush-to-zero (needs SSE3 on x86)")
+        raise RuntimeError(NO_FTZ)
     torch.set_num_threads(1)
     try:
         yield
@@ -455,7 +457,7 @@ def run_with_hardware_ftz(fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs)
     def target() -> None:
         try:
             if not torch.set_flush_denormal(True):
-                raise RuntimeError("this CPU does not support flush-to-zero (needs SSE3 on x86)")
+                raise RuntimeError(NO_FTZ)
             box["value"] = fn(*args, **kwargs)
         except BaseException as e:  # re-raised in the caller
             box["error"] = e

@@ -698,6 +698,15 @@ SYNTHETIC: dict[str, Callable[..., Dataset]] = {
 DATASETS: tuple[str, ...] = (*SYNTHETIC, "digits", *MNIST_LIKE)
 
 
+def check_datasets(names: Sequence[str]) -> None:
+    """One line naming the datasets of ``names`` deeplinear does not know (or that there are
+    none), with the list to choose from."""
+    unknown = [name for name in names if name not in DATASETS]
+    if unknown or not names:
+        raise DataError(f"unknown dataset {', '.join(map(repr, unknown)) or '(none)'}; choose "
+                        f"from {', '.join(DATASETS)}")
+
+
 def data_dir_for(name: str, data_dir: str | None) -> str | None:
     """``data_dir`` where ``name`` reads IDX files, None for the built-in sets (which refuse
     one): for callers that hand one directory to several datasets."""
@@ -739,5 +748,5 @@ def load_dataset(
     elif name in MNIST_LIKE:
         ds = load_mnist_like(name, data_dir)
     else:
-        raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+        check_datasets([name])
     return ds.subset(n_train, n_test, seed)

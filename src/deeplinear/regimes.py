@@ -683,12 +683,11 @@ def study(dataset: str = "spirals", regimes: Sequence[Regime] = STUDY_REGIMES,
     from deeplinear import evaluate
     from deeplinear.data import load_dataset
     from deeplinear.nets import MLP, DeepLinear, SoftmaxRegression
-    from deeplinear.reproduce import BUDGETS  # one budget table for every reproduction
+    from deeplinear.reproduce import BUDGETS, check_budget  # one budget table for every study
     from deeplinear.runs import atomic_write_text
     from deeplinear.train import backprop, es
 
-    if budget not in BUDGETS:
-        raise ValueError(f"unknown budget {budget!r}; use {', '.join(BUDGETS)}")
+    check_budget(budget)
     unknown = [m for m in methods if m not in STUDY_METHODS]
     if unknown or not methods:
         raise ValueError(f"unknown methods {unknown or '(none)'}; use {', '.join(STUDY_METHODS)}")

@@ -26,7 +26,7 @@ from deeplinear import evaluate, probes
 from deeplinear.arithmetic import PRESETS, TF_GPU, Semantics, preset_name
 from deeplinear.bench import cpu_model
 from deeplinear.collapse import collapse_gap
-from deeplinear.data import DATASETS, DataError, Dataset, data_dir_for, load_dataset
+from deeplinear.data import Dataset, check_datasets, data_dir_for, load_dataset
 from deeplinear.nets import MLP, DeepLinear, Mode, SoftmaxRegression, default_sizes, seeded
 from deeplinear.report import (
     plot_decision_regions,
@@ -79,6 +79,12 @@ BUDGETS = {
     "full": Budget(20000, {"steps": 20000, "pop": 300, "perturbation": "lowrank", "rank": 1,
                            "sigma": 0.03, "lr": 0.01}),
 }
+
+
+def check_budget(name: str) -> None:
+    """One line for a budget that is none of :data:`BUDGETS`."""
+    if name not in BUDGETS:
+        raise ValueError(f"unknown budget {name!r}; use {', '.join(BUDGETS)}")
 
 
 @dataclass(frozen=True)
@@ -375,12 +381,9 @@ def reproduce(datasets: str | Sequence[str] = DEFAULT_DATASETS, budget: str | Bu
     results.json, report.md and report.html (from those same results) into ``out`` (default:
     :func:`default_out`), and return the results."""
     datasets = (datasets,) if isinstance(datasets, str) else tuple(datasets)
-    unknown = [name for name in datasets if name not in DATASETS]
-    if unknown or not datasets:  # before ``out`` is made or claimed
-        raise DataError(f"unknown dataset {', '.join(map(repr, unknown)) or '(none)'}; choose "
-                        f"from {', '.join(DATASETS)}")
-    if isinstance(budget, str) and budget not in BUDGETS:
-        raise ValueError(f"unknown budget {budget!r}; use {' or '.join(BUDGETS)}")
+    check_datasets(datasets)  # before ``out`` is made or claimed
+    if isinstance(budget, str):
+        check_budget(budget)
     steps = BUDGETS[budget] if isinstance(budget, str) else budget
     out = Path(out) if out is not None else default_out(budget)
     make_dir(out)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from deeplinear.arithmetic import PRESETS, get_semantics
 from deeplinear.cli import SEMANTICS, absolute_path, preset, seed, summary
-from deeplinear.data import DATASETS, check_data_dir, data_dir_for
+from deeplinear.data import DATASETS, check_data_dir, check_datasets, data_dir_for
 from deeplinear.reproduce import BUDGETS, DEFAULT_DATASETS, command, default_out, reproduce
 from deeplinear.train import check_threads, stopped_prefix
 
@@ -45,10 +45,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     # each once: a repeated name would train its dataset twice (the second time refused)
     datasets = tuple(dict.fromkeys(d.strip() for d in args.dataset.split(",") if d.strip()))
-    unknown = [d for d in datasets if d not in DATASETS]
-    if unknown or not datasets:
-        raise ValueError(f"unknown dataset {', '.join(unknown) or '(none)'}; "
-                         f"choose from {', '.join(DATASETS)}")
+    check_datasets(datasets)
     check_data_dir(datasets, args.data_dir)
     if args.out is None:
         args.out = str(default_out(args.budget))
