@@ -136,10 +136,10 @@ def throughput(args: argparse.Namespace) -> None:
     """Generations/s of the engine (and of a whole ask/evaluate/tell step) on the 2017 net."""
     from deeplinear import es
     from deeplinear.engine import Engine
-    from deeplinear.nets import DeepLinear
+    from deeplinear.nets import SIZES_2017, DeepLinear
 
     torch.set_num_threads(args.threads)
-    sizes = [784, 512, 512, 10]
+    sizes = list(SIZES_2017)
     net = DeepLinear(sizes, generator=torch.Generator().manual_seed(0))
     layout = es.Layout.of(sizes)
     x = torch.rand(args.batch, sizes[0])

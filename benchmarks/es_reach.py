@@ -34,11 +34,11 @@ from deeplinear.arithmetic import get_semantics
 from deeplinear.bench import cpu_model
 from deeplinear.cli.train import load_weights
 from deeplinear.data import Dataset, load_dataset
-from deeplinear.nets import build_model
+from deeplinear.nets import SCALE_EXP, SIZES_2017, build_model
 from deeplinear.surrogate import make_under
 from deeplinear.train.backprop import Config, calibrate, lr_at
 
-SIZES = [784, 512, 512, 10]
+SIZES = list(SIZES_2017)
 BIASES = ("biases.0", "biases.1", "biases.2")
 ALL = ("weights.0", "weights.1", "weights.2", *BIASES)
 
@@ -69,7 +69,7 @@ SETTINGS = [
 
 
 def reach(setting: Setting, start: str, data: Dataset, steps: int, seed: int) -> dict:
-    model = build_model("deeplinear", SIZES, 125, get_semantics("TF_GPU"), seed)
+    model = build_model("deeplinear", SIZES, SCALE_EXP, get_semantics("TF_GPU"), seed)
     load_weights(model, start, "deeplinear", SIZES)
     if setting.gain is not None:
         calibrate(model, data.x_train, setting.gain, center=False, output=False)

@@ -52,12 +52,12 @@ from deeplinear.bench import cpu_model
 from deeplinear.cli.train import load_weights
 from deeplinear.data import load_dataset
 from deeplinear.engine import inplace_rule, member_losses
-from deeplinear.nets import DeepLinear, build_model
+from deeplinear.nets import SCALE_EXP, SIZES_2017, DeepLinear, build_model
 from deeplinear.runs import Progress, atomic_save, load_final
 from deeplinear.surrogate import make_under
 from deeplinear.train.backprop import Config, calibrate, lr_at
 
-SIZES = [784, 512, 512, 10]
+SIZES = list(SIZES_2017)
 BLOCKS = ("gain.0", "gain.1", "biases.0", "biases.1", "biases.2", "weights.2")
 READOUT = ("biases.2", "weights.2")  # method es-readout: exact gradients here, ES elsewhere
 
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     data = load_dataset("fashion-mnist", data_dir=args.data_dir)
-    net = build_model("deeplinear", SIZES, 125, get_semantics("TF_GPU"), args.seed)
+    net = build_model("deeplinear", SIZES, SCALE_EXP, get_semantics("TF_GPU"), args.seed)
     load_weights(net, args.start, "deeplinear", SIZES)
     source = load_final(args.start) if args.save else None  # its model and data spec
     calibrate(net, data.x_train, args.gain, center=False, output=False)
@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         z, worst = train(method, units, net, data, args)
         wall = time.perf_counter() - t0
-        trained = build_model("deeplinear", SIZES, 125, get_semantics("TF_GPU"), args.seed)
+        trained = build_model("deeplinear", SIZES, SCALE_EXP, get_semantics("TF_GPU"), args.seed)
         trained.load_state_dict(units.params(z))
         acc = evaluate.portability(trained, data)["test_acc"]
         diff = f"{worst:.1e}" if method != "exact" else "-"

@@ -32,11 +32,11 @@ import torch
 from deeplinear import evaluate
 from deeplinear.bench import cpu_model
 from deeplinear.data import load_dataset
-from deeplinear.nets import MLP, DeepLinear, SoftmaxRegression
+from deeplinear.nets import MLP, SCALE_EXP, SIZES_2017, DeepLinear, SoftmaxRegression
 from deeplinear.runs import Run
 from deeplinear.train import backprop
 
-SIZES = [784, 512, 512, 10]
+SIZES = list(SIZES_2017)
 # name -> (model kind, Config overrides)
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "softmax": ("softmax", {}),
@@ -88,7 +88,7 @@ def run_method(name: str, data: Any, cfg: backprop.Config, out: Path,
     run.save_final({  # also readable by `deeplinear eval`
         "state_dict": model.state_dict(), "config": config, "result": result,
         "model": {"kind": kind, "sizes": SIZES if kind != "softmax" else [SIZES[0], SIZES[-1]],
-                  "scale_exp": model.scale_exp if deep else 125},
+                  "scale_exp": model.scale_exp if deep else SCALE_EXP},
         "semantics": dataclasses.asdict(model.semantics) if deep else None,
         "method": name, "data": {"name": data.name, "data_dir": data_dir, "seed": 0},
     })
@@ -136,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         f"machine: {machine}",
         f"settings: Fashion-MNIST 60k/10k, {'-'.join(map(str, SIZES))}, {args.epochs:g} epochs "
         f"({steps} steps), batch {args.batch_size}, AdamW lr {args.lr} cosine, seed {args.seed}; "
-        "deep linear: scale 2^125, TF_GPU semantics; accuracies in exact mode (real float32)",
+        f"deep linear: scale 2^{SCALE_EXP}, TF_GPU semantics; accuracies in exact mode "
+        "(real float32)",
         f"total wall time: {total:.0f} s (finished methods read back from {out})",
         "",
         f"| {'method':<60} | {'train s':>7} | {'eval s':>6} | {'test (own)':>10} | "

@@ -27,10 +27,10 @@ from deeplinear import arithmetic as ar
 from deeplinear.arithmetic import CPU_FTZ_DAZ, FORMATS, run_with_hardware_ftz
 from deeplinear.bench import cpu_model
 from deeplinear.data import IDX_FILES, MNIST_LIKE, read_idx
-from deeplinear.nets import DeepLinear
+from deeplinear.nets import SIZES_2017, DeepLinear
 
 MIN = FORMATS["float32"].min_normal
-BLOG_SIZES = (784, 512, 512, 10)
+BLOG_SIZES = SIZES_2017
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+# deeplinear.bench.NETS as text: this process imports no torch (each runner's subprocess sets its
+# threads before torch or jax load); tests/test_benchmark_reports.py checks they agree
 NETS = {"2017": "784,512,512,10", "small": "64,256,256,10"}
 DATASETS = {"2017": "fashion-mnist", "small": "digits"}
 RUNNERS = ("deeplinear", "deeplinear-lowrank", "evotorch-true", "evotorch-hwftz",

@@ -34,13 +34,13 @@ from deeplinear import distributed as dist
 from deeplinear import es
 from deeplinear.data import load_dataset
 from deeplinear.engine import Engine
-from deeplinear.nets import DeepLinear
+from deeplinear.nets import SIZES_2017, DeepLinear
 from deeplinear.train import es as es_train
 
 TASKS = {  # dataset, sizes, config
     "digits": ("digits", [64, 256, 256, 10], {"pop": 200, "batch_size": 256, "sigma": 0.03,
                                                 "lr": 0.03, "table_size": 1 << 22}),
-    "2017": ("fashion-mnist", [784, 512, 512, 10], {"pop": 200, "batch_size": 100,
+    "2017": ("fashion-mnist", list(SIZES_2017), {"pop": 200, "batch_size": 100,
                                                      "sigma": 0.03, "lr": 0.01}),
 }
 
@@ -99,7 +99,7 @@ def run(backend: str, workers: int, data, sizes, cfg) -> tuple[dict[str, float],
 
 def invariance() -> None:
     """How many of 40 members change with the engine's chunk (2 members) or the thread count."""
-    sizes = [784, 512, 512, 10]
+    sizes = list(SIZES_2017)
     net = DeepLinear(sizes, generator=torch.Generator().manual_seed(0))
     layout = es.Layout.of(sizes)
     x = torch.rand(100, 784, generator=torch.Generator().manual_seed(1))

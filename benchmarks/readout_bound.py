@@ -19,10 +19,10 @@ import torch.nn.functional as F
 
 from deeplinear.cli.train import load_weights
 from deeplinear.data import load_dataset
-from deeplinear.nets import DeepLinear, build_model
+from deeplinear.nets import SCALE_EXP, SIZES_2017, DeepLinear, build_model
 from deeplinear.train.backprop import calibrate
 
-SIZES = [784, 512, 512, 10]
+SIZES = list(SIZES_2017)
 
 
 def readout(h_train: torch.Tensor, y_train: torch.Tensor, h_test: torch.Tensor,
@@ -62,9 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     print("| start gain | net as is (TF_GPU, scaled) | flushed h1 / h2 | readout train | "
           "readout test | s |\n|---|---|---|---|---|---|")
     for gain in args.gains.split(","):
-        net = build_model("deeplinear", SIZES, 125, None, 0)
+        net = build_model("deeplinear", SIZES, SCALE_EXP, None, 0)
         assert isinstance(net, DeepLinear)
-        load_weights(net, args.start, "deeplinear", SIZES, 125)
+        load_weights(net, args.start, "deeplinear", SIZES, SCALE_EXP)
         t0 = time.perf_counter()
         with torch.no_grad():
             if gain != "trained":

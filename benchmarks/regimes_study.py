@@ -27,8 +27,8 @@ def main() -> None:
     p.add_argument("--dataset", default="spirals")
     p.add_argument("--budget", default="quick", choices=list(BUDGETS))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sizes", default=None, help="layer widths (default: in,64,64,out; 256 wide "
-                                                 "for >= 64 features)")
+    p.add_argument("--sizes", default=None, help="layer widths (default: two hidden layers sized "
+                                                 "for the dataset, deeplinear.nets.default_sizes)")
     p.add_argument("--regimes", default=None,
                    help="comma-separated KIND:PARAM[@FORMAT] (default: "
                         + ", ".join(f"{r.kind}:{r.param}@{r.format}" for r in STUDY_REGIMES) + ")")

@@ -25,8 +25,9 @@ from deeplinear.arithmetic import hardware_ftz
 from deeplinear.bench import BenchConfig, forward_flops, machine_info, make_setup, sgemm_peak
 from deeplinear.data import DataError, load_mnist_like
 from deeplinear.engine import Engine
+from deeplinear.nets import SIZES_2017
 
-NET_2017 = (784, 512, 512, 10)
+NET_2017 = SIZES_2017
 
 
 def side_by_side(variants: dict[str, Callable[[], object]], rounds: int,

@@ -6,6 +6,14 @@ import json
 from helpers import load_benchmark
 
 
+def test_peers_nets_are_the_benchmarks_nets():
+    """peers.py spells deeplinear.bench.NETS as text (it imports no torch): the same widths."""
+    from deeplinear.bench import NETS
+
+    peers = load_benchmark("peers")
+    assert {name: tuple(map(int, text.split(","))) for name, text in peers.NETS.items()} == NETS
+
+
 def test_peers_records_the_machine_and_its_load(tmp_path, capsys):
     peers = load_benchmark("peers")
     out = tmp_path / "peers.json"

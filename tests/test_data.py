@@ -218,10 +218,6 @@ def test_read_idx_missing_file(tmp_path: Path) -> None:
     assert_one_line_naming(err, "nope.gz")
 
 
-def test_data_error_is_value_error() -> None:
-    assert issubclass(DataError, ValueError)
-
-
 @pytest.mark.parametrize("gz", [True, False])
 def test_load_idx_dataset(tmp_path: Path, gz: bool) -> None:
     arrays = make_arrays()

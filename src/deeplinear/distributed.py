@@ -171,7 +171,6 @@ class Stats:
     """Where a run's evaluation time went, summed over generations."""
 
     generations: int = 0
-    eval_s: float = 0.0  # inside the evaluator (driver side, put + wait + gather)
     worker_s: float = 0.0  # the slowest worker's engine time, per generation
     restarts: int = 0  # workers replaced after a crash or a timeout
 
@@ -281,7 +280,6 @@ class RayEvaluator:
             raise ValueError("population comes from another strategy than this evaluator's; "
                              "build both from the same model and config")
         ray = self._ray
-        t0 = time.perf_counter()
         theta = ray.put(pop.theta)
         ranges = partition(pop.size // 2, len(self.actors), self.align)
         out = torch.empty(2, pop.size)
@@ -312,7 +310,6 @@ class RayEvaluator:
             out[:, 2 * r.start:2 * r.stop] = part
             slowest = max(slowest, seconds)
         self.stats.generations += 1
-        self.stats.eval_s += time.perf_counter() - t0
         self.stats.worker_s += slowest
         return out[0], out[1]
 

@@ -132,7 +132,8 @@ COLLAPSED = "collapsed"  # portability's name for the collapsed affine map, besi
 def portability(net: DeepLinear, data: Dataset, batch_size: int = BATCH) -> dict[str, Any]:
     """Exact-mode test accuracy of ``net`` under its own semantics and every preset.
 
-    Returns ``{"own": NAME, "test_acc": {NAME: acc, ..., "collapsed": acc}, "seconds": {...}}``;
+    Returns ``{"own": NAME, "test_acc": {NAME: acc, ..., "collapsed": acc}, "seconds": {...},
+    "n_test": N}``;
     ``collapsed`` is the affine map the layers multiply out to (what a float-blind view sees).
     """
     if not isinstance(net, DeepLinear):
