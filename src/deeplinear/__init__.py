@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # what type checkers and editors see; at run time __getattr__
         report,
         reproduce,
         runs,
+        signals,
         surrogate,
         train,
     )
@@ -57,8 +58,8 @@ _NAMES = {  # name -> the module that defines it (the one source of truth)
     "load_model": "runs", "save_model": "runs",
 }
 _MODULES = ("arithmetic", "bench", "collapse", "data", "distributed", "engine", "es", "evaluate",
-            "formats", "nets", "probes", "regimes", "report", "reproduce", "runs", "surrogate",
-            "train")
+            "formats", "nets", "probes", "regimes", "report", "reproduce", "runs", "signals",
+            "surrogate", "train")
 __all__ = [*_NAMES, *_MODULES]
 
 

@@ -11,7 +11,7 @@ says everywhere, not only inside a trainer's loop (which stops after its step).
 import signal
 import sys
 
-_STOPS = (signal.SIGINT, signal.SIGTERM)
+from deeplinear.signals import catchable
 
 
 def _terminated(signum: int, frame: object) -> None:
@@ -19,7 +19,7 @@ def _terminated(signum: int, frame: object) -> None:
 
 
 def run() -> None:
-    caught = [s for s in _STOPS if signal.getsignal(s) is not signal.SIG_IGN]  # ignored stays so
+    caught = catchable()
     held: list[int] = []
     for s in caught:
         signal.signal(s, lambda signum, frame: held.append(signum))

@@ -36,6 +36,7 @@ from deeplinear.arithmetic import integer
 from deeplinear.data import Dataset
 from deeplinear.evaluate import accuracy, check_fits
 from deeplinear.nets import DeepLinear, check_finite
+from deeplinear.signals import catchable
 
 TRAINER_MODULES = ("backprop", "es", "cmaes")
 
@@ -151,7 +152,6 @@ def stopped_prefix(e: BaseException) -> str:
 
 
 _stop = threading.Event()
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C; `kill PID`, a scheduler's time limit
 
 
 def stops_cleanly(train: Train) -> Train:
@@ -166,7 +166,7 @@ def stops_cleanly(train: Train) -> Train:
     """
     @functools.wraps(train)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        caught = [s for s in STOP_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN]
+        caught = catchable()
         if threading.current_thread() is not threading.main_thread() or not caught:
             return train(*args, **kwargs)
 
