@@ -216,14 +216,14 @@ def peak_memory(device: str) -> Iterator[dict[str, float | None]]:
     box["bytes"] = float(max(0, _proc_status_kib("VmHWM") - base) * 1024)
 
 
-def sgemm_peak(device: str, min_time: float = 0.5, n: int | None = None) -> dict[str, float]:
+def sgemm_peak(device: str, n: int | None = None) -> dict[str, float]:
     """This machine's float32 GEMM rate: ``torch.mm`` of two ``n x n`` matrices, in GFLOP/s."""
     n = n or PEAK_N[device]
     g = torch.Generator().manual_seed(0)
     a = torch.randn(n, n, generator=g).to(device)
     b = torch.randn(n, n, generator=g).to(device)
     out = torch.empty(n, n, device=device)
-    t = timeit(lambda: torch.mm(a, b, out=out), device, min_time, 3)
+    t = timeit(lambda: torch.mm(a, b, out=out), device, 0.5, 3)  # >= 3 calls and 0.5 s
     flops = 2 * n**3
     return {"n": n, "gflops": flops / min(t.times) / 1e9, "gflops_median": flops / t.median / 1e9}
 

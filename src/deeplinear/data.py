@@ -637,7 +637,7 @@ def _refuse_another_set(name: str, directory: Path, loaded: Dataset) -> None:
         if other != name:
             raise DataError(f"{path}: this is {other}'s published file, not {name}'s; pass "
                             f"--dataset {other}, or a --data-dir holding {name}'s files")
-    counts = tuple(torch.bincount(loaded.y_test, minlength=10).tolist())
+    counts = tuple(torch.bincount(loaded.y_test, minlength=loaded.n_classes).tolist())
     labels = hashlib.md5(loaded.y_test.to(torch.uint8).numpy().tobytes()).hexdigest()
     sets = MNIST_LIKE.items()
     for what, others in (

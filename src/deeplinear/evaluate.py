@@ -129,7 +129,7 @@ def semantics_name(net: DeepLinear) -> str:
 COLLAPSED = "collapsed"  # portability's name for the collapsed affine map, beside the presets
 
 
-def portability(net: DeepLinear, data: Dataset, batch_size: int = BATCH) -> dict[str, Any]:
+def portability(net: DeepLinear, data: Dataset) -> dict[str, Any]:
     """Exact-mode test accuracy of ``net`` under its own semantics and every preset.
 
     Returns ``{"own": NAME, "test_acc": {NAME: acc, ..., "collapsed": acc}, "seconds": {...},
@@ -146,7 +146,7 @@ def portability(net: DeepLinear, data: Dataset, batch_size: int = BATCH) -> dict
     for name, variant in variants.items():
         t0 = time.perf_counter()
         other = variant if isinstance(variant, DeepLinear) else _with_semantics(net, variant)
-        acc[name] = accuracy(other, data.x_test, data.y_test, "exact", batch_size)
+        acc[name] = accuracy(other, data.x_test, data.y_test, "exact")
         seconds[name] = time.perf_counter() - t0
     t0 = time.perf_counter()
     acc[COLLAPSED] = collapsed_accuracy(net, data.x_test, data.y_test)
