@@ -203,6 +203,31 @@ def stop_asked() -> bool:
     return _stop.is_set()
 
 
+def due(done: int, cfg: Any, run: Any) -> tuple[bool, bool, bool]:
+    """What every trainer does after step ``done``: ``(evaluate, checkpoint, stop)``. It evaluates
+    every ``eval_every`` steps and at the last; checkpoints (with a run) every
+    ``checkpoint_every``, at the last and when a signal asked it to stop (:func:`stop_asked`, read
+    once here), so that a stopped run resumes from the step it stopped at."""
+    stop, last = stop_asked(), done == cfg.steps
+    return (done % cfg.eval_every == 0 or last,
+            run is not None and (done % cfg.checkpoint_every == 0 or last or stop), stop)
+
+
+def record(row: dict[str, Any], rows: list[dict[str, Any]], run: Any) -> None:
+    """Keep a metric row, and log it to the run's ``metrics.jsonl`` where there is a run."""
+    rows.append(row)
+    if run is not None:
+        run.log(row)
+
+
+def show(bar: Any, done: int, cfg: Any, loss: float, rows: list[dict[str, Any]]) -> None:
+    """The progress line after step ``done`` (if shown): that step's loss and the test accuracy
+    of the latest evaluation."""
+    if bar is not None:
+        bar.update(done, force=done == cfg.steps, loss=loss,
+                   test_acc=rows[-1]["test_acc"] if rows else math.nan)
+
+
 def interrupted(step: int, run: Any, rows: list[dict[str, Any]]) -> Interrupted:
     """The exception that ends a run stopped by a signal after ``step`` (its checkpoint saved)."""
     return Interrupted(step, f"; checkpoint in {run.dir}: continue with --resume"

@@ -61,11 +61,13 @@ from deeplinear.train import (
     check_config,
     check_device,
     check_trainable,
+    due,
     interrupted,
     mark_trained,
+    record,
     restores_caller_state,
     scores,
-    stop_asked,
+    show,
     stops_cleanly,
 )
 
@@ -318,9 +320,7 @@ def _train(model: nn.Module, data: Dataset, cfg: Config, run: Run | None,
         _step(opt, ftz)
         loss_sum, loss_n = loss_sum + value, loss_n + 1
         done = s + 1
-        is_eval = done % cfg.eval_every == 0 or done == cfg.steps
-        stop = stop_asked()
-        is_ckpt = done % cfg.checkpoint_every == 0 or done == cfg.steps or stop
+        is_eval, is_ckpt, stop = due(done, cfg, run)
         if (is_eval or is_ckpt) and nonfinite(model.named_parameters()):
             raise ValueError(f"training diverged at step {done}: non-finite weights; lower lr "
                              f"(--lr) ({saved(last_ckpt)})")
@@ -330,19 +330,15 @@ def _train(model: nn.Module, data: Dataset, cfg: Config, run: Run | None,
                    **scores(model, data, n_eval)}
             if net is not None:
                 row["flushed"] = _flushed_fraction(net, data.x_test[:1000].to(device))
+            record(row, rows, run)
             loss_sum, loss_n = 0.0, 0
-            rows.append(row)
-            if run is not None:
-                run.log(row)
         if is_ckpt and run is not None:
             run.checkpoint({"step": done, "model": model.state_dict(),
                             "optimizer": opt.state_dict(), "rng": rng_state(g), "perm": perm,
                             "wall_s": wall0 + time.perf_counter() - t0, "loss_sum": loss_sum,
                             "loss_n": loss_n})
             last_ckpt = done
-        if bar is not None:
-            last = rows[-1]["test_acc"] if rows else float("nan")
-            bar.update(done, force=done == cfg.steps, loss=value, test_acc=last)
+        show(bar, done, cfg, value, rows)
         if stop:
             raise interrupted(done, run, rows)
     return rows

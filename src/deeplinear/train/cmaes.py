@@ -55,11 +55,13 @@ from deeplinear.train import (
     check_arguments,
     check_evolution_config,
     check_evolvable,
+    due,
     interrupted,
     mark_trained,
+    record,
     restores_caller_state,
     scores,
-    stop_asked,
+    show,
     stops_cleanly,
 )
 from deeplinear.train.backprop import calibrate_fresh
@@ -198,27 +200,19 @@ def train(model: DeepLinear, data: Dataset, cfg: Config, run: Run | None = None,
         opt.tell(candidates, values)
         loss_sum, loss_n = loss_sum + mean, loss_n + 1
         done = gen + 1
-        is_eval = done % cfg.eval_every == 0 or done == cfg.steps
-        stop = stop_asked()
-        is_ckpt = run is not None and (done % cfg.checkpoint_every == 0 or done == cfg.steps
-                                       or stop)
+        is_eval, is_ckpt, stop = due(done, cfg, run)
         if is_eval or is_ckpt or stop:
             centre()
         if is_eval:
-            row = {"step": done, "wall_s": wall0 + time.perf_counter() - t0,
-                   "loss": loss_sum / loss_n, "sigma": float(opt.sigma),
-                   **scores(model, data, n_eval)}
+            record({"step": done, "wall_s": wall0 + time.perf_counter() - t0,
+                    "loss": loss_sum / loss_n, "sigma": float(opt.sigma),
+                    **scores(model, data, n_eval)}, rows, run)
             loss_sum, loss_n = 0.0, 0
-            rows.append(row)
-            if run is not None:
-                run.log(row)
         if is_ckpt and run is not None:
             run.checkpoint({"step": done, "cma": pickle.dumps(opt), "rng": rng_state(g),
                             "model": model.state_dict(), "wall_s": wall0 + time.perf_counter() - t0,
                             "loss_sum": loss_sum, "loss_n": loss_n})
-        if bar is not None:
-            last = rows[-1]["test_acc"] if rows else math.nan
-            bar.update(done, force=done == cfg.steps, loss=mean, test_acc=last)
+        show(bar, done, cfg, mean, rows)
         if stop:
             raise interrupted(done, run, rows)
     centre()

@@ -25,7 +25,6 @@ because deriving a second seed would change every recorded ES result.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -43,11 +42,13 @@ from deeplinear.train import (
     check_device,
     check_evolution_config,
     check_evolvable,
+    due,
     interrupted,
     mark_trained,
+    record,
     restores_caller_state,
     scores,
-    stop_asked,
+    show,
     stops_cleanly,
 )
 from deeplinear.train.backprop import calibrate_fresh
@@ -158,26 +159,19 @@ def train(model: DeepLinear, data: Dataset, cfg: Config, run: Run | None = None,
         finite = loss[torch.isfinite(loss)]
         loss_sum, loss_n = loss_sum + float(finite.mean()), loss_n + 1
         done = gen + 1
-        is_eval = done % cfg.eval_every == 0 or done == cfg.steps
-        stop = stop_asked()
-        is_ckpt = run is not None and (done % cfg.checkpoint_every == 0 or done == cfg.steps
-                                       or stop)
+        is_eval, is_ckpt, stop = due(done, cfg, run)
         if is_eval or is_ckpt or stop:
             layout.load(state.theta, model)
         if is_eval:
-            row = {"step": done, "wall_s": wall0 + time.perf_counter() - t0,
-                   "loss": loss_sum / loss_n, "sigma": pop.sigma, **scores(model, data, n_eval)}
+            record({"step": done, "wall_s": wall0 + time.perf_counter() - t0,
+                    "loss": loss_sum / loss_n, "sigma": pop.sigma,
+                    **scores(model, data, n_eval)}, rows, run)
             loss_sum, loss_n = 0.0, 0
-            rows.append(row)
-            if run is not None:
-                run.log(row)
         if is_ckpt and run is not None:
             run.checkpoint({"step": done, "es": state.state_dict(), "rng": rng_state(g),
                             "model": model.state_dict(), "wall_s": wall0 + time.perf_counter() - t0,
                             "loss_sum": loss_sum, "loss_n": loss_n})
-        if bar is not None:
-            last = rows[-1]["test_acc"] if rows else math.nan
-            bar.update(done, force=done == cfg.steps, loss=float(finite.mean()), test_acc=last)
+        show(bar, done, cfg, float(finite.mean()), rows)
         if stop:
             raise interrupted(done, run, rows)
     layout.load(state.theta, model)
