@@ -429,3 +429,17 @@ def test_building_a_model_leaves_the_callers_random_stream_alone(kind):
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
     c = build_model(kind, [4, 8, 3], seed=6)
     assert not torch.equal(next(a.parameters()), next(c.parameters()))
+
+
+def test_with_semantics_copies_the_weights_under_other_arithmetic():
+    """The same weights, another function: a copy (the original keeps its semantics and
+    gradients), frozen, computing what the original computes once given those semantics."""
+    net = DeepLinear([4, 8, 3], semantics="TF_GPU", generator=torch.Generator().manual_seed(0))
+    ieee = net.with_semantics("IEEE")
+    assert ieee.semantics == IEEE and net.semantics == TF_GPU
+    assert not any(p.requires_grad for p in ieee.parameters())
+    assert all(p.requires_grad for p in net.parameters())
+    assert ieee.weights[0] is not net.weights[0] and torch.equal(ieee.weights[0], net.weights[0])
+    x = torch.rand(16, 4, generator=torch.Generator().manual_seed(1))
+    net.semantics = "IEEE"
+    assert torch.equal(ieee(x, mode="exact"), net(x, mode="exact"))

@@ -324,6 +324,8 @@ def test_study_smoke() -> None:
         rg.study("spirals", regimes, budget="huge")
     with pytest.raises(ValueError, match="unknown methods"):
         rg.study("spirals", regimes, budget="smoke", methods=("SGD",))
+    with pytest.raises(ValueError, match="no regimes to study"):
+        rg.study("spirals", (), budget="smoke")
 
 
 def test_study_takes_the_budgets_generations_for_its_dataset(monkeypatch) -> None:
@@ -389,8 +391,13 @@ def test_a_study_killed_midway_resumes_from_its_partial_results(tmp_path, monkey
     assert strip(resumed["rows"]) == strip(whole["rows"])
     assert resumed["baselines"] == whole["baselines"]
     with pytest.raises(ValueError, match=re.escape(f"{partial}: written by a study with other "
-                                                   "seed; repeat its settings")):
+                                                   "settings, seed (run: 0, now: 1); repeat them")):
         rg.study("spirals", regimes, partial=partial, seed=1, **kw)
+    old = json.loads(partial.read_text())  # a budget no flag sets back: named to the field
+    old["budget"]["es"]["steps"] += 1
+    partial.write_text(json.dumps(old))
+    with pytest.raises(ValueError, match=r"other settings, budget\.es\.steps \(run: \d+, now"):
+        rg.study("spirals", regimes, partial=partial, **kw)
     partial.write_text("{")
     with pytest.raises(ValueError, match="not a regimes study's partial results"):
         rg.study("spirals", regimes, partial=partial, **kw)

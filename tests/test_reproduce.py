@@ -76,10 +76,14 @@ def test_resume_reuses_finished_methods(out):
     assert again["tasks"][0]["methods"]["ReLU MLP"]["test_acc"] == first["ReLU MLP"]["test_acc"]
 
 
-def test_cli_rejects_unknown_dataset(capsys):
-    assert main(["reproduce", "--dataset", "nope"]) == 2
+@pytest.mark.parametrize("study", ["methods", "regimes"])
+@pytest.mark.parametrize(("given", "named"), [("nope", "'nope'"), ("", "(none)"), (",", "(none)")])
+def test_cli_rejects_unknown_dataset(capsys, tmp_path, study, given, named):
+    out = tmp_path / "out"
+    assert main(["reproduce", "--study", study, "--dataset", given, "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "unknown dataset 'nope'" in err
+    assert err.count("\n") == 1 and f"unknown dataset {named}; choose from spirals" in err
+    assert not out.exists()
 
 
 def test_reproduce_takes_one_dataset_name_and_refuses_unknown_ones_before_writing(tmp_path):
@@ -468,7 +472,8 @@ def test_progress_numbers_every_method_and_announces_the_slow_exact_evaluation(t
     assert numbered[0] == "[1/10] checkerboard: softmax regression"
     assert numbered[5] == "[6/10] parity: softmax regression"
     announced = [f"  evaluating {n} test samples in exact mode under TF_GPU, IEEE, CPU_FTZ_DAZ, "
-                 "collapsed" for n in (500, 64)]  # checkerboard's test set, then parity's
+                 f"collapsed ({m} train samples under TF_GPU)"
+                 for n, m in ((500, 1500), (64, 192))]  # checkerboard's sets, then parity's
     evaluating = [line for line in lines if "in exact mode" in line]
     assert evaluating == [announced[0]] * 3 + [announced[1]] * 3  # each dataset's 3 deep nets
 
@@ -587,8 +592,9 @@ def test_cli_regimes_study_keeps_finished_models_and_resumes(tmp_path, capsys):
     final.write_text(final.read_text().replace(f'"torch": "{torch.__version__}"', '"torch": "0"'))
     assert main([*args, "--resume"]) == 2  # refused, naming the file that has to go
     assert capsys.readouterr().err == (f"deeplinear reproduce: error: {final}: written by a study "
-                                       "with other torch; repeat its settings, or delete it (or "
-                                       "pass another --out) to start again\n")
+                                       f'with other settings, torch (run: "0", now: '
+                                       f'"{torch.__version__}"); repeat them if a flag sets them, '
+                                       "else delete it (or pass another --out) to start again\n")
     final.unlink()
     assert main([*args, "--resume"]) == 0 and (tmp_path / "regimes.md").read_text() == table
 

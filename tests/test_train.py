@@ -289,3 +289,31 @@ def test_a_net_cast_to_float64_is_named_before_anything_runs(module, base, rings
     with pytest.raises(ValueError, match=r"parameters are torch\.float64; .*call net\.float\(\)"):
         module.train(DeepLinear([2, 8, 8, 2]).double(), rings,
                      module.Config(**{**base, "steps": 1, "batch_size": 8}), progress=False)
+
+
+def test_the_step_tail_every_trainer_shares():
+    """due: evaluate every eval_every and at the end, checkpoint every checkpoint_every, at the end
+    and on a stop; show: the step's loss and the latest evaluation's test accuracy."""
+    import math
+    import types
+
+    from deeplinear import train as tr
+
+    cfg = types.SimpleNamespace(steps=12, eval_every=5, checkpoint_every=4)
+    assert [tr.due(d, cfg)[:2] for d in (4, 5, 8, 10, 11, 12)] == [
+        (False, True), (True, False), (False, True), (True, False), (False, False), (True, True)]
+    shown = []
+
+    class Bar:
+        def update(self, step, force=False, **metrics):
+            shown.append((step, force, metrics))
+
+    tr.show(Bar(), 12, cfg, 0.5, [{"test_acc": 0.1}, {"test_acc": 0.9}])
+    tr.show(Bar(), 3, cfg, 0.25, [])
+    tr.show(None, 3, cfg, 0.25, [])  # no bar: nothing shown
+    assert shown[0] == (12, True, {"loss": 0.5, "test_acc": 0.9})
+    assert shown[1][:2] == (3, False) and math.isnan(shown[1][2]["test_acc"]) and len(shown) == 2
+    rows, logged = [], []
+    tr.record({"step": 5}, rows, types.SimpleNamespace(log=logged.append))
+    tr.record({"step": 10}, rows, None)
+    assert rows == [{"step": 5}, {"step": 10}] and logged == [{"step": 5}]

@@ -169,12 +169,15 @@ def portability_names(net: DeepLinear) -> list[str]:
     return [*_variants(net)[1], COLLAPSED]
 
 
-def exact_notice(net: DeepLinear, n: int, names: Sequence[str] | None = None) -> str:
+def exact_notice(net: DeepLinear, n: int, names: Sequence[str] | None = None,
+                 n_train: int = 0) -> str:
     """The line a command prints before scoring ``net`` on ``n`` test samples in exact mode under
-    ``names`` (default: :func:`portability_names`). Why: subnormal arithmetic on a CPU takes
-    ~30 s for :func:`portability` on Fashion-MNIST's 10k test samples (2 cores): not in silence."""
+    ``names`` (default: :func:`portability_names`), and on ``n_train`` training samples under its
+    own semantics. Why: subnormal arithmetic on a CPU takes ~30 s for :func:`portability` on
+    Fashion-MNIST's 10k test samples (2 cores): not in silence."""
+    train = f" ({n_train} train samples under {_variants(net)[0]})" if n_train else ""
     return (f"evaluating {n} test samples in exact mode under "
-            f"{', '.join(names or portability_names(net))}")
+            f"{', '.join(names or portability_names(net))}{train}")
 
 
 def collapsed_accuracy(net: DeepLinear, x: Tensor, y: Tensor) -> float:

@@ -691,6 +691,8 @@ def study(dataset: str = "spirals", regimes: Sequence[Regime] = STUDY_REGIMES,
     unknown = [m for m in methods if m not in STUDY_METHODS]
     if unknown or not methods:
         raise ValueError(f"unknown methods {unknown or '(none)'}; use {', '.join(STUDY_METHODS)}")
+    if not regimes:
+        raise ValueError("no regimes to study; pass at least one Regime")
     b = BUDGETS[budget]
     budget_es = b.es_for(dataset)  # its generations and pop; the study's own sigma and lr
     es_settings = {**STUDY_ES, "steps": budget_es["steps"], "pop": budget_es["pop"],
@@ -781,11 +783,13 @@ def _resumed_study(partial: Path, keys: Mapping[str, Any]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{partial}: not a regimes study's partial results ({e}); delete it to "
                          "start the study again") from None
-    differ = [k for k, v in keys.items() if json.loads(json.dumps(v)) != saved.get(k)]
+    from deeplinear.runs import differences
+
+    differ = differences({k: saved.get(k) for k in keys}, json.loads(json.dumps(keys)), {})
     if differ:
-        raise ValueError(f"{partial}: written by a study with other {', '.join(differ)}; "
-                         "repeat its settings, or delete it (or pass another --out) to start "
-                         "again")
+        raise ValueError(f"{partial}: written by a study with other settings, {', '.join(differ)}; "
+                         "repeat them if a flag sets them, else delete it (or pass another --out) "
+                         "to start again")
     return baselines, rows
 
 

@@ -203,14 +203,14 @@ def stop_asked() -> bool:
     return _stop.is_set()
 
 
-def due(done: int, cfg: Any, run: Any) -> tuple[bool, bool, bool]:
+def due(done: int, cfg: Any) -> tuple[bool, bool, bool]:
     """What every trainer does after step ``done``: ``(evaluate, checkpoint, stop)``. It evaluates
-    every ``eval_every`` steps and at the last; checkpoints (with a run) every
+    every ``eval_every`` steps and at the last; checkpoints (where it has a run) every
     ``checkpoint_every``, at the last and when a signal asked it to stop (:func:`stop_asked`, read
     once here), so that a stopped run resumes from the step it stopped at."""
     stop, last = stop_asked(), done == cfg.steps
-    return (done % cfg.eval_every == 0 or last,
-            run is not None and (done % cfg.checkpoint_every == 0 or last or stop), stop)
+    return (done % cfg.eval_every == 0 or last, done % cfg.checkpoint_every == 0 or last or stop,
+            stop)
 
 
 def record(row: dict[str, Any], rows: list[dict[str, Any]], run: Any) -> None:

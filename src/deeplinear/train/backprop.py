@@ -56,6 +56,7 @@ from deeplinear.probes import occupancy
 from deeplinear.runs import Progress, Run, rng_state, set_rng_state
 from deeplinear.surrogate import DEFAULT_TAU, KINDS, make_under
 from deeplinear.train import (
+    FLOAT32_MAX,
     TRAINED,
     check_arguments,
     check_config,
@@ -81,6 +82,9 @@ SCHEDULES = ("cosine", "step", "constant")
 # It only changes values below 2**-126, which cannot move a weight.
 
 
+MAX_LR = FLOAT32_MAX * (1 - 0.9)  # AdamW's first step is lr / (1 - beta1), beta1 = 0.9
+
+
 @dataclass
 class Config:
     seed: int = 0  # minibatch order; the model's init is the caller's (DeepLinear(generator=))
@@ -103,7 +107,9 @@ class Config:
     def validate(self) -> None:
         check_device(self.device)
         check_config(self)
-        for name, value, ok, need in (("lr", self.lr, 0 < self.lr < math.inf, "> 0 and finite"),
+        for name, value, ok, need in (("lr", self.lr, 0 < self.lr <= MAX_LR,
+                                       f"> 0 and at most {MAX_LR:.3g} (AdamW's first step, lr / "
+                                       f"(1 - beta1), must be a float32)"),
                                       ("weight_decay", self.weight_decay, self.weight_decay >= 0,
                                        ">= 0"),
                                       ("warmup", self.warmup, self.warmup >= 0, ">= 0")):
@@ -320,7 +326,7 @@ def _train(model: nn.Module, data: Dataset, cfg: Config, run: Run | None,
         _step(opt, ftz)
         loss_sum, loss_n = loss_sum + value, loss_n + 1
         done = s + 1
-        is_eval, is_ckpt, stop = due(done, cfg, run)
+        is_eval, is_ckpt, stop = due(done, cfg)
         if (is_eval or is_ckpt) and nonfinite(model.named_parameters()):
             raise ValueError(f"training diverged at step {done}: non-finite weights; lower lr "
                              f"(--lr) ({saved(last_ckpt)})")

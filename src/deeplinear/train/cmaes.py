@@ -200,8 +200,8 @@ def train(model: DeepLinear, data: Dataset, cfg: Config, run: Run | None = None,
         opt.tell(candidates, values)
         loss_sum, loss_n = loss_sum + mean, loss_n + 1
         done = gen + 1
-        is_eval, is_ckpt, stop = due(done, cfg, run)
-        if is_eval or is_ckpt or stop:
+        is_eval, is_ckpt, stop = due(done, cfg)
+        if is_eval or is_ckpt:  # a stop is a checkpoint step
             centre()
         if is_eval:
             record({"step": done, "wall_s": wall0 + time.perf_counter() - t0,
