@@ -18,12 +18,14 @@ from deeplinear.engine import (
     Engine,
     aligned,
     inplace_rule,
+    inplace_staircase,
     member_accuracy,
     member_errors,
     member_losses,
     stacked_logits,
 )
-from deeplinear.nets import DeepLinear, dead_zone
+from deeplinear.nets import DeepLinear, dead_zone, staircase
+from deeplinear.regimes import Regime
 
 
 @contextlib.contextmanager
@@ -305,6 +307,61 @@ def test_inplace_rule_is_the_dead_zone():
     expected = net.under()(u)
     got = inplace_rule(net)(u.clone())
     assert torch.equal(got.nan_to_num(7.0), expected.nan_to_num(7.0))
+
+
+def _bits(t):
+    """Bit patterns, every NaN as one (signed zeros and infinities told apart)."""
+    return t.nan_to_num(float("nan")).view(torch.int32).masked_fill(t.isnan(), 0x7FC00000)
+
+
+@given(st.lists(st.floats(width=32, allow_nan=True, allow_infinity=True), min_size=1,
+                max_size=64), st.sampled_from([0, 1, 10, 100]))
+def test_inplace_staircase_is_the_staircase_bit_for_bit(values, e):
+    """Float32's staircase (threshold 2^23 steps) in place, for steps 2^e >= 1, on any float32:
+    ties to even, signed zeros, subnormals, the largest values, inf and NaN."""
+    step = 2.0**e
+    u = torch.tensor(values, dtype=torch.float32)
+    edges = torch.tensor([0.5, 1.5, 2.5, -0.5, -2.5, 2.0**23 - 0.5, 2.0**23, 3.4e38, -3.4e38,
+                          1e-45, -0.0], dtype=torch.float32) * step
+    u = torch.cat([u, edges])
+    expected = staircase(u, 2.0**23 * step, step)
+    assert torch.equal(_bits(inplace_staircase(step)(u.clone())), _bits(expected))
+
+
+def test_inplace_staircase_refuses_a_step_below_one():
+    with pytest.raises(ValueError, match="needs step >= 1"):
+        inplace_staircase(0.5)
+
+
+@pytest.mark.parametrize("net", [
+    lambda: DeepLinear([2, 3, 2], scale_exp=149, semantics=IEEE),
+    lambda: DeepLinear([2, 3, 2], regime=Regime("subnormal-staircase", 149)),
+    lambda: DeepLinear([2, 3, 2], regime=Regime("subnormal-staircase", 140)),  # step 2^-9
+    lambda: DeepLinear([2, 3, 2], semantics=IEEE),  # step 2^-24: the masked form
+    lambda: DeepLinear([2, 3, 2], regime=Regime("absorption", 9, "float16")),
+], ids=["ieee-149", "staircase-149", "staircase-140", "ieee-125", "absorption"])
+def test_inplace_rule_is_the_nets_rule(net):
+    net = net()
+    u = torch.randn(4096, generator=torch.Generator().manual_seed(0)) * 4
+    u = torch.cat([u, torch.tensor([0.5, -0.5, 1.5, 2.0**23, -0.0, float("inf"), float("nan")])])
+    assert torch.equal(_bits(inplace_rule(net)(u.clone())), _bits(net.under()(u)))
+
+
+@pytest.mark.parametrize("net", [
+    lambda: DeepLinear(SIZES, scale_exp=149, semantics=IEEE,
+                       generator=torch.Generator().manual_seed(0)),
+    lambda: DeepLinear(SIZES, regime=Regime("subnormal-staircase", 149),
+                       generator=torch.Generator().manual_seed(0)),
+], ids=["ieee-149", "staircase-149"])
+def test_full_rank_on_the_staircase_is_bit_identical_member_by_member(net):
+    net = net()
+    _, s, pop, x, _y = engine_setup(IEEE)
+    out = Engine(net, s).logits(pop, x)
+    with one_thread():
+        ref = one_by_one(net, pop, x)
+    assert torch.equal(out, ref)
+    h = net.trace(x)[0][1]  # the rule really acted: hidden values on the integer grid
+    assert torch.equal(h, h.round()) and not torch.equal(h, net.trace(x, under=lambda u: u)[0][1])
 
 
 def test_engine_refuses_mismatched_inputs():

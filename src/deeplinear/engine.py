@@ -78,10 +78,27 @@ def inplace_dead_zone(threshold: float) -> Callable[[Tensor], Tensor]:
     return lambda u: torch.hardshrink(u, lambd, out=u)
 
 
+def inplace_staircase(step: float) -> Callable[[Tensor], Tensor]:
+    """``staircase(u, threshold, step)`` in place, for float32's staircase (threshold = 2**23 step)
+    with ``step >= 1``: ``u / step``, rounded to even, times ``step``, with no mask. Why it is the
+    same bit for bit: below the threshold it is the staircase's own expression; at or above it,
+    ``u / step`` is exact (a power of two, no overflow for step >= 1, at least 2**23 so normal)
+    and already an integer, so rounding leaves it and ``* step`` gives ``u`` back. Why: the masked
+    form allocates five tensors per layer; ES on the staircase regime (2-64-64-2, pop 100, batch
+    256, one thread, 300 generations) took 6.96 s with it and 2.29 s in place, side by side, to
+    bit-identical weights (the dead zone: 1.9 s)."""
+    if not step >= 1:
+        raise ValueError(f"the in-place staircase needs step >= 1 (no overflow), got {step}")
+    return lambda u: u.div_(step).round_().mul_(step)
+
+
 def inplace_rule(net: DeepLinear) -> Callable[[Tensor], Tensor]:
     """The net's underflow rule (``net.under()``) as an in-place function of a float32 tensor."""
     if net.semantics.flushes:
         return inplace_dead_zone(net.threshold)
+    grid = net.staircase_grid()
+    if grid is not None and grid[1] >= 1:
+        return inplace_staircase(grid[1])
     rule = net.under()
     return lambda u: u.copy_(rule(u))
 

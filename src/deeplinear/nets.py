@@ -209,11 +209,23 @@ class DeepLinear(nn.Module):
         """The elementwise function the semantics or regime applies to a result, in scaled units."""
         if self.regime is not None:
             return self.regime.activation
-        t, sem = self.threshold, self.semantics
-        if sem.flushes:
+        grid = self.staircase_grid()
+        if grid is None:  # a flushing semantics
+            t = self.threshold
             return lambda u: dead_zone(u, t)
-        step = math.ldexp(sem.fmt.min_subnormal, self.scale_exp)
+        t, step = grid
         return lambda u: staircase(u, t, step)
+
+    def staircase_grid(self) -> tuple[float, float] | None:
+        """``(threshold, step)`` of :func:`staircase` where the net's rule is float32's subnormal
+        staircase (IEEE gradual underflow, or that regime), in scaled units; None otherwise."""
+        if self.regime is not None:
+            r = self.regime
+            return ((r.extent, r.threshold) if r.kind == "subnormal-staircase"
+                    and r.format == "float32" else None)
+        if self.semantics.flushes:
+            return None
+        return self.threshold, math.ldexp(self.semantics.fmt.min_subnormal, self.scale_exp)
 
     # -- forward ---------------------------------------------------------------------------------
     def forward(self, x: Tensor, mode: Mode = "scaled", under: Under | None = None) -> Tensor:
