@@ -7,7 +7,9 @@ comment quotes the kept output, ``benchmarks/results/source_figures_cpu2.txt``:
 
     python benchmarks/source_figures.py | tee benchmarks/results/source_figures_cpu2.txt
 
-About 70 s on 2 cores; ``--quick`` shrinks every size (a smoke run, figures meaningless).
+About 2 minutes on 2 cores; ``--quick`` shrinks every size (a smoke run, figures meaningless).
+Kept runs: ``source_figures_cpu2.txt`` (session 17) and ``source_figures_cpu2_s21.txt`` (with the
+staircase rule's figure).
 """
 
 from __future__ import annotations
@@ -160,6 +162,40 @@ def dataset_copy(rounds: int) -> dict[str, float] | None:
     return side_by_side({"copy": lambda: ds.subset(n_train, n_test)}, rounds)
 
 
+def staircase_rule(generations: int, rounds: int) -> tuple[dict[str, float], bool]:
+    """engine.py inplace_staircase: ES on the subnormal-staircase regime (2-64-64-2, spirals, the
+    regimes study's ES settings, pop 100, one thread) with the masked rule the engine used before
+    against the in-place one; and whether both end on the same weights."""
+    from deeplinear.data import load_dataset
+    from deeplinear.nets import DeepLinear
+    from deeplinear.regimes import STUDY_ES, Regime
+    from deeplinear.train import es as es_train
+
+    data, regime = load_dataset("spirals"), Regime("subnormal-staircase", 149)
+    inplace = engine_mod.inplace_rule
+
+    def masked(net: DeepLinear) -> Callable[[torch.Tensor], torch.Tensor]:
+        rule = net.under()
+        return lambda u: u.copy_(rule(u))
+
+    def run(rule: Callable[[DeepLinear], Callable[[torch.Tensor], torch.Tensor]]) -> list:
+        engine_mod.inplace_rule = rule  # what Engine calls for the net's rule
+        try:
+            net = DeepLinear([2, 64, 64, 2], regime=regime,
+                             generator=torch.Generator().manual_seed(0))
+            cfg = es_train.Config(**STUDY_ES, steps=generations, pop=100, seed=0, init_gain=2.0,
+                                  eval_every=generations, threads=1)
+            es_train.train(net, data, cfg, progress=False)
+            return [p.detach().clone() for p in net.parameters()]
+        finally:
+            engine_mod.inplace_rule = inplace
+
+    t = side_by_side({"masked": lambda: run(masked), "in place": lambda: run(inplace)}, rounds)
+    new = run(inplace)
+    same = all(torch.equal(a, b) for a, b in zip(run(masked), new, strict=True))
+    return t, same
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -215,6 +251,13 @@ def main(argv: list[str] | None = None) -> None:
     print("\n[data.py Dataset.subset] "
           + ("Fashion-MNIST not found, skipped" if t is None else
              f"a full-size copy of Fashion-MNIST: {t['copy'] * 1e3:.0f} ms"))
+
+    gens = 5 if q else 300
+    t, same = staircase_rule(gens, min(a.rounds, 3))
+    print(f"\n[engine.py inplace_staircase] ES on the staircase regime, 2-64-64-2, pop 100, "
+          f"{gens} generations, one thread: masked rule {t['masked']:.2f} s, in place "
+          f"{t['in place']:.2f} s: {t['masked'] / t['in place']:.2f}x; same weights: {same}")
+    torch.set_num_threads(a.threads)  # the run above set one thread for itself
 
 
 if __name__ == "__main__":

@@ -62,6 +62,8 @@ def test_quick_run_prints_every_figure(sf, capsys):
     sf.main(["--quick", "--rounds", "1", "--threads", "1"])
     out = capsys.readouterr().out
     for section in ("sgemm peak", "[engine.py]", "CHUNK_CACHE_BYTES", "[engine.py ALIGN]",
-                    "[es.py noise table]", "[backprop.py _step]", "[data.py Dataset.subset]"):
+                    "[es.py noise table]", "[backprop.py _step]", "[data.py Dataset.subset]",
+                    "[engine.py inplace_staircase]"):
         assert section in out
     assert out.count(" rank, pop ") == 4
+    assert "same weights: True" in out  # the two rules train the same net, bit for bit

@@ -85,8 +85,9 @@ def inplace_staircase(step: float) -> Callable[[Tensor], Tensor]:
     ``u / step`` is exact (a power of two, no overflow for step >= 1, at least 2**23 so normal)
     and already an integer, so rounding leaves it and ``* step`` gives ``u`` back. Why: the masked
     form allocates five tensors per layer; ES on the staircase regime (2-64-64-2, pop 100, batch
-    256, one thread, 300 generations) took 6.96 s with it and 2.29 s in place, side by side, to
-    bit-identical weights (the dead zone: 1.9 s)."""
+    256, one thread, 300 generations) took 6.15 s with it and 2.37 s in place, side by side, to
+    the same weights (``benchmarks/source_figures.py``, kept in
+    ``benchmarks/results/source_figures_cpu2_s21.txt``)."""
     if not step >= 1:
         raise ValueError(f"the in-place staircase needs step >= 1 (no overflow), got {step}")
     return lambda u: u.div_(step).round_().mul_(step)
