@@ -162,16 +162,20 @@ def dataset_copy(rounds: int) -> dict[str, float] | None:
     return side_by_side({"copy": lambda: ds.subset(n_train, n_test)}, rounds)
 
 
-def staircase_rule(generations: int, rounds: int) -> tuple[dict[str, float], bool]:
+def staircase_rule(generations: int, rounds: int, ieee: bool = False
+                   ) -> tuple[dict[str, float], bool]:
     """engine.py inplace_staircase: ES on the subnormal-staircase regime (2-64-64-2, spirals, the
-    regimes study's ES settings, pop 100, one thread) with the masked rule the engine used before
-    against the in-place one; and whether both end on the same weights."""
+    regimes study's ES settings, pop 100, one thread; ``ieee``: an IEEE net at the 2017 scale,
+    step 2^-24, instead) with the masked rule the engine used before against the in-place one;
+    and whether both end on the same weights."""
     from deeplinear.data import load_dataset
     from deeplinear.nets import DeepLinear
     from deeplinear.regimes import STUDY_ES, Regime
     from deeplinear.train import es as es_train
 
-    data, regime = load_dataset("spirals"), Regime("subnormal-staircase", 149)
+    data = load_dataset("spirals")
+    arithmetic: dict = ({"semantics": "IEEE"} if ieee
+                        else {"regime": Regime("subnormal-staircase", 149)})
     inplace = engine_mod.inplace_rule
 
     def masked(net: DeepLinear) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -181,7 +185,7 @@ def staircase_rule(generations: int, rounds: int) -> tuple[dict[str, float], boo
     def run(rule: Callable[[DeepLinear], Callable[[torch.Tensor], torch.Tensor]]) -> list:
         engine_mod.inplace_rule = rule  # what Engine calls for the net's rule
         try:
-            net = DeepLinear([2, 64, 64, 2], regime=regime,
+            net = DeepLinear([2, 64, 64, 2], **arithmetic,
                              generator=torch.Generator().manual_seed(0))
             cfg = es_train.Config(**STUDY_ES, steps=generations, pop=100, seed=0, init_gain=2.0,
                                   eval_every=generations, threads=1)
@@ -253,10 +257,12 @@ def main(argv: list[str] | None = None) -> None:
              f"a full-size copy of Fashion-MNIST: {t['copy'] * 1e3:.0f} ms"))
 
     gens = 5 if q else 300
-    t, same = staircase_rule(gens, min(a.rounds, 3))
-    print(f"\n[engine.py inplace_staircase] ES on the staircase regime, 2-64-64-2, pop 100, "
-          f"{gens} generations, one thread: masked rule {t['masked']:.2f} s, in place "
-          f"{t['in place']:.2f} s: {t['masked'] / t['in place']:.2f}x; same weights: {same}")
+    print(f"\n[engine.py inplace_staircase] ES, 2-64-64-2, pop 100, {gens} generations, one "
+          "thread, masked rule vs in place:")
+    for ieee, what in ((False, "staircase regime, k=149"), (True, "IEEE, k=125")):
+        t, same = staircase_rule(gens, min(a.rounds, 3), ieee)
+        print(f"  {what}: masked {t['masked']:.2f} s, in place {t['in place']:.2f} s: "
+              f"{t['masked'] / t['in place']:.2f}x; same weights: {same}")
     torch.set_num_threads(a.threads)  # the run above set one thread for itself
 
 

@@ -315,29 +315,44 @@ def _bits(t):
 
 
 @given(st.lists(st.floats(width=32, allow_nan=True, allow_infinity=True), min_size=1,
-                max_size=64), st.sampled_from([0, 1, 10, 100]))
-def test_inplace_staircase_is_the_staircase_bit_for_bit(values, e):
-    """Float32's staircase (threshold 2^23 steps) in place, for steps 2^e >= 1, on any float32:
-    ties to even, signed zeros, subnormals, the largest values, inf and NaN."""
+                max_size=64), st.sampled_from([-24, -9, 0, 1, 10, 100]), st.booleans())
+def test_inplace_staircase_is_the_staircase_bit_for_bit(values, e, large):
+    """Float32's staircase (threshold 2^23 steps) in place, for steps 2^e, on any float32: ties to
+    even, signed zeros, subnormals, inf and NaN, with and without the largest values (which send
+    a step below 1 to the masked form)."""
     step = 2.0**e
-    u = torch.tensor(values, dtype=torch.float32)
-    edges = torch.tensor([0.5, 1.5, 2.5, -0.5, -2.5, 2.0**23 - 0.5, 2.0**23, 3.4e38, -3.4e38,
-                          1e-45, -0.0], dtype=torch.float32) * step
-    u = torch.cat([u, edges])
+    edges = [0.5, 1.5, 2.5, -0.5, -2.5, 2.0**23 - 0.5, 2.0**23, 1e-45 / step, -0.0]
+    u = torch.cat([torch.tensor(values, dtype=torch.float32),
+                   torch.tensor(edges, dtype=torch.float32) * step,
+                   torch.tensor([3.4e38, -3.4e38] if large else [], dtype=torch.float32)])
     expected = staircase(u, 2.0**23 * step, step)
-    assert torch.equal(_bits(inplace_staircase(step)(u.clone())), _bits(expected))
+    assert torch.equal(_bits(inplace_staircase(2.0**23 * step, step)(u.clone())), _bits(expected))
 
 
-def test_inplace_staircase_refuses_a_step_below_one():
-    with pytest.raises(ValueError, match="needs step >= 1"):
-        inplace_staircase(0.5)
+def test_the_staircase_below_unit_steps_runs_in_place_unless_a_value_is_too_large(monkeypatch):
+    """IEEE at the 2017 scale (step 2^-24): in place (no mask built) while every |u| / step is
+    finite; the masked form, to the same bits, for a chunk holding a larger value, inf or NaN."""
+    import deeplinear.engine as engine_mod
+
+    built = []
+    monkeypatch.setattr(engine_mod, "staircase",
+                        lambda *a: built.append(1) or staircase(*a))
+    step = 2.0**-24
+    rule = inplace_staircase(2.0**23 * step, step)
+    u = torch.randn(1000, generator=torch.Generator().manual_seed(0)) * 4
+    assert torch.equal(_bits(rule(u.clone())), _bits(staircase(u, 2.0**23 * step, step)))
+    assert built == []
+    for odd in (2.0**104, float("inf"), float("nan")):
+        v = torch.cat([u, torch.tensor([odd])])
+        assert torch.equal(_bits(rule(v.clone())), _bits(staircase(v, 2.0**23 * step, step)))
+    assert len(built) == 3
 
 
 @pytest.mark.parametrize("net", [
     lambda: DeepLinear([2, 3, 2], scale_exp=149, semantics=IEEE),
     lambda: DeepLinear([2, 3, 2], regime=Regime("subnormal-staircase", 149)),
     lambda: DeepLinear([2, 3, 2], regime=Regime("subnormal-staircase", 140)),  # step 2^-9
-    lambda: DeepLinear([2, 3, 2], semantics=IEEE),  # step 2^-24: the masked form
+    lambda: DeepLinear([2, 3, 2], semantics=IEEE),  # step 2^-24: checked, then in place
     lambda: DeepLinear([2, 3, 2], regime=Regime("absorption", 9, "float16")),
 ], ids=["ieee-149", "staircase-149", "staircase-140", "ieee-125", "absorption"])
 def test_inplace_rule_is_the_nets_rule(net):
