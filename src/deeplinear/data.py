@@ -735,6 +735,7 @@ def load_dataset(
     ``data_dir`` is for the MNIST-like sets (see :func:`load_mnist_like`); the generated and
     built-in sets refuse it rather than ignore it, so a user who passes it learns it has no effect.
     """
+    check_datasets([name])
     check_data_dir([name], data_dir)
     k = integer(seed)
     if k is None or not 0 <= k < NUMPY_SEEDS:
@@ -745,8 +746,6 @@ def load_dataset(
         ds = SYNTHETIC[name](seed=seed)
     elif name == "digits":
         ds = digits(seed)
-    elif name in MNIST_LIKE:
-        ds = load_mnist_like(name, data_dir)
     else:
-        check_datasets([name])
+        ds = load_mnist_like(name, data_dir)
     return ds.subset(n_train, n_test, seed)

@@ -93,19 +93,19 @@ def inplace_staircase(threshold: float, step: float) -> Callable[[Tensor], Tenso
     staircase regime, 7.55 s and 2.64 s for an IEEE net at k=125, to the same weights
     (``benchmarks/source_figures.py``, kept in
     ``benchmarks/results/source_figures_cpu2_s21.txt``)."""
-    def masked(u: Tensor) -> Tensor:
-        return u.copy_(staircase(u, threshold, step))
+    def inplace(u: Tensor) -> Tensor:
+        return u.div_(step).round_().mul_(step)
 
     if step >= 1:
-        return lambda u: u.div_(step).round_().mul_(step)
+        return inplace
     limit = math.ldexp(step, 127)
 
     def checked(u: Tensor) -> Tensor:
         if u.device.type == "cpu" and u.numel():
             lo, hi = torch.aminmax(u)
             if -limit <= lo.item() and hi.item() <= limit:  # False for NaN
-                return u.div_(step).round_().mul_(step)
-        return masked(u)
+                return inplace(u)
+        return u.copy_(staircase(u, threshold, step))  # the masked form
     return checked
 
 

@@ -166,8 +166,8 @@ def run_method(method: Method, data: Dataset, sizes: list[int], seed: int, out: 
     res: dict[str, Any] = {"curve": curve, "wall_s": wall}
     if isinstance(model, DeepLinear):
         n = TRAIN_EVAL_N  # exact mode runs subnormal arithmetic: a subset of a large train set
-        print(f"  {evaluate.exact_notice(model, len(data.y_test), n_train=len(data.y_train[:n]))}",
-              flush=True)
+        n_train = min(n, len(data.y_train))
+        print(f"  {evaluate.exact_notice(model, len(data.y_test), n_train=n_train)}", flush=True)
         res["train_acc"] = evaluate.accuracy(model, data.x_train[:n], data.y_train[:n], "exact")
         res["portability"] = port = evaluate.portability(model, data)
         res["test_acc"] = port["test_acc"][port["own"]]  # exact mode, its own semantics
