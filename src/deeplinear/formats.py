@@ -94,8 +94,9 @@ def round_precision(x: Tensor, fmt: Format | str) -> Tensor:
     """
     fmt = _format(fmt)
     mantissa, exponent = torch.frexp(_float64(x))  # x = mantissa * 2**exponent, |m| in [0.5, 1)
-    return torch.ldexp(torch.round(torch.ldexp(mantissa, torch.tensor(fmt.precision))),
-                       exponent - fmt.precision)
+    e = exponent.long() - fmt.precision
+    half = e.div(2, rounding_mode="floor")  # two exact scalings: 2**e alone may leave float64
+    return torch.round(mantissa * 2.0**fmt.precision) * _pow2(half) * _pow2(e - half)
 
 
 def quantize(x: Tensor, sem: Semantics | str) -> Tensor:
