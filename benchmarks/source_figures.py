@@ -24,10 +24,10 @@ import torch
 from deeplinear import engine as engine_mod
 from deeplinear import es
 from deeplinear.arithmetic import hardware_ftz
-from deeplinear.bench import BenchConfig, forward_flops, machine_info, make_setup, sgemm_peak
+from deeplinear.bench import NETS, BenchConfig, forward_flops, machine_info, make_setup, sgemm_peak
 from deeplinear.data import DataError, load_mnist_like
 from deeplinear.engine import Engine
-from deeplinear.nets import SIZES_2017
+from deeplinear.nets import SIZES_2017, DeepLinear
 
 NET_2017 = SIZES_2017
 
@@ -70,7 +70,7 @@ def chunk_sizes(sizes: tuple[int, ...], pop: int, batch: int, rank: int, chunks:
         pop_ = es.ask(s.strategy, s.state)
         t = side_by_side({f"chunk {c}": (lambda e=e: e.losses(pop_, s.x, s.y))
                           for c, e in engines.items()}, rounds)
-        return t | {"member MiB": s.engine.member_bytes(batch)[1] / 2**20}
+        return t | {"member MiB": s.engine.member_bytes(batch) / 2**20}
     finally:
         torch.set_num_threads(previous)
 
@@ -220,18 +220,23 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\n[engine.py] writing a {1 if q else 32} MiB tensor: fresh {t['fresh'] * 1e3:.2f} ms, "
           f"reused buffer {t['reused'] * 1e3:.2f} ms")
 
-    print(f"\n[engine.py CHUNK_CACHE_BYTES] one evaluation, net {','.join(map(str, net))}:")
-    for rank, pop, batch, chunks, threads in (
-            (0, 500, 100, (12, 60), 2), (0, 500, 1000, (12, 60), 2),
-            (1, 300, 100, (32, 300), 1), (1, 300, 1000, (4, 32), 1)):
+    print("\n[engine.py CHUNK_CACHE_BYTES] one evaluation (the first chunk size is the engine's):")
+    small = NETS["small"]
+    for sizes, rank, pop, batch, chunks, threads in (
+            (net, 0, 500, 100, (10, 60), 2), (net, 0, 500, 1000, (4, 12), 2),
+            (small, 0, 500, 1000, (12, 98), 2), (small, 0, 500, 1000, (12, 98), 1),
+            (net, 1, 300, 100, (54, 300), 1), (net, 1, 300, 1000, (4, 32), 1)):
         if q:
             pop, batch, chunks = 8, 10, (2, 8)
-        t = chunk_sizes(net, pop, batch, rank, chunks, threads, a.rounds)
+        else:  # the engine's own choice first, then the one it made before
+            assert Engine(DeepLinear(sizes), es.Strategy(es.Layout.of(sizes), pop=pop, rank=rank)
+                          ).members_per_chunk(batch) == chunks[0], (sizes, rank, batch)
+        t = chunk_sizes(sizes, pop, batch, rank, chunks, threads, a.rounds)
         (c1, t1), (c2, t2) = ((k, v) for k, v in t.items() if k.startswith("chunk"))
         mib = [c * t["member MiB"] for c in chunks]
-        print(f"  {'low' if rank else 'full'} rank, pop {pop}, batch {batch}, {threads} thread(s): "
-              f"{c1} ({mib[0]:.0f} MiB) {t1 * 1e3:.1f} ms, {c2} ({mib[1]:.0f} MiB) "
-              f"{t2 * 1e3:.1f} ms: {t2 / t1:.2f}x")
+        print(f"  {'-'.join(map(str, sizes))}, {'low' if rank else 'full'} rank, pop {pop}, batch "
+              f"{batch}, {threads} thread(s): {c1} ({mib[0]:.0f} MiB) {t1 * 1e3:.1f} ms, {c2} "
+              f"({mib[1]:.0f} MiB) {t2 * 1e3:.1f} ms: {t2 / t1:.2f}x")
 
     members, batch = (4, 10) if q else (12, 100)
     t = misaligned_bmm(net, members, batch, a.rounds)

@@ -65,5 +65,5 @@ def test_quick_run_prints_every_figure(sf, capsys):
                     "[es.py noise table]", "[backprop.py _step]", "[data.py Dataset.subset]",
                     "[engine.py inplace_staircase]"):
         assert section in out
-    assert out.count(" rank, pop ") == 4
+    assert out.count(" rank, pop ") == 6
     assert out.count("same weights: True") == 2  # both rules train the same nets, bit for bit

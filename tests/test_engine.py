@@ -228,7 +228,8 @@ def test_chunks_are_the_largest_whose_working_set_fits_the_cache_budget(batch):
     sizes = [784, 512, 512, 10]
     net = DeepLinear(sizes)
     full, low = (es.Strategy(es.Layout.of(sizes), pop=1000, rank=r) for r in (0, 1))
-    working_set = {0: 4 * full.layout.n, 1: 4 * batch * (512 + 512 + 10) * 1.5}  # per member
+    activations = 4 * batch * (512 + 512 + 10)
+    working_set = {0: 4 * full.layout.n + activations, 1: activations * 1.5}  # per member
     for s in (full, low):
         c = Engine(net, s).members_per_chunk(batch)
         per_member = working_set[s.rank]

@@ -51,12 +51,15 @@ from deeplinear.es import Layout, Population, Strategy
 from deeplinear.nets import DeepLinear, staircase
 
 DEFAULT_MAX_BYTES = 256 << 20
-# A chunk's working set (full rank: the members' weights; low rank: their activations) stays
-# within this many bytes, so it is still in cache when the next op reads it. Measured on the
-# 2-core Xeon VM, 2017 net, results bit-identical for every chunk size: full rank (pop 500, 2
-# threads) ran 1.18x faster with 12 members per chunk (31 MiB) than with 60 (153 MiB) at batch
-# 100, 1.02x at batch 1000; low rank (pop 300, 1 thread) 1.18x with 32 members (19 MiB) than
-# with 300 at batch 100, 1.21x with 4 (24 MiB) than with 32 at batch 1000.
+# A chunk's working set (its members' weights, full rank, and activations) stays within this
+# many bytes, so it is still in cache when the next op reads it. Measured on the 2-core Xeon VM,
+# results bit-identical for every chunk size (benchmarks/source_figures.py, kept in
+# benchmarks/results/source_figures_cpu2_s22.txt): 2017 net, full rank, pop 500, 2 threads,
+# batch 100: 1.12x faster with the 10 members per chunk this gives (29 MiB) than with 60; low
+# rank, pop 300, one thread: 1.15x with 54 (32 MiB) than with 300 at batch 100, 1.13x with 4
+# than with 32 at batch 1000. Counting the activations too (until then only the weights, full
+# rank) made the 64-256-256-10 net 1.15x (2 threads) and 1.24x (one) faster at batch 1000, 12
+# members per chunk instead of 98, and the 2017 net 1.02x (4 instead of 12).
 # On a GPU there is no such cache to fit and every op of a chunk is a kernel launch (~5-10 us):
 # there only ``max_bytes`` bounds a chunk (measured on an H100, see benchmarks/README.md).
 CHUNK_CACHE_BYTES = 32 << 20
@@ -251,22 +254,20 @@ class Engine:
             flat = self._bufs[name] = torch.empty(numel, device=self.device)
         return flat[:numel].view(shape)
 
-    def member_bytes(self, batch: int) -> tuple[float, float]:
-        """A member's bytes in a chunk's buffers, and in its working set (what
-        :data:`CHUNK_CACHE_BYTES` bounds): its weights (full rank) or activations (low rank)."""
+    def member_bytes(self, batch: int) -> float:
+        """A member's bytes in a chunk's buffers: its activations and (full rank) its weights."""
         s = self.strategy
         activations = 4 * batch * sum(s.layout.sizes[1:]) * (1.5 if s.rank else 1.0)
-        weights = 0 if s.rank else 4 * s.layout.n
-        return activations + weights, weights or activations
+        return activations + (0 if s.rank else 4 * s.layout.n)
 
     def members_per_chunk(self, batch: int) -> int:
         s = self.strategy
         if self.chunk is not None:
             return min(self.chunk, s.pop)
-        buffers, working = self.member_bytes(batch)
-        c = int(self.max_bytes // buffers)
+        budget = self.max_bytes
         if self.device.type == "cpu":
-            c = min(c, int(CHUNK_CACHE_BYTES // working))
+            budget = min(budget, CHUNK_CACHE_BYTES)
+        c = int(budget // self.member_bytes(batch))
         return max(2, min(c // 2 * 2, s.pop))
 
     # -- evaluation ------------------------------------------------------------------------------
