@@ -8,8 +8,8 @@ comment quotes the kept output, ``benchmarks/results/source_figures_cpu2.txt``:
     python benchmarks/source_figures.py | tee benchmarks/results/source_figures_cpu2.txt
 
 About 2 minutes on 2 cores; ``--quick`` shrinks every size (a smoke run, figures meaningless).
-Kept runs: ``source_figures_cpu2.txt`` (session 17) and ``source_figures_cpu2_s21.txt`` (with the
-staircase rule's figure).
+Kept runs: ``source_figures_cpu2.txt`` (session 17), ``source_figures_cpu2_s21.txt`` (with the
+staircase rule's figure) and ``source_figures_cpu2_s22.txt`` (chunks counting their activations).
 """
 
 from __future__ import annotations
@@ -229,8 +229,12 @@ def main(argv: list[str] | None = None) -> None:
         if q:
             pop, batch, chunks = 8, 10, (2, 8)
         else:  # the engine's own choice first, then the one it made before
-            assert Engine(DeepLinear(sizes), es.Strategy(es.Layout.of(sizes), pop=pop, rank=rank)
-                          ).members_per_chunk(batch) == chunks[0], (sizes, rank, batch)
+            own = Engine(DeepLinear(sizes), es.Strategy(es.Layout.of(sizes), pop=pop, rank=rank)
+                         ).members_per_chunk(batch)
+            if own != chunks[0]:
+                raise SystemExit(f"source_figures: the engine now cuts {sizes} (rank {rank}, "
+                                 f"batch {batch}) into chunks of {own}, not {chunks[0]}; update "
+                                 "the row")
         t = chunk_sizes(sizes, pop, batch, rank, chunks, threads, a.rounds)
         (c1, t1), (c2, t2) = ((k, v) for k, v in t.items() if k.startswith("chunk"))
         mib = [c * t["member MiB"] for c in chunks]

@@ -198,9 +198,8 @@ def test_bench_measures_the_engine_on_the_gpu():
 
 
 def test_a_gpu_chunk_is_bounded_by_memory_alone():
-    """The CPU's cache bound (CHUNK_CACHE_BYTES: 10 members of the 2017 net
-    at batch 100) would cut a GPU
-    generation into launch-bound slivers: on CUDA only max_bytes limits a chunk."""
+    """The CPU's cache bound (CHUNK_CACHE_BYTES: 10 members of the 2017 net at batch 100) would
+    cut a GPU generation into launch-bound slivers: on CUDA only max_bytes limits a chunk."""
     sizes = [784, 512, 512, 10]
     layout = es.Layout.of(sizes)
     s = es.Strategy(layout, pop=1000, device="cuda")

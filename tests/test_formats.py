@@ -374,5 +374,34 @@ def test_round_precision_is_the_cast_without_its_range_at_any_scale(name):
     normal = (x.abs() >= fmt.min_normal) | (x == 0)
     r = fm.round_precision(x, fmt)
     assert torch.equal(r[normal], x[normal].to(fmt.dtype).double())
-    for e in (-300, -140, 90, 300):  # Python's 2.0**e: torch < 2.5's ldexp made 2**e float32
+    for e in (-1000, -300, -140, 90, 300):  # Python's 2.0**e (torch < 2.5's ldexp: float32)
         assert torch.equal(fm.round_precision(x * 2.0**e, fmt), r * 2.0**e)
+
+
+@pytest.mark.parametrize("name", list(FORMATS))
+def test_round_precision_at_float64s_extremes(name):
+    """Float64 subnormals of a few significant bits stay (the result's 2**e leaves float64's
+    normal range there: it is built in two halves), the largest float64 rounds up to 2**1024 =
+    inf unless the format keeps 53 bits, zeros keep their sign, inf and NaN pass."""
+    fmt = FORMATS[name]
+    tiny = [0.0, -0.0, 2.0**-1074, -3 * 2.0**-1074, 2.0**-1022, 5 * 2.0**-1060]
+    x = torch.tensor([*tiny, math.inf, -math.inf, math.nan], dtype=torch.float64)
+    r = fm.round_precision(x, fmt)
+    assert torch.equal(r[:len(tiny)].view(torch.int64), x[:len(tiny)].view(torch.int64))
+    assert r[len(tiny):-1].tolist() == [math.inf, -math.inf] and r[-1].isnan()
+    top = fm.round_precision(torch.tensor([-1.7976931348623157e308], dtype=torch.float64), fmt)
+    assert top.item() == (-1.7976931348623157e308 if fmt.precision >= 53 else -math.inf)
+
+
+def test_round_precision_passes_inf_whatever_exponent_frexp_gives_it(monkeypatch):
+    """C's frexp (and CUDA's) leaves the exponent of inf and NaN unspecified; glibc's 0 must not
+    be what keeps inf an inf."""
+    frexp = torch.frexp
+
+    def odd_frexp(x):
+        m, e = frexp(x)
+        return m, torch.where(torch.isfinite(x), e, -2022)  # 2**-1023 halves: 0 bits
+    monkeypatch.setattr(torch, "frexp", odd_frexp)
+    x = torch.tensor([math.inf, -math.inf, math.nan, 1.5], dtype=torch.float64)
+    r = fm.round_precision(x, "float32")
+    assert r[:2].tolist() == [math.inf, -math.inf] and r[2].isnan() and r[3].item() == 1.5

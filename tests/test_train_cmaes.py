@@ -79,7 +79,8 @@ def test_fitness_scores_each_candidate_exactly_as_its_own_forward_pass(kind, mon
     rng = np.random.default_rng(0)
     candidates = [theta + 0.3 * rng.standard_normal(layout.n) for _ in range(7)]
     x, y = data.x_train[:300], data.y_train[:300]
-    monkeypatch.setattr(cmaes, "CHUNK_CACHE_BYTES", 4 * 300 * sum(SIZES[1:]) * 3)  # chunks 3, 3, 1
+    chunk_of_3 = 4 * (layout.n + 300 * sum(SIZES[1:])) * 3  # a candidate's weights + activations
+    monkeypatch.setattr(cmaes, "CHUNK_CACHE_BYTES", chunk_of_3)  # chunks 3, 3, 1
     values, _ = cmaes.fitness(model, layout, candidates, x, y, kind, 0)
     torch.set_num_threads(1)
     for c, value in zip(candidates, values, strict=True):

@@ -93,8 +93,11 @@ def round_precision(x: Tensor, fmt: Format | str) -> Tensor:
     at any scale shares, and what is left is the regime's own effect (:mod:`deeplinear.regimes`).
     """
     fmt = _format(fmt)
-    mantissa, exponent = torch.frexp(_float64(x))  # x = mantissa * 2**exponent, |m| in [0.5, 1)
-    e = exponent.long() - fmt.precision
+    x64 = _float64(x)
+    mantissa, exponent = torch.frexp(x64)  # x = mantissa * 2**exponent, |m| in [0.5, 1)
+    # inf and NaN pass through the products below with any exponent in range; frexp leaves theirs
+    # unspecified (C's frexp, CUDA's), so it is set here
+    e = torch.where(torch.isfinite(x64), exponent.long(), 0) - fmt.precision
     half = e.div(2, rounding_mode="floor")  # two exact scalings: 2**e alone may leave float64
     return torch.round(mantissa * 2.0**fmt.precision) * _pow2(half) * _pow2(e - half)
 
