@@ -80,6 +80,7 @@ def round_to(x: Tensor, fmt: Format | str, *, ftz: bool = False,
     infinities to +-max instead of the format's own rule (inf, or NaN for float8_e4m3fn).
     """
     fmt = _format(fmt)
+    require_subnormals()  # under hardware FTZ the float64 ops below would flush by themselves
     x64 = _float64(x)
     r = torch.copysign(_round_magnitude(x64.abs(), fmt, ftz, saturate), x64)
     return r if x.dtype == torch.float64 else r.float()
@@ -93,6 +94,7 @@ def round_precision(x: Tensor, fmt: Format | str) -> Tensor:
     at any scale shares, and what is left is the regime's own effect (:mod:`deeplinear.regimes`).
     """
     fmt = _format(fmt)
+    require_subnormals()
     x64 = _float64(x)
     mantissa, exponent = torch.frexp(x64)  # x = mantissa * 2**exponent, |m| in [0.5, 1)
     # inf and NaN pass through the products below with any exponent in range; frexp leaves theirs
