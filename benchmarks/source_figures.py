@@ -70,7 +70,7 @@ def chunk_sizes(sizes: tuple[int, ...], pop: int, batch: int, rank: int, chunks:
         pop_ = es.ask(s.strategy, s.state)
         t = side_by_side({f"chunk {c}": (lambda e=e: e.losses(pop_, s.x, s.y))
                           for c, e in engines.items()}, rounds)
-        return t | {"member MiB": s.engine.member_bytes(batch) / 2**20}
+        return t | {"member MiB": engine_mod.member_bytes(s.strategy.layout, batch, rank) / 2**20}
     finally:
         torch.set_num_threads(previous)
 
@@ -169,7 +169,6 @@ def staircase_rule(generations: int, rounds: int, ieee: bool = False
     step 2^-24, instead) with the masked rule the engine used before against the in-place one;
     and whether both end on the same weights."""
     from deeplinear.data import load_dataset
-    from deeplinear.nets import DeepLinear
     from deeplinear.regimes import STUDY_ES, Regime
     from deeplinear.train import es as es_train
 
@@ -194,9 +193,10 @@ def staircase_rule(generations: int, rounds: int, ieee: bool = False
         finally:
             engine_mod.inplace_rule = inplace
 
-    t = side_by_side({"masked": lambda: run(masked), "in place": lambda: run(inplace)}, rounds)
-    new = run(inplace)
-    same = all(torch.equal(a, b) for a, b in zip(run(masked), new, strict=True))
+    weights: dict[str, list] = {}  # each variant's last run
+    t = side_by_side({name: lambda name=name, rule=rule: weights.__setitem__(name, run(rule))
+                      for name, rule in (("masked", masked), ("in place", inplace))}, rounds)
+    same = all(torch.equal(a, b) for a, b in zip(*weights.values(), strict=True))
     return t, same
 
 

@@ -816,7 +816,7 @@ def test_emulation_refuses_to_run_while_the_hardware_flushes():
     """With the thread's FTZ on, IEEE float ops flush by themselves: an "IEEE" product of
     2^-63 and 2^-64 would be 0 instead of the subnormal 2^-127. Every entry point that computes
     in the format refuses instead, and works again once the flag is off."""
-    from deeplinear.formats import cast, round_precision, round_to
+    from deeplinear.formats import cast, round_precision, round_to, to_bits
     from deeplinear.nets import DeepLinear
 
     a, b = torch.tensor([2.0**-63]), torch.tensor([2.0**-64])
@@ -828,6 +828,7 @@ def test_emulation_refuses_to_run_while_the_hardware_flushes():
              "cast": lambda: cast(a.double(), "bfloat16"),
              "round_to": lambda: round_to(a.double(), "float16"),
              "round_precision": lambda: round_precision(a.double(), "float16"),
+             "to_bits": lambda: to_bits(a, "bfloat16"),
              "net exact": lambda: net(x, mode="exact")}
     assert ar.mul(a, b, "IEEE").item() == 2.0**-127
     torch.set_flush_denormal(True)

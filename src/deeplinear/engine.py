@@ -75,6 +75,13 @@ def aligned(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
 
+def member_bytes(layout: Layout, batch: int, rank: int = 0) -> float:
+    """A member's bytes in a chunk (what :data:`CHUNK_CACHE_BYTES` bounds on the CPU): its
+    activations and, full rank (``rank`` 0), its weights."""
+    activations = 4 * batch * sum(layout.sizes[1:]) * (1.5 if rank else 1.0)
+    return activations + (0 if rank else 4 * layout.n)
+
+
 def inplace_dead_zone(threshold: float) -> Callable[[Tensor], Tensor]:
     """``dead_zone(u, threshold)`` in place: ``|u| < threshold -> 0`` as one ``hardshrink``."""
     lambd = float(np.nextafter(np.float32(threshold), np.float32(0)))
@@ -254,12 +261,6 @@ class Engine:
             flat = self._bufs[name] = torch.empty(numel, device=self.device)
         return flat[:numel].view(shape)
 
-    def member_bytes(self, batch: int) -> float:
-        """A member's bytes in a chunk's buffers: its activations and (full rank) its weights."""
-        s = self.strategy
-        activations = 4 * batch * sum(s.layout.sizes[1:]) * (1.5 if s.rank else 1.0)
-        return activations + (0 if s.rank else 4 * s.layout.n)
-
     def members_per_chunk(self, batch: int) -> int:
         s = self.strategy
         if self.chunk is not None:
@@ -267,7 +268,7 @@ class Engine:
         budget = self.max_bytes
         if self.device.type == "cpu":
             budget = min(budget, CHUNK_CACHE_BYTES)
-        c = int(budget // self.member_bytes(batch))
+        c = int(budget // member_bytes(s.layout, batch, s.rank))
         return max(2, min(c // 2 * 2, s.pop))
 
     # -- evaluation ------------------------------------------------------------------------------

@@ -37,9 +37,12 @@ def _format(fmt: Format | str) -> Format:
 
 
 def _float64(x: Tensor) -> Tensor:
+    """``x`` in float64, where every rounding here starts. Refused under hardware FTZ: DAZ would
+    read a subnormal input as 0 and the float64 ops that follow would flush by themselves."""
     if not isinstance(x, Tensor) or not x.is_floating_point():
         raise ValueError(f"expected a floating-point tensor, got {type(x).__name__}"
                          f"{'' if not isinstance(x, Tensor) else ' of ' + str(x.dtype)}")
+    require_subnormals()
     return x.double()
 
 
@@ -80,7 +83,6 @@ def round_to(x: Tensor, fmt: Format | str, *, ftz: bool = False,
     infinities to +-max instead of the format's own rule (inf, or NaN for float8_e4m3fn).
     """
     fmt = _format(fmt)
-    require_subnormals()  # under hardware FTZ the float64 ops below would flush by themselves
     x64 = _float64(x)
     r = torch.copysign(_round_magnitude(x64.abs(), fmt, ftz, saturate), x64)
     return r if x.dtype == torch.float64 else r.float()
@@ -94,7 +96,6 @@ def round_precision(x: Tensor, fmt: Format | str) -> Tensor:
     at any scale shares, and what is left is the regime's own effect (:mod:`deeplinear.regimes`).
     """
     fmt = _format(fmt)
-    require_subnormals()
     x64 = _float64(x)
     mantissa, exponent = torch.frexp(x64)  # x = mantissa * 2**exponent, |m| in [0.5, 1)
     # inf and NaN pass through the products below with any exponent in range; frexp leaves theirs
@@ -179,7 +180,6 @@ def from_bits(bits: Tensor, fmt: Format | str) -> Tensor:
 def cast(x: Tensor, fmt: Format | str, *, ftz: bool = False, saturate: bool = False) -> Tensor:
     """``x`` converted to ``fmt.dtype`` by :func:`round_to`'s rounding, without torch's casts."""
     fmt = _format(fmt)
-    require_subnormals()
     if fmt.bits > 32:
         return round_to(_float64(x), fmt, ftz=ftz, saturate=saturate)
     bits = to_bits(x, fmt, ftz=ftz, saturate=saturate)

@@ -45,6 +45,7 @@ from deeplinear.data import NUMPY_SEEDS, Dataset
 from deeplinear.engine import (
     CHUNK_CACHE_BYTES,
     member_accuracy,
+    member_bytes,
     member_errors,
     member_losses,
     stacked_logits,
@@ -135,7 +136,7 @@ def fitness(model: DeepLinear, layout: es.Layout, candidates: list[np.ndarray], 
     in its chunk included: :func:`deeplinear.engine.member_products` runs a lone one twice).
     """
     members = torch.from_numpy(np.asarray(candidates, dtype=np.float32))
-    per_chunk = max(2, CHUNK_CACHE_BYTES // (4 * (layout.n + len(x) * sum(layout.sizes[1:]))))
+    per_chunk = max(2, int(CHUNK_CACHE_BYTES // member_bytes(layout, len(x))))
     values: list[float] = []
     for chunk in members.split(per_chunk):
         logits = stacked_logits(model, layout, chunk, x)
